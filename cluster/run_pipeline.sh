@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reproduce the whole DVC pipeline inside the job's copy of the project on a Ray cluster.
+#
+# The default entrypoint of `python -m pipeline submit` (see DEFAULT_ENTRYPOINT in pipeline/submit.py) and
+# of cluster/kuberay/rayjob.yaml. Extra arguments go to `dvc repro` (e.g. a stage name, or --force).
+#
+# Ray uploads the project without .git, and DVC refuses to run outside a git repository unless told
+# there is none. The switch goes into .dvc/config.local, which `submit` never uploads, so the project's
+# committed .dvc/config stays as it is and this copy alone runs without git.
+set -euo pipefail
+
+dvc() { python -m dvc "$@"; }  # the job's Python, whatever is first on PATH
+
+if [ ! -d .dvc ]; then
+    dvc init --no-scm --quiet
+fi
+dvc config --local core.no_scm true
+
+if dvc remote default >/dev/null 2>&1; then
+    # With a remote, stages whose inputs did not change restore their outputs instead of recomputing,
+    # and what ran is pushed back so `dvc pull` on a laptop can fetch it.
+    dvc repro --pull "$@"
+    dvc push
+else
+    dvc repro "$@"
+    echo "run_pipeline.sh: no DVC remote configured, so the stage outputs stay in $(pwd), a temporary" \
+        "directory on the node that ran this job. The model is in the MLflow registry." >&2
+fi

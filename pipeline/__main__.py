@@ -1,0 +1,80 @@
+"""`python -m pipeline <command>`: one subcommand per DVC stage, plus translate and submit.
+
+Stage modules are imported lazily so `--help` and the light stages do not pay for torch/ray imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+STAGES = {
+    "prepare": "load the corpus, clean it, split it -> data/prepared",
+    "preprocess": "train tokenizers and encode every split -> data/processed",
+    "tune": "Ray Tune search over model sizes and dropout -> reports/best_params.json",
+    "train": "Ray Train (DDP) with the best config -> models/, reports/train_history.csv",
+    "evaluate": "beam search on the test split, sacreBLEU and chrF -> reports/metrics.json",
+    "register": "log and register the model in MLflow, gate the champion alias",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_text in STAGES.items():
+        commands.add_parser(name, help=help_text, description=help_text)
+
+    translate = commands.add_parser("translate", help="translate sentences (arguments or stdin)")
+    translate.add_argument("sentences", nargs="*", help="source sentences; read stdin, one a line, if none")
+    translate.add_argument("--model", default="models", help="a model folder or an MLflow models:/ URI")
+    translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
+
+    submit = commands.add_parser("submit", help="run the pipeline (or ENTRYPOINT) as a Ray job on a cluster")
+    submit.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
+    submit.add_argument("--wait", action="store_true", help="stream logs and exit with the job's status")
+    submit.add_argument("--runtime-env", type=Path, default=None, help="runtime env YAML to start from")
+    submit.add_argument(
+        "entrypoint",
+        nargs=argparse.REMAINDER,
+        help="-- COMMAND... (default: bash cluster/run_pipeline.sh, i.e. dvc repro)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command in STAGES:
+            from pipeline.config import load_config
+
+            config = load_config(args.params)
+            stage = importlib.import_module(f"pipeline.stages.{args.command}")
+            stage.run(config)
+            return 0
+        if args.command == "translate":
+            from pipeline.translate_cli import run_translate
+
+            return run_translate(args.sentences, args.model, args.beam_size)
+        from pipeline.submit import run_submit
+
+        # Drop only the separator: a later "--" belongs to the entrypoint (`-- pytest -- -k x`).
+        entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+        return run_submit(args.address, args.wait, entrypoint, args.runtime_env)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""params.yaml -> a validated, typed config. The only module that reads params.yaml.
+
+Every section is keyed by the DVC stage that reads it, so `dvc.yaml` can list exactly the keys a stage
+depends on. Unknown keys are refused (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+SPLITS = ("train", "validation", "test")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinCorpusConfig(_Section):
+    n_pairs: int = Field(20_000, ge=10, le=5_000_000)
+    seed: int = 13
+
+
+class DataConfig(_Section):
+    # builtin | hf:<dataset>[:<config>] | a local folder path
+    source: str = "builtin"
+    src_lang: str = Field("en", min_length=1)
+    tgt_lang: str = Field("art", min_length=1)
+    builtin: BuiltinCorpusConfig = BuiltinCorpusConfig()
+    # Canonical split -> the name the source uses (file stem or Hub split). Unset entries are
+    # auto-detected (validation: validation/valid/val/dev; test: test or the single test* name).
+    split_names: dict[Literal["train", "validation", "test"], str] = Field(default_factory=dict)
+    max_examples: int | None = Field(None, ge=1)
+    max_tokens: int = Field(64, ge=1, description="drop pairs with a side longer than this (whitespace tokens)")
+    max_length_ratio: float = Field(4.0, ge=1.0)
+    validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    seed: int = 42
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value == "builtin" or value.startswith("hf:"):
+            if value.startswith("hf:") and not value[3:].split(":")[0]:
+                raise ValueError("'hf:' needs a dataset name, e.g. 'hf:bentrevett/multi30k'")
+            return value
+        if "://" in value or (":" in value.split("/")[0] and not Path(value).drive):
+            raise ValueError(
+                f"unknown source scheme in {value!r}: use 'builtin', 'hf:<dataset>[:<config>]' or a local folder"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_languages(self) -> DataConfig:
+        if self.src_lang == self.tgt_lang:
+            raise ValueError("src_lang and tgt_lang must differ")
+        return self
+
+
+class PreprocessConfig(_Section):
+    tokenizer: Literal["bpe", "word"] = "bpe"
+    vocab_size: int = Field(4000, ge=16, le=1_000_000)
+    min_frequency: int = Field(1, ge=1)
+    joint_vocab: bool = False
+    lowercase: bool = False
+
+
+class ModelConfig(_Section):
+    arch: Literal["gru", "gru_attention"] = "gru_attention"
+    emb_dim: int = Field(128, ge=1, le=8192)
+    hidden_dim: int = Field(256, ge=1, le=16384)
+    n_layers: int = Field(1, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(4000, ge=16, description="target tokens per batch on each worker")
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    teacher_forcing: float = Field(1.0, ge=0.0, le=1.0)
+    early_stopping_patience: int = Field(3, ge=1)
+    val_bleu_sentences: int = Field(200, ge=0, description="validation sentences decoded for BLEU each epoch")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(2, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    storage_path: str = "runs/ray"
+    seed: int = 0
+
+
+class SearchDimension(_Section):
+    """One search-space entry; exactly one of the keys is set."""
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, description="inclusive bounds")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDimension:
+        set_keys = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(set_keys) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
+        for key in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, key)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{key} bounds must be increasing, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+
+TUNABLE_KEYS = ("model.arch", "model.emb_dim", "model.hidden_dim", "model.n_layers", "model.dropout", "train.lr")
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=0, description="0 turns the search off")
+    max_epochs: int = Field(3, ge=1)
+    search_alg: Literal["optuna", "random"] = "optuna"
+    metric: Literal["val_loss", "val_bleu"] = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_examples: int | None = Field(None, ge=1, description="training pairs each trial sees (None: all)")
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        unknown = sorted(set(space) - set(TUNABLE_KEYS))
+        if unknown:
+            raise ValueError(f"cannot tune {unknown}; tunable keys: {list(TUNABLE_KEYS)}")
+        return space
+
+    @model_validator(mode="after")
+    def _metric_mode(self) -> TuneConfig:
+        expected = "min" if self.metric == "val_loss" else "max"
+        if self.mode != expected:
+            raise ValueError(f"metric {self.metric} needs mode {expected!r}")
+        return self
+
+
+class EvaluateConfig(_Section):
+    beam_size: int = Field(4, ge=1, le=64)
+    length_penalty: float = Field(1.0, ge=0.0)
+    max_len_ratio: float = Field(2.0, gt=0.0, description="decode at most ratio * source length + 5 tokens")
+    batch_size: int = Field(128, ge=1)
+    n_samples: int = Field(20, ge=0)
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("seq2seq-translator", min_length=1)
+    min_improvement: float = Field(0.0, ge=0.0, description="BLEU points a challenger must gain")
+
+
+class TrackingConfig(_Section):
+    experiment: str = Field("seq2seq-pipeline", min_length=1)
+
+
+class PipelineConfig(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    # "register" would shadow pydantic's BaseModel.register, so the attribute is `registry`.
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        value = problem.get("input")
+        shown = f" (got {value!r})" if problem["type"] != "extra_forbidden" and not isinstance(value, dict) else ""
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "params") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise PipelineError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS_PATH) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"parameters file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(raw, str(path))
+
+
+def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """Apply dotted-key overrides (e.g. the best Tune trial's {"model.hidden_dim": 256}) and re-validate."""
+    raw = config.model_dump(mode="python", by_alias=True)
+    for dotted_key, value in overrides.items():
+        section, _, key = dotted_key.partition(".")
+        if section not in raw or not key:
+            raise PipelineError(f"override {dotted_key!r} does not name a section key")
+        raw[section][key] = value
+    return config_from_dict(raw, "overrides")

@@ -1,0 +1,151 @@
+"""Encoded splits in a shape the object store ships cheaply, and length-bucketed token-budget batches.
+
+A split is four flat numpy arrays (ids and offsets per side) rather than a list of lists: `ray.put`
+stores them zero-copy, so every worker on every node reads the same bytes without a shared disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.data.tokenization import BOS_ID, EOS_ID, PAD_ID
+
+# Sort within windows of this many batches: enough to group similar lengths (little padding),
+# small enough that batch composition still changes from epoch to epoch.
+_BUCKET_WINDOW_BATCHES = 50
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    src_ids: np.ndarray
+    src_offsets: np.ndarray
+    tgt_ids: np.ndarray
+    tgt_offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> EncodedSplit:
+        if len(src) != len(tgt):
+            raise ValueError(f"{len(src)} source but {len(tgt)} target sequences")
+        return cls(*_flatten(src), *_flatten(tgt))
+
+    def __len__(self) -> int:
+        return len(self.src_offsets) - 1
+
+    def src(self, index: int) -> np.ndarray:
+        return self.src_ids[self.src_offsets[index] : self.src_offsets[index + 1]]
+
+    def tgt(self, index: int) -> np.ndarray:
+        return self.tgt_ids[self.tgt_offsets[index] : self.tgt_offsets[index + 1]]
+
+    def src_lengths(self) -> np.ndarray:
+        return np.diff(self.src_offsets)
+
+    def tgt_lengths(self) -> np.ndarray:
+        return np.diff(self.tgt_offsets)
+
+    def head(self, n: int) -> EncodedSplit:
+        n = min(n, len(self))
+        return EncodedSplit(
+            self.src_ids[: self.src_offsets[n]], self.src_offsets[: n + 1],
+            self.tgt_ids[: self.tgt_offsets[n]], self.tgt_offsets[: n + 1],
+        )  # fmt: skip
+
+
+def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for s in sequences for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def token_budget_batches(split: EncodedSplit, max_tokens: int, seed: int | None) -> list[np.ndarray]:
+    """Index batches whose padded target size (sentences x longest target+1) stays within max_tokens.
+
+    seed=None gives a deterministic length-sorted order (evaluation); otherwise the order is shuffled,
+    bucketed by length within windows, and the batch order shuffled again.
+    """
+    tgt_cost = split.tgt_lengths() + 1  # the decoder predicts every target token plus </s>
+    src_len = split.src_lengths()
+    if seed is None:
+        order = np.lexsort((src_len, tgt_cost))
+        return _cut_batches(order, tgt_cost, max_tokens)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(split))
+    mean_cost = max(1.0, float(tgt_cost.mean()))
+    window = max(1, int(_BUCKET_WINDOW_BATCHES * max_tokens / mean_cost))
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        order[start : start + window] = chunk[np.lexsort((src_len[chunk], tgt_cost[chunk]))]
+    batches = _cut_batches(order, tgt_cost, max_tokens)
+    rng.shuffle(batches)
+    return batches
+
+
+def _cut_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    batches: list[np.ndarray] = []
+    start, longest = 0, 0
+    for position, index in enumerate(order):
+        candidate = max(longest, int(cost[index]))
+        if position > start and candidate * (position - start + 1) > max_tokens:
+            batches.append(order[start:position])
+            start, candidate = position, int(cost[index])
+        longest = candidate
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def shard_batches(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
+    """Every rank gets the same number of batches: DDP's all-reduce would hang on a rank with more."""
+    per_rank = len(batches) // world_size
+    return batches[rank : per_rank * world_size : world_size]
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # [B, S] source ids + </s>, padded
+    src_lengths: torch.Tensor  # [B] on CPU (pack_padded_sequence wants them there)
+    tgt_in: torch.Tensor  # [B, T] <s> + target
+    tgt_out: torch.Tensor  # [B, T] target + </s>
+    n_target_tokens: int
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.src.to(device), self.src_lengths, self.tgt_in.to(device), self.tgt_out.to(device),
+            self.n_target_tokens,
+        )  # fmt: skip
+
+
+def collate(split: EncodedSplit, indices: np.ndarray) -> Batch:
+    sources = [split.src(i) for i in indices]
+    targets = [split.tgt(i) for i in indices]
+    src_len = max(len(s) for s in sources) + 1
+    tgt_len = max(len(t) for t in targets) + 1
+    src = np.full((len(indices), src_len), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((len(indices), tgt_len), PAD_ID, dtype=np.int64)
+    tgt_out = np.full((len(indices), tgt_len), PAD_ID, dtype=np.int64)
+    for row, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        src[row, : len(source)] = source
+        src[row, len(source)] = EOS_ID
+        tgt_in[row, 0] = BOS_ID
+        tgt_in[row, 1 : len(target) + 1] = target
+        tgt_out[row, : len(target)] = target
+        tgt_out[row, len(target)] = EOS_ID
+    lengths = torch.tensor([len(s) + 1 for s in sources], dtype=torch.int64)
+    n_tokens = sum(len(t) + 1 for t in targets)
+    return Batch(torch.from_numpy(src), lengths, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), n_tokens)
+
+
+def source_tensor(sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded source ids (+ </s>) and lengths, the encoder's input format, for decoding."""
+    src_len = max(len(s) for s in sources) + 1
+    src = np.full((len(sources), src_len), PAD_ID, dtype=np.int64)
+    for row, source in enumerate(sources):
+        src[row, : len(source)] = source
+        src[row, len(source)] = EOS_ID
+    return torch.from_numpy(src), torch.tensor([len(s) + 1 for s in sources], dtype=torch.int64)

@@ -1,0 +1,71 @@
+"""Subword (BPE) or word-level tokenizers from Hugging Face `tokenizers`, trained on training text only.
+
+Both kinds split on a metaspace ("▁" marks a preceding space) and isolate punctuation, so decoding is the
+exact inverse of encoding for whitespace-normalised text: evaluation scores detokenized output against
+untouched references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from pipeline.config import PreprocessConfig
+from pipeline.errors import PipelineError
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+
+
+def _new_tokenizer(config: PreprocessConfig) -> tuple[Tokenizer, trainers.Trainer]:
+    if config.tokenizer == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        trainer: trainers.Trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+    else:
+        tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+    steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if config.lowercase else [])
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tokenizer.decoder = decoders.Metaspace()
+    return tokenizer, trainer
+
+
+def train_tokenizer(texts: Iterable[str], config: PreprocessConfig) -> Tokenizer:
+    tokenizer, trainer = _new_tokenizer(config)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected_id:
+            raise AssertionError(f"special token {token} must have id {expected_id}")
+    return tokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    if not Path(path).is_file():
+        raise PipelineError(f"tokenizer file not found: {path}")
+    return Tokenizer.from_file(str(path))
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids without special tokens; batching adds <s>/</s> where the model needs them."""
+    return [encoding.ids for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def decode_ids(tokenizer: Tokenizer, batch_ids: Sequence[Sequence[int]]) -> list[str]:
+    """Detokenized text; special tokens (padding, start, end) are dropped."""
+    return tokenizer.decode_batch([list(ids) for ids in batch_ids], skip_special_tokens=True)

@@ -1,0 +1,39 @@
+"""Short content hashes that name runs: same inputs -> same name (a restarted driver resumes),
+different inputs -> a new name (a changed config never silently resumes an old run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def fingerprint(*parts: Any, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        value = part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:length]
+
+
+def directory_fingerprint(directory: Path) -> str:
+    """Cheap: names, sizes and modification times, not contents (data folders can be large)."""
+    entries = sorted(
+        (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(directory).rglob("*")
+        if p.is_file()
+    )
+    return fingerprint(entries)
+
+
+def code_fingerprint() -> str:
+    """The package's source: a code change must not resume a run trained by older code."""
+    digest = hashlib.sha256()
+    for source in sorted(_PACKAGE_DIR.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,76 @@
+"""The translation model as an MLflow pyfunc, logged as "models from code": nothing in it is pickled.
+
+`pipeline.registry` passes this file's *path* as `python_model`. MLflow copies the file into the logged
+model and, when the model is loaded (`mlflow.pyfunc.load_model`, `mlflow models serve`), runs it as a
+module; the `mlflow.models.set_model(...)` call at the bottom hands MLflow the instance. The alternative,
+passing a `PythonModel` object, would store it with cloudpickle, and loading a pickle runs arbitrary code.
+
+The network comes back through `load_model_dir` from the files of `models/`, logged as the artifact
+`model_dir`: safetensors weights, JSON config, tokenizer JSON and decoding settings. The `pipeline` package
+travels with the model (`code_paths`), so a server needs only the pinned requirements, not the project.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+MODEL_DIR_ARTIFACT = "model_dir"
+TEXT_COLUMN = "text"
+BEAM_SIZE_PARAM = "beam_size"
+BATCH_SIZE = 64
+
+
+def input_sentences(model_input: Any) -> list[str]:
+    """Source sentences from what a pyfunc caller may send.
+
+    A DataFrame (its `text` column, else its first), a Series, a 1-D array, a list of strings, a dict
+    {"text": [...]} or one string. `{"inputs": [...]}` and `{"dataframe_split": ...}` requests reach
+    `predict` as a one-column DataFrame once MLflow has applied the signature.
+    """
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] == 0:
+            return []
+        column = TEXT_COLUMN if TEXT_COLUMN in model_input.columns else model_input.columns[0]
+        values: Any = model_input[column]
+    elif isinstance(model_input, dict):
+        values = (
+            model_input[TEXT_COLUMN] if TEXT_COLUMN in model_input else next(iter(model_input.values()), [])
+        )
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, np.ndarray):
+        values = model_input.reshape(-1)
+    else:
+        values = model_input
+    return [str(value) for value in values]
+
+
+class TranslatorModel(PythonModel):
+    """predict(sentences) -> translations, one string per input sentence, in order."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        # Imported here, not at the top: MLflow also runs this file when it logs the model, where only the
+        # instance is needed. At load time `pipeline` is the copy in the model's code/ folder.
+        from pipeline.translator import Translator
+
+        self.translator = Translator.from_dir(context.artifacts[MODEL_DIR_ARTIFACT])
+
+    # `model_input` has no annotation on purpose: MLflow reads a predict type hint as the input schema and
+    # would then override the signature (and warn about `Any`); the signature is set explicitly instead.
+    def predict(
+        self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        beam_size = (params or {}).get(BEAM_SIZE_PARAM)
+        return self.translator.translate(
+            input_sentences(model_input),
+            beam_size=int(beam_size) if beam_size is not None else None,
+            batch_size=BATCH_SIZE,
+        )
+
+
+mlflow.models.set_model(TranslatorModel())

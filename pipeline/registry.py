@@ -1,0 +1,443 @@
+"""The register stage's logic: log models/ as a pyfunc, register it once, and gate the `champion` alias.
+
+- Idempotent: a version is tagged with a content hash of the model files (weights, config, tokenizers,
+  decoding settings). Registering the same files again finds that version instead of adding one.
+- Promotion gate: every new version takes the alias `challenger`; `champion` moves to it only when its
+  test BLEU beats the champion's by at least `register.min_improvement` (a tie keeps the incumbent). BLEU
+  is only comparable on the same test sentences, so each version carries a hash of the test split it was
+  scored on; when the champion's differs, the champion is downloaded and re-scored on the current split
+  first (with the evaluate stage's decoding settings, the ones the challenger's BLEU was measured with).
+- Lineage: tags on the version say which commit, data, config and run produced it, and why the gate
+  decided what it did; reports/registry.json repeats the decision for DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths, tracking
+from pipeline.atomic import write_json
+from pipeline.config import PipelineConfig
+from pipeline.data.encoded import ProcessedSplit, load_processed
+from pipeline.errors import PipelineError
+from pipeline.model_io import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOGGED_MODEL_NAME = "model"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+TAG_CONTENT_HASH = "model_content_sha256"
+TAG_TEST_HASH = "test_data_sha256"
+TAG_TEST_BLEU = "test_bleu"
+TAG_DECISION = "gate_decision"
+TAG_REASON = "gate_reason"
+TAG_GATE_CHAMPION = "gate_champion_version"
+TAG_GATE_CHAMPION_BLEU = "gate_champion_bleu"
+RESCORED_TAG_PREFIX = "bleu_on_test_"  # + test hash prefix: a champion's re-score, kept so it runs once
+# What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
+# network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas", "pydantic")
+SERVING_DISTRIBUTIONS += ("pyyaml",)
+ARCH_DESCRIPTIONS = {
+    "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
+    "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What this run of the stage would register, read and checked before MLflow is touched."""
+
+    model_dir: Path
+    content_hash: str
+    model_config: dict[str, Any]  # model_config.json
+    decoding: dict[str, Any]  # decoding.json
+    metrics: dict[str, Any]  # reports/metrics.json
+    train_run: dict[str, Any]  # reports/train_run.json, {} when absent
+    test: ProcessedSplit
+    test_hash: str
+
+    @property
+    def bleu(self) -> float:
+        return float(self.metrics["bleu"])
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    champion_version: str | None = None  # the incumbent the candidate was compared with
+    champion_bleu: float | None = None
+    rescored: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: the model folder, its test metrics, the test split
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: {hint}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise PipelineError(f"{path}: expected a JSON object")
+    return payload
+
+
+def _sha256_file(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def model_content_hash(model_dir: Path) -> str:
+    """sha256 over every file of the model folder, in a fixed order: equal hash, equal translations."""
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        digest.update(name.encode() + b"\0" + _sha256_file(model_dir / name))
+    return digest.hexdigest()
+
+
+def test_data_hash(test: ProcessedSplit) -> str:
+    """sha256 of the test pairs as text: BLEU scores are comparable exactly when this is equal.
+
+    Not the DVC hash of data/processed: that also changes with the tokenizers, which do not change the
+    (detokenized) references BLEU is computed against.
+    """
+    payload = json.dumps({"src": list(test.src), "tgt": list(test.tgt)}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise PipelineError(f"{model_dir} lacks {', '.join(missing)}: run `python -m pipeline train` first")
+    metrics = _read_json(paths.METRICS, "run `python -m pipeline evaluate` first")
+    if not isinstance(metrics.get("bleu"), int | float):
+        raise PipelineError(f"{paths.METRICS} has no numeric 'bleu': run `python -m pipeline evaluate` again")
+    test = load_processed(splits=("test",)).splits["test"]
+    if metrics.get("n_test") is not None and metrics["n_test"] != len(test):
+        raise PipelineError(
+            f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
+            f"{len(test)}: it is stale, run `python -m pipeline evaluate` again"
+        )
+    train_run = _read_json(paths.TRAIN_RUN, "") if paths.TRAIN_RUN.is_file() else {}
+    return Candidate(
+        model_dir=model_dir,
+        content_hash=model_content_hash(model_dir),
+        model_config=_read_json(model_dir / CONFIG_FILE, "run `python -m pipeline train` first"),
+        decoding=_read_json(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
+        metrics=metrics,
+        train_run=train_run,
+        test=test,
+        test_hash=test_data_hash(test),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tags and description: how the version was made
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _metric_tag(key: str) -> str:
+    """bleu -> test_bleu, test_loss stays: the names evaluate logs to the train run."""
+    return key if key.startswith("test") else f"test_{key}"
+
+
+def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
+    model = candidate.model_config
+    tags = {
+        tracking.TAG_GIT_COMMIT: tracking.git_commit(),
+        tracking.TAG_DATA_HASH: tracking.processed_data_hash(),
+        "data.source": config.data.source,
+        "data.src_lang": config.data.src_lang,
+        "data.tgt_lang": config.data.tgt_lang,
+        "model.src_vocab_size": str(model.get("src_vocab_size")),
+        "model.tgt_vocab_size": str(model.get("tgt_vocab_size")),
+        TAG_CONTENT_HASH: candidate.content_hash,
+        TAG_TEST_HASH: candidate.test_hash,
+    }
+    tags.update({f"model.{key}": str(value) for key, value in model.get("model", {}).items()})
+    tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
+    tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
+    for key in ("ray_run_name", "best_epoch", "mlflow_run_id"):
+        if candidate.train_run.get(key) is not None:
+            tags[f"train.{key}"] = str(candidate.train_run[key])
+    return tags
+
+
+def version_description(config: PipelineConfig, candidate: Candidate) -> str:
+    model = candidate.model_config.get("model", {})
+    arch = ARCH_DESCRIPTIONS.get(model.get("arch"), str(model.get("arch")))
+    vocab = candidate.model_config
+    sizes = (
+        f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, {model.get('n_layers')} "
+        f"layer(s), dropout {model.get('dropout')}; vocabularies {vocab.get('src_vocab_size')} (source) "
+        f"and {vocab.get('tgt_vocab_size')} (target)"
+    )
+    run = candidate.train_run
+    if run:
+        training = (
+            f"Trained with Ray Train (run {run.get('ray_run_name')}, MLflow run {run.get('mlflow_run_id')}): "
+            f"best epoch {run.get('best_epoch')} of at most {config.train.epochs} by validation loss."
+        )
+    else:
+        training = "Trained outside the train stage (no reports/train_run.json)."
+    metrics, data = candidate.metrics, config.data
+    return (
+        f"{arch}: {sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
+        f"(data/processed md5 {tracking.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
+        f"chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging the pyfunc model and creating the version
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pinned_requirements() -> list[str]:
+    pins = []
+    for distribution in SERVING_DISTRIBUTIONS:
+        # "2.13.0+cpu": a local label names a wheel index (PyTorch's CPU or CUDA builds), which PyPI lacks.
+        pins.append(f"{distribution}=={importlib.metadata.version(distribution).split('+')[0]}")
+    return pins
+
+
+def _copy_package_source(target: Path) -> Path:
+    """A copy of the `pipeline` package without bytecode caches: what `code_paths` ships with the model."""
+    package = Path(__file__).resolve().parent
+    shutil.copytree(package, target / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target / package.name
+
+
+def model_signature(default_beam_size: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from pipeline.pyfunc_model import BEAM_SIZE_PARAM
+
+    # Unnamed string columns: a plain JSON list ({"inputs": [...]}) then maps onto the input without a
+    # column name, and a one-column DataFrame (dataframe_split/records, CSV) works whatever its name.
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(BEAM_SIZE_PARAM, "long", default_beam_size)]),
+    )
+
+
+def log_pyfunc_model(run_id: str, candidate: Candidate):
+    """Log models/ as a models-from-code pyfunc into `run_id`; returns MLflow's ModelInfo."""
+    import mlflow
+
+    from pipeline.pyfunc_model import MODEL_DIR_ARTIFACT
+
+    example = list(candidate.test.src[:2]) or ["A sentence to translate."]
+    # MLflow warns that predict has no type hints (and overrides warning filters to do so): the explicit
+    # signature below is the schema instead, see pyfunc_model.TranslatorModel.predict.
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name=LOGGED_MODEL_NAME,
+            python_model=str(PYFUNC_FILE),  # a path: models from code, nothing pickled
+            artifacts={MODEL_DIR_ARTIFACT: str(candidate.model_dir.resolve())},
+            code_paths=[str(_copy_package_source(Path(tmp)))],
+            signature=model_signature(int(candidate.decoding["beam_size"])),
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+        )
+
+
+def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
+    """The train run from reports/train_run.json if this store has it, else a register run of its own."""
+    client = tracking._client()
+    run_id = candidate.train_run.get("mlflow_run_id")
+    if run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.get_run(run_id).info.run_id
+        except MlflowException:
+            logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
+    run_key = f"register-{candidate.content_hash[:16]}"
+    return tracking.get_or_create_run(
+        config.tracking.experiment, run_key=run_key, run_name=run_key, tags=tracking.lineage_tags("register"),
+        params=tracking.config_params(config, ("data", "preprocess", "model")),
+    )  # fmt: skip
+
+
+def _ensure_registered_model(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracking._client().create_registered_model(
+            name, description="GRU encoder-decoder translation models from the seq2seq pipeline"
+        )
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def create_version(config: PipelineConfig, candidate: Candidate):
+    """Log the model into its run and register it; the gate's tags come later, once it has decided."""
+    run_id = _run_for_model(config, candidate)
+    info = log_pyfunc_model(run_id, candidate)
+    name = config.registry.model_name
+    _ensure_registered_model(name)
+    version = tracking._client().create_model_version(
+        name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+        tags=version_tags(config, candidate), description=version_description(config, candidate),
+    )  # fmt: skip
+    tracking.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
+    if candidate.train_run.get("mlflow_run_id") != run_id:
+        tracking.finish_run(run_id)  # a run of our own; a train run keeps the status train gave it
+    return version
+
+
+def find_version(name: str, content_hash: str):
+    """The version already registered with these exact model files, if any."""
+    for version in tracking._client().search_model_versions(f"name='{name}'"):
+        if version.tags.get(TAG_CONTENT_HASH) == content_hash:
+            return version
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rescore(config: PipelineConfig, name: str, version: str, test: ProcessedSplit) -> float:
+    """Download a registered version and compute its sacreBLEU on `test`, as the evaluate stage would."""
+    import sacrebleu
+
+    from pipeline.model_io import load_model_dir
+    from pipeline.translator import Translator
+
+    settings = config.evaluate
+    logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, len(test))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tracking.download_model_dir(f"models:/{name}/{version}", Path(tmp))
+        loaded = load_model_dir(model_dir)
+    translator = Translator(
+        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
+    )
+    hypotheses = translator.translate(
+        list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size
+    )
+    return round(sacrebleu.corpus_bleu(hypotheses, [list(test.tgt)]).score, 2)
+
+
+def champion_bleu_on(config: PipelineConfig, name: str, champion, candidate: Candidate) -> tuple[float, bool]:
+    """The champion's BLEU on the candidate's test split: its own tag if scored there, else a re-score."""
+    if champion.tags.get(TAG_TEST_HASH) == candidate.test_hash and TAG_TEST_BLEU in champion.tags:
+        return float(champion.tags[TAG_TEST_BLEU]), False
+    cache_tag = RESCORED_TAG_PREFIX + candidate.test_hash[:16]
+    if cache_tag in champion.tags:
+        return float(champion.tags[cache_tag]), True
+    bleu = rescore(config, name, champion.version, candidate.test)
+    tracking._client().set_model_version_tag(name, champion.version, cache_tag, str(bleu))
+    return bleu, True
+
+
+def decide(config: PipelineConfig, version, candidate: Candidate) -> Decision:
+    name = config.registry.model_name
+    client = tracking._client()
+    champion_number = client.get_registered_model(name).aliases.get(CHAMPION)
+    if champion_number is None:
+        return Decision(True, "first version: there was no champion")
+    if str(champion_number) == str(version.version):
+        return Decision(True, "already the champion", str(champion_number), candidate.bleu)
+    champion = client.get_model_version(name, str(champion_number))
+    champion_bleu, rescored = champion_bleu_on(config, name, champion, candidate)
+    gain = round(candidate.bleu - champion_bleu, 2)
+    where = "re-scored on the current test split" if rescored else "on the same test split"
+    required = config.registry.min_improvement
+    promote = gain > 0 and gain >= required
+    verdict = "beats" if promote else "does not beat"
+    reason = (
+        f"test BLEU {candidate.bleu:.2f} {verdict} champion version {champion.version}'s {champion_bleu:.2f} "
+        f"({where}) by the required {required:g} (gain {gain:+.2f})"
+    )
+    return Decision(promote, reason, str(champion.version), champion_bleu, rescored)
+
+
+def apply_decision(name: str, version: str, decision: Decision) -> None:
+    """Aliases first, decision tags last: a version without a decision tag is one the gate never finished."""
+    client = tracking._client()
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    tags = {TAG_DECISION: "promoted" if decision.promote else "rejected", TAG_REASON: decision.reason}
+    if decision.champion_version is not None:
+        tags[TAG_GATE_CHAMPION] = decision.champion_version
+        tags[TAG_GATE_CHAMPION_BLEU] = str(decision.champion_bleu)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _report(name: str, version: str, candidate: Candidate, decision: str, reason: str, **extra: Any) -> dict:
+    client = tracking._client()
+    aliases = client.get_registered_model(name).aliases
+    return {
+        "model_name": name,
+        "version": int(version),
+        "model_uri": f"models:/{name}/{version}",
+        "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version)),
+        "champion_version": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
+        "decision": decision,
+        "reason": reason,
+        "challenger_bleu": candidate.bleu,
+        "content_hash": candidate.content_hash,
+        "test_data_hash": candidate.test_hash,
+        **extra,
+    }
+
+
+def register_model(config: PipelineConfig) -> dict[str, Any]:
+    """Register models/ (at most once), run the gate, write reports/registry.json; returns the report."""
+    import mlflow
+
+    candidate = load_candidate()
+    name = config.registry.model_name
+    mlflow.set_tracking_uri(tracking.tracking_uri())  # the fluent log_model API reads the global URI
+    existing = find_version(name, candidate.content_hash)
+    if existing is not None and TAG_DECISION in existing.tags:
+        report = _report(
+            name, existing.version, candidate, "unchanged",
+            f"version {existing.version} already holds these model files (content hash "
+            f"{candidate.content_hash[:12]}); its gate decision was: {existing.tags[TAG_DECISION]}, "
+            f"{existing.tags.get(TAG_REASON, '')}",
+            new_version=False, champion_bleu=None, champion_rescored=False,
+        )  # fmt: skip
+    else:
+        # An existing version without a decision is one whose gate was interrupted: finish it.
+        version = existing or create_version(config, candidate)
+        decision = decide(config, version, candidate)
+        apply_decision(name, str(version.version), decision)
+        report = _report(
+            name, version.version, candidate, "promoted" if decision.promote else "rejected", decision.reason,
+            new_version=existing is None, champion_bleu=decision.champion_bleu,
+            champion_rescored=decision.rescored, compared_with_version=decision.champion_version,
+        )  # fmt: skip
+    write_json(paths.REGISTRY_REPORT, report)
+    return report

@@ -1,0 +1,412 @@
+"""`python -m pipeline submit`: run the pipeline (or any command) as a Ray job on a cluster.
+
+A job, rather than `ray.init(address=...)` from a laptop: the driver runs on the cluster, next to the GPUs
+and the shared storage, and keeps running when the laptop sleeps. What travels with the job: the project
+directory as its `working_dir` (minus what `cluster/runtime_env.yaml` excludes) and the MLflow, Hugging
+Face and AWS settings of this shell (`PASSTHROUGH_ENV`). Nothing comes back through this command except
+the logs: the model arrives in the MLflow registry, the stage outputs in the DVC remote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
+
+# What "run the whole pipeline on the cluster" means, in one place: cluster/kuberay/rayjob.yaml runs the
+# same script. It switches DVC to no-SCM mode, since Ray uploads the project without .git.
+PIPELINE_SCRIPT = Path("cluster/run_pipeline.sh")
+DEFAULT_ENTRYPOINT = f"bash {PIPELINE_SCRIPT.as_posix()}"
+
+# Never uploaded, whatever the runtime env file says: history, local environments, local credentials.
+ALWAYS_EXCLUDE = ("/.git", ".venv", "/.dvc/config.local", "/.dvc/cache", ".env")
+
+# Settings the stages need on the cluster, passed on when set in this shell. Some are secrets: they go to
+# the cluster inside the job's runtime env (never into a file), where anyone who can read the cluster's
+# job list (the dashboard, `ray job list`) can see them. AWS access keys are deliberately absent: the
+# nodes should reach S3 with their own IAM role; name them in PIPELINE_SUBMIT_ENV to send them anyway.
+PASSTHROUGH_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "HF_TOKEN",
+    "HF_ENDPOINT",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+EXTRA_ENV_NAMES = "PIPELINE_SUBMIT_ENV"  # comma-separated names of further variables to pass
+# The uploaded copy has no .git, so the stages cannot ask git which commit they run; this tells them.
+GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
+
+_TOKEN_HELP = (
+    "Give this shell the cluster's token: RAY_AUTH_TOKEN=<token>, RAY_AUTH_TOKEN_PATH=<file>, or the file "
+    "~/.ray/auth_token. `ray get-auth-token` on the head node prints it (on KubeRay: `kubectl exec "
+    "svc/<cluster>-head-svc -c ray-head -- ray get-auth-token`)."
+)
+_ADDRESS_HELP = (
+    "Pass the head node's dashboard URL (port 8265, not the GCS port 6379) with --address or RAY_ADDRESS; "
+    "for a `ray up` cluster run `ray dashboard cluster/aws-gpu.yaml` and use http://127.0.0.1:8265, for "
+    "KubeRay `kubectl port-forward svc/<cluster>-head-svc 8265:8265`. Locally: `ray start --head`."
+)
+
+
+def run_submit(address: str | None, wait: bool, entrypoint: list[str], runtime_env_path: Path | None) -> int:
+    """Submit the job; with `wait`, stream its logs and return 0 only if it SUCCEEDED."""
+    address = resolve_address(address)
+    project_root = Path.cwd()
+    command = entrypoint_command(entrypoint)
+    runtime_env, passed = build_runtime_env(runtime_env_path, project_root, os.environ)
+    uploads_here = "://" not in runtime_env["working_dir"]
+    if command == DEFAULT_ENTRYPOINT and uploads_here and not (project_root / PIPELINE_SCRIPT).is_file():
+        raise PipelineError(f"{project_root} has no {PIPELINE_SCRIPT}: run `submit` from the project root")
+    headers, token_source = auth_headers(os.environ)
+    check_jobs_api(address, headers, token_source)
+    for warning in tracking_warnings(runtime_env["env_vars"]):
+        print(f"warning: {warning}", file=sys.stderr)
+
+    client = _connect(address, headers)
+    # Ray repeats "Ignoring upload ... .gitignore" per pass and warns about .git/.venv, excluded anyway.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    print(
+        f"submitting to {address}: working dir {runtime_env['working_dir']}, "
+        f"env from this shell: {', '.join(passed) or 'none'}\n  entrypoint: {command}",
+        file=sys.stderr,
+    )
+    job_id = _submit(client, address, command, runtime_env, _metadata(runtime_env["env_vars"]))
+    follow_hint = _cli_hint(address, token_source)
+    if not wait:
+        print(f"submitted job {job_id}")
+        print(f"follow it:  {follow_hint}ray job logs -f {job_id}")
+        print(f"stop it:    {follow_hint}ray job stop {job_id}")
+        return 0
+    try:
+        status = follow_job(client, job_id)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following; job {job_id} keeps running on the cluster. "
+            f"Stop it with: {follow_hint}ray job stop {job_id}",
+            file=sys.stderr,
+        )
+        return 130
+    line = f"job {job_id} finished: {status.value}"
+    if status.value != "SUCCEEDED":
+        message = _job_message(client, job_id)
+        line += f" ({message})" if message else ""
+    print(line, flush=True)
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS (Ray's own order), else the local head."""
+    chosen = (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or DEFAULT_ADDRESS
+    ).strip()
+    if chosen in ("auto", "local"):
+        chosen = DEFAULT_ADDRESS
+    if "://" not in chosen:
+        chosen = f"http://{chosen}"
+    return chosen.rstrip("/")
+
+
+def entrypoint_command(entrypoint: list[str]) -> str:
+    """The shell command the job runs.
+
+    Several words are quoted as they are (what `ray job submit -- CMD...` does); a single word is taken as
+    a whole command line, so `-- "python -m pipeline prepare && python -m pipeline preprocess"` works.
+    """
+    if not entrypoint:
+        return DEFAULT_ENTRYPOINT
+    if len(entrypoint) == 1:
+        return entrypoint[0]
+    return shlex.join(entrypoint)
+
+
+def build_runtime_env(
+    runtime_env_path: Path | None, project_root: Path, environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The runtime env file, plus the working dir, this shell's settings and the mandatory excludes.
+
+    Returns the runtime env and the names of the variables taken from `environ` (values stay out of logs).
+    """
+    runtime_env = load_runtime_env_file(runtime_env_path)
+    runtime_env.setdefault("working_dir", str(project_root))
+
+    excludes = list(runtime_env.get("excludes") or [])
+    excludes += [pattern for pattern in ALWAYS_EXCLUDE if pattern not in excludes]
+    runtime_env["excludes"] = excludes
+
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    extra = [name.strip() for name in environ.get(EXTRA_ENV_NAMES, "").split(",") if name.strip()]
+    missing = [name for name in extra if not environ.get(name)]
+    if missing:
+        raise PipelineError(f"{EXTRA_ENV_NAMES} names {', '.join(missing)}, which this shell does not set")
+    passed = [name for name in (*PASSTHROUGH_ENV, *extra) if environ.get(name)]
+    env_vars.update({name: environ[name] for name in passed})
+    commit = source_commit(project_root)
+    if commit:
+        env_vars.setdefault(GIT_COMMIT_ENV, commit)
+    runtime_env["env_vars"] = env_vars
+    return runtime_env, passed
+
+
+def load_runtime_env_file(path: Path | None) -> dict[str, Any]:
+    """`path`, else cluster/runtime_env.yaml if present; checked so mistakes fail here, not on the cluster."""
+    if path is None:
+        if not DEFAULT_RUNTIME_ENV.is_file():
+            return {}
+        path = DEFAULT_RUNTIME_ENV
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PipelineError(f"cannot read the runtime env file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise PipelineError(f"{path} must be a mapping of runtime env keys (env_vars, excludes, ...)")
+    env_vars = loaded.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        raise PipelineError(f"{path}: env_vars must be a mapping of names to strings")
+    for name, value in env_vars.items():
+        if not isinstance(value, str):
+            raise PipelineError(f'{path}: env_vars.{name} must be a string; quote it ({name}: "{value}")')
+    excludes = loaded.get("excludes") or []
+    if not isinstance(excludes, list) or not all(isinstance(pattern, str) for pattern in excludes):
+        raise PipelineError(f"{path}: excludes must be a list of gitignore-style patterns")
+    return loaded
+
+
+def tracking_warnings(env_vars: Mapping[str, str]) -> list[str]:
+    """The job logs to MLflow on the cluster; a store local to the job's copy of the project is lost."""
+    uri = env_vars.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return [
+            "MLFLOW_TRACKING_URI is not set: the job will log to an SQLite store inside its temporary copy "
+            "of the project on the cluster, and the registered model goes when Ray evicts it. Set it to "
+            "your tracking server (http://...)."
+        ]
+    if urlparse(uri).scheme in ("", "file", "sqlite"):
+        return [
+            f"MLFLOW_TRACKING_URI={uri} is a local store: the job writes it on the cluster's node, which "
+            "only works when the cluster runs on this machine. Use a tracking server (http://...) otherwise."
+        ]
+    return []
+
+
+def auth_headers(environ: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The bearer token for Ray's token authentication, and where it came from.
+
+    Ray's own client sends a token only when RAY_AUTH_MODE=token is set in the client's environment, even
+    when ~/.ray/auth_token exists (an HTTP 401 otherwise), so the token is read here, in Ray's order:
+    RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. RAY_AUTH_MODE=disabled
+    sends none. A server without authentication ignores the header.
+    """
+    if environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        return {}, None
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return {"Authorization": f"Bearer {token}"}, "RAY_AUTH_TOKEN"
+    token_path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        try:
+            token = Path(token_path).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise PipelineError(
+                f"cannot read the Ray token file RAY_AUTH_TOKEN_PATH={token_path}: {error}"
+            ) from None
+        if not token:
+            raise PipelineError(f"the Ray token file RAY_AUTH_TOKEN_PATH={token_path} is empty")
+        return {"Authorization": f"Bearer {token}"}, f"RAY_AUTH_TOKEN_PATH={token_path}"
+    default_path = Path.home() / ".ray" / "auth_token"
+    try:
+        token = default_path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return {}, None
+    if not token:
+        return {}, None
+    return {"Authorization": f"Bearer {token}"}, str(default_path)
+
+
+def check_jobs_api(address: str, headers: Mapping[str, str], token_source: str | None) -> str:
+    """Ask the dashboard for its version first: a clear error for each way this goes wrong, and a timeout
+    (Ray's client has none and waits forever on an address that drops packets). Returns Ray's version."""
+    import requests
+
+    url = f"{address}/api/version"
+    try:
+        response = requests.get(url, headers=dict(headers), timeout=15)
+    except requests.exceptions.Timeout:
+        raise PipelineError(
+            f"the Ray jobs API at {address} did not answer within 15 s. {_ADDRESS_HELP}"
+        ) from None
+    except requests.exceptions.ConnectionError:
+        raise PipelineError(f"nothing answers at {address}. {_ADDRESS_HELP}") from None
+    except requests.exceptions.RequestException as error:
+        raise PipelineError(f"cannot reach the Ray jobs API at {address}: {error}. {_ADDRESS_HELP}") from None
+    if response.status_code == 401:
+        raise PipelineError(
+            f"the Ray cluster at {address} requires a token (HTTP 401) and this shell has none. {_TOKEN_HELP}"
+        )
+    if response.status_code == 403:
+        raise PipelineError(
+            f"the Ray cluster at {address} rejected the token from {token_source} (HTTP 403): it is not this "
+            f"cluster's token. {_TOKEN_HELP}"
+        )
+    try:
+        version = str(response.json()["ray_version"]) if response.ok else ""
+    except (ValueError, KeyError, TypeError):
+        version = ""
+    if not version:
+        raise PipelineError(
+            f"{address} answered HTTP {response.status_code} but is not a Ray dashboard with the jobs API "
+            f"(a head started without ray[default] has none). {_ADDRESS_HELP}"
+        )
+    import ray
+
+    if version.split(".")[:2] != ray.__version__.split(".")[:2]:
+        print(f"warning: the cluster runs Ray {version}, this shell Ray {ray.__version__}", file=sys.stderr)
+    return version
+
+
+def source_commit(project_root: Path) -> str | None:
+    """`<sha>` or `<sha>-dirty`, as pipeline.tracking records it; None outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        # --no-optional-locks: only read the index, even when git would like to refresh it.
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = commit.stdout.strip()
+    return f"{sha}-dirty" if dirty else sha
+
+
+def follow_job(client: JobSubmissionClient, job_id: str) -> JobStatus:
+    """Print the job's output as it comes, then its final status."""
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(stream())
+    except (RuntimeError, OSError) as error:
+        # Also what aiohttp's errors derive from. The job itself is unaffected: keep waiting for it.
+        print(f"warning: lost the job's log stream ({error}); waiting for it to finish", file=sys.stderr)
+    return _wait_until_done(client, job_id)
+
+
+def _wait_until_done(client: JobSubmissionClient, job_id: str, poll_s: float = 1.0) -> JobStatus:
+    # The log stream closes when the job ends; the status can lag it by a moment.
+    while True:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        time.sleep(poll_s)
+
+
+@contextmanager
+def _address_env_cleared() -> Iterator[None]:
+    """JobSubmissionClient lets $RAY_ADDRESS / $RAY_API_SERVER_ADDRESS override its `address` argument."""
+    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _connect(address: str, headers: Mapping[str, str]) -> JobSubmissionClient:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _address_env_cleared():
+            return JobSubmissionClient(address, headers=dict(headers))
+    except (ConnectionError, RuntimeError, AuthenticationError) as error:
+        raise PipelineError(f"cannot use the Ray jobs API at {address}: {error}") from None
+
+
+def _submit(
+    client: JobSubmissionClient,
+    address: str,
+    command: str,
+    runtime_env: dict[str, Any],
+    metadata: dict[str, str],
+) -> str:
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata)
+    except (RuntimeError, ValueError, TypeError, OSError, AuthenticationError) as error:
+        raise PipelineError(f"the job was not submitted to {address}: {error}") from None
+
+
+def _metadata(env_vars: Mapping[str, str]) -> dict[str, str]:
+    """Shown by `ray job list` and the dashboard: who submitted what."""
+    metadata = {"project": "seq2seq-pipeline"}
+    with suppress(KeyError, OSError):
+        metadata["submitted_by"] = getpass.getuser()
+    if env_vars.get(GIT_COMMIT_ENV):
+        metadata["git_commit"] = env_vars[GIT_COMMIT_ENV]
+    return metadata
+
+
+def _job_message(client: JobSubmissionClient, job_id: str) -> str:
+    """Why the job ended, without the copy of its last logs that Ray appends (they were just streamed)."""
+    try:
+        message = client.get_job_info(job_id).message or ""
+    except Exception:  # only decoration for the final line
+        return ""
+    return message.split(", last available logs", 1)[0].splitlines()[0].strip() if message.strip() else ""
+
+
+def _cli_hint(address: str, token_source: str | None) -> str:
+    """The environment the `ray job` CLI needs for the same job (it sends no token without RAY_AUTH_MODE)."""
+    parts = [f"RAY_ADDRESS={shlex.quote(address)}"]
+    if token_source:
+        parts.append("RAY_AUTH_MODE=token")
+        if token_source.startswith("RAY_AUTH_TOKEN_PATH="):
+            parts.append(shlex.quote(token_source))
+    return " ".join(parts) + " "

@@ -1,0 +1,69 @@
+"""Text in, text out: what users, the evaluate stage and the served MLflow model all call.
+
+A sentence goes through the same steps as training text did: the prepare stage's cleaning (`clean_text`:
+NFC, control characters removed, whitespace collapsed), the source tokenizer, </s> appended
+(`source_tensor`), then decoding and detokenization. Sentences are decoded in batches of similar length
+(little padding, and beam search stops each batch once its longest sentence is done) and returned in the
+caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pipeline.data.batching import source_tensor
+from pipeline.data.cleaning import clean_text
+from pipeline.data.tokenization import decode_ids, encode_texts
+from pipeline.decoding import decode_batch
+from pipeline.errors import PipelineError
+from pipeline.model_io import LoadedModel, load_model_dir
+
+
+class Translator:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        length_penalty: float | None = None,
+        max_len_ratio: float | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """Decoding settings default to the model folder's decoding.json; evaluate may override them."""
+        self.loaded = loaded
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.beam_size: int = loaded.decoding["beam_size"]
+        self.length_penalty = loaded.decoding["length_penalty"] if length_penalty is None else length_penalty
+        self.max_len_ratio = loaded.decoding["max_len_ratio"] if max_len_ratio is None else max_len_ratio
+
+    @classmethod
+    def from_dir(cls, path: Path | str, device: str | torch.device = "cpu") -> Translator:
+        return cls(load_model_dir(path, device=device), device=device)
+
+    def translate(
+        self, sentences: Sequence[str], beam_size: int | None = None, batch_size: int = 64
+    ) -> list[str]:
+        """One translation per sentence, in order; an empty (or all-whitespace) sentence gives ""."""
+        beam_size = self.beam_size if beam_size is None else beam_size
+        if beam_size < 1:
+            raise PipelineError(f"beam size must be at least 1, got {beam_size}")
+        if batch_size < 1:
+            raise PipelineError(f"batch size must be at least 1, got {batch_size}")
+        cleaned = [clean_text(sentence) for sentence in sentences]
+        source_ids = encode_texts(self.loaded.src_tokenizer, cleaned)
+        translations = [""] * len(cleaned)
+        # Longest first: the first batch shows the worst-case memory at once, not at the end.
+        order = sorted((i for i, ids in enumerate(source_ids) if ids), key=lambda i: -len(source_ids[i]))
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            src, lengths = source_tensor([source_ids[i] for i in indices])
+            hypotheses = decode_batch(
+                self.model, src.to(self.device), lengths,
+                beam_size=beam_size, length_penalty=self.length_penalty, max_len_ratio=self.max_len_ratio,
+            )  # fmt: skip
+            for index, text in zip(indices, decode_ids(self.loaded.tgt_tokenizer, hypotheses), strict=True):
+                translations[index] = text
+        return translations

@@ -1,0 +1,102 @@
+"""Tiny models trained on toy pairs, shared by the model, decoding and model-io tests.
+
+Training is cached per process: the decoding and model-io tests reuse what the model tests trained.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig
+from pipeline.data.batching import EncodedSplit, collate, source_tensor
+from pipeline.data.tokenization import PAD_ID
+from pipeline.decoding import greedy_decode
+from pipeline.model import Seq2Seq, build_model
+
+Ids = Sequence[Sequence[int]]
+
+N_SYMBOLS = 10
+VOCAB_SIZE = 4 + N_SYMBOLS  # the four special ids, then symbols 4..13
+TINY = {"emb_dim": 32, "hidden_dim": 64, "n_layers": 1, "dropout": 0.0}
+
+
+def reverse_pairs(n: int = 12, n_empty: int = 2, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Sources of 5-8 symbols; targets reversed, except the first `n_empty`: empty targets (</s> at once)."""
+    rng = random.Random(seed)
+    sources = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(5, 8))] for _ in range(n)]
+    targets = [[] if i < n_empty else source[::-1] for i, source in enumerate(sources)]
+    return sources, targets
+
+
+def greedy_accuracy(model: Seq2Seq, sources: Ids, targets: Ids) -> float:
+    src, lengths = source_tensor(sources)
+    hypotheses = greedy_decode(model, src, lengths, max_len_ratio=2.0)
+    return sum(h == list(t) for h, t in zip(hypotheses, targets, strict=True)) / len(targets)
+
+
+def train_until_memorised(
+    model: Seq2Seq,
+    sources: Ids,
+    targets: Ids,
+    max_steps: int = 600,
+    lr: float = 1e-2,
+) -> int:
+    """Full-batch Adam until greedy decoding reproduces every target; returns the steps it took.
+
+    One intra-op thread: for a model this small, a second thread costs more in hand-offs than it saves.
+    """
+    split = EncodedSplit.from_lists(sources, targets)
+    batch = collate(split, np.arange(len(split)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(1, max_steps + 1):
+            model.train()
+            logits = model(batch.src, batch.src_lengths, batch.tgt_in)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=PAD_ID
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 25 == 0 and greedy_accuracy(model, sources, targets) == 1.0:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return step
+
+
+@dataclass(frozen=True)
+class TrainedToy:
+    model: Seq2Seq
+    sources: list[list[int]]
+    targets: list[list[int]]
+    steps: int
+    seconds: float
+
+
+@functools.cache
+def trained_reverser(arch: str) -> TrainedToy:
+    """A tiny model of `arch` that has memorised `reverse_pairs()` (empty targets included)."""
+    torch.manual_seed(0)
+    sources, targets = reverse_pairs()
+    model = build_model(ModelConfig(arch=arch, **TINY), VOCAB_SIZE, VOCAB_SIZE)
+    started = time.perf_counter()
+    steps = train_until_memorised(model, sources, targets)
+    return TrainedToy(model, sources, targets, steps, time.perf_counter() - started)
+
+
+def random_model(arch: str, n_layers: int = 1, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> Seq2Seq:
+    torch.manual_seed(seed)
+    config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers})
+    return build_model(config, vocab_size, vocab_size).eval()

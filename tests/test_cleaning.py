@@ -1,0 +1,103 @@
+"""Cleaning policy: normalisation, filters, de-duplication, seeded splits, statistics."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data.cleaning import carve_splits, clean_corpus, clean_text, length_percentiles
+from pipeline.data.sources import RawCorpus, RawSplit
+from pipeline.errors import PipelineError
+
+
+def corpus_of(**splits: list[tuple[str, str]]) -> RawCorpus:
+    return RawCorpus(
+        "test", "de", "en", {name: RawSplit(pairs, f"{name}-file") for name, pairs in splits.items()}
+    )
+
+
+def numbered(n: int) -> list[tuple[str, str]]:
+    return [(f"satz {i}", f"sentence {i}") for i in range(n)]
+
+
+def test_clean_text_composes_unicode_to_nfc():
+    decomposed = "Cafe\u0301 Mu\u0308ller"
+    assert clean_text(decomposed) == "Caf\u00e9 M\u00fcller"
+
+
+def test_clean_text_collapses_whitespace_and_strips_control_characters():
+    assert clean_text("  ein\t\tHaus \u00a0 am\u3000See \n") == "ein Haus am See"
+    assert clean_text("\ufeffNull\x00byte und\x1b Escape\x7f") == "Nullbyte und Escape"
+
+
+def test_every_split_is_normalised_and_loses_empty_pairs():
+    corpus = corpus_of(train=[*numbered(5), (" ", "x")], test=[("Cafe\u0301 ", " cafe\u0301"), ("", "y")])
+    prepared = clean_corpus(corpus, DataConfig(validation_fraction=0.2))
+    assert prepared.splits["test"] == [("Caf\u00e9", "caf\u00e9")]
+    assert prepared.dropped["test"] == {"empty": 1}  # the only filter an evaluation split gets
+    assert prepared.dropped["train"]["empty"] == 1
+
+
+def test_length_filters_apply_to_training_pairs_only():
+    long_pair = (" ".join(["w"] * 9), " ".join(["w"] * 9))
+    lopsided = ("a", "a b c d e")
+    corpus = corpus_of(
+        train=[*numbered(4), long_pair, lopsided], validation=[long_pair, lopsided], test=numbered(1)
+    )
+    prepared = clean_corpus(corpus, DataConfig(max_tokens=8, max_length_ratio=4.0))
+    assert prepared.dropped["train"]["too_long"] == 1
+    assert prepared.dropped["train"]["length_ratio"] == 1
+    assert prepared.splits["validation"] == [long_pair, lopsided]
+
+
+def test_duplicates_and_evaluation_overlap_are_dropped_from_train_only():
+    test = [("satz 0", "sentence 0"), ("satz 0", "sentence 0")]
+    corpus = corpus_of(train=[*numbered(4), ("satz  1", "sentence 1")], validation=[("v", "v")], test=test)
+    prepared = clean_corpus(corpus, DataConfig())
+    assert prepared.splits["train"] == numbered(4)[1:]
+    assert prepared.dropped["train"]["duplicate"] == 1  # "satz  1" equals "satz 1" once cleaned
+    assert prepared.dropped["train"]["in_eval_split"] == 1
+    assert prepared.splits["test"] == test  # evaluation splits are kept whole
+
+
+def test_missing_splits_are_carved_deterministically_from_the_seed():
+    config = DataConfig(validation_fraction=0.1, test_fraction=0.2, seed=7)
+    first = clean_corpus(corpus_of(train=numbered(100)), config)
+    again = clean_corpus(corpus_of(train=numbered(100)), config)
+    other = clean_corpus(corpus_of(train=numbered(100)), config.model_copy(update={"seed": 8}))
+    assert first.splits == again.splits
+    assert first.splits["test"] != other.splits["test"]
+    assert [len(first.splits[name]) for name in ("train", "validation", "test")] == [70, 10, 20]
+    assert first.carved == ("validation", "test")
+    every = [pair for pairs in first.splits.values() for pair in pairs]
+    assert sorted(every) == sorted(numbered(100))  # a partition: nothing lost, nothing shared
+    assert first.splits["train"] == sorted(first.splits["train"], key=numbered(100).index)  # order kept
+
+
+def test_only_the_missing_split_is_carved():
+    prepared = clean_corpus(
+        corpus_of(train=numbered(20), validation=[("v", "v")]), DataConfig(test_fraction=0.1)
+    )
+    assert prepared.carved == ("test",)
+    assert prepared.splits["validation"] == [("v", "v")]
+    assert len(prepared.splits["test"]) == 2
+
+
+def test_split_empty_after_filtering_names_split_and_reasons():
+    corpus = corpus_of(train=[("", "x"), ("a", "a b c d e f"), ("a", "a")], test=[("a", "a")])
+    with pytest.raises(PipelineError) as error:
+        clean_corpus(corpus, DataConfig())
+    message = str(error.value)
+    assert "train split is empty after cleaning" in message
+    assert "3 pairs loaded from train-file" in message
+    assert "empty=1, length_ratio=1, in_eval_split=1" in message
+
+
+def test_too_few_pairs_to_carve_is_refused():
+    with pytest.raises(PipelineError, match=r"only 2 training pairs remain"):
+        carve_splits(numbered(2), ("validation", "test"), DataConfig())
+
+
+def test_length_percentiles_use_nearest_rank():
+    assert length_percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
+    assert length_percentiles([]) == {"p50": 0, "p90": 0, "p99": 0, "max": 0}

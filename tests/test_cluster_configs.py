@@ -1,0 +1,130 @@
+"""The configs in cluster/ are well-formed: checked offline, against Ray's own schema where it has one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.submit import ALWAYS_EXCLUDE, DEFAULT_ENTRYPOINT, PIPELINE_SCRIPT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = REPO_ROOT / "cluster"
+
+
+def _load(relative: str) -> Any:
+    return yaml.safe_load((CLUSTER / relative).read_text())
+
+
+def _ray_schema() -> dict[str, Any]:
+    import ray
+
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def test_launcher_config_validates_against_the_schema_in_the_ray_package() -> None:
+    import jsonschema
+
+    jsonschema.validate(_load("aws-gpu.yaml"), _ray_schema())
+
+
+def test_launcher_config_passes_rays_own_checks_after_defaults_are_filled_in() -> None:
+    """What `ray up` does before it talks to AWS (private helpers: re-check when Ray is upgraded)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(_load("aws-gpu.yaml"))))
+
+
+def test_launcher_config_scales_gpu_workers_from_zero_and_holds_no_keys() -> None:
+    config = _load("aws-gpu.yaml")
+    head = config["available_node_types"][config["head_node_type"]]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+
+    assert "GPU" not in head["resources"]
+    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    assert all(t["min_workers"] == 0 and t["max_workers"] <= config["max_workers"] for t in workers)
+    assert all("IamInstanceProfile" in t["node_config"] for t in config["available_node_types"].values())
+    text = (CLUSTER / "aws-gpu.yaml").read_text()
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY|aws_secret_access_key|AKIA[0-9A-Z]{16}", text)
+    assert "2.60" in config["docker"]["image"]  # the Ray that `submit` talks to
+    # The project is synced and installed, CUDA torch before it.
+    assert "." in config["file_mounts"].values()
+    torch_step = next(i for i, c in enumerate(config["setup_commands"]) if "torch" in c)
+    project_step = next(i for i, c in enumerate(config["setup_commands"]) if "pip install" in c and "-e" in c)
+    assert "download.pytorch.org/whl/cu" in config["setup_commands"][torch_step] and torch_step < project_step
+    # Token authentication on every node.
+    for command in (*config["head_start_ray_commands"], *config["worker_start_ray_commands"]):
+        assert "ray stop" in command or "RAY_AUTH_MODE=token" in command
+
+
+@pytest.mark.parametrize("relative", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_manifests_carry_a_head_and_an_autoscaling_gpu_worker_group(relative: str) -> None:
+    manifest = _load(relative)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["metadata"]["name"]
+    spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+
+    assert spec["rayVersion"].startswith("2.60")
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"]
+    assert isinstance(head["rayStartParams"], dict)
+
+    def gpus(group: dict[str, Any]) -> int:
+        return int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+    gpu_groups = [group for group in spec["workerGroupSpecs"] if gpus(group) >= 1]
+    assert gpu_groups, "a worker group must ask Kubernetes for GPUs"
+    for group in gpu_groups:
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert group["minReplicas"] == 0 < group["maxReplicas"]
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
+
+
+def test_raycluster_and_rayjob_have_their_kinds() -> None:
+    assert _load("kuberay/raycluster.yaml")["kind"] == "RayCluster"
+    assert _load("kuberay/rayjob.yaml")["kind"] == "RayJob"
+
+
+def test_rayjob_runs_the_pipeline_entrypoint_and_cleans_up() -> None:
+    spec = _load("kuberay/rayjob.yaml")["spec"]
+
+    assert spec["entrypoint"] == DEFAULT_ENTRYPOINT  # the one definition, shared with `submit`
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict)
+    assert "://" in runtime_env["working_dir"]  # nothing to upload from inside Kubernetes
+    assert all(isinstance(value, str) for value in runtime_env["env_vars"].values())
+
+
+# Ray matches excludes with pathspec's "gitwildmatch" (deprecated by pathspec); match the same way.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_runtime_env_file_parses_and_keeps_stage_outputs_and_environments_local() -> None:
+    runtime_env = _load("runtime_env.yaml")
+    assert set(runtime_env) <= {"env_vars", "excludes", "working_dir", "py_modules", "pip", "uv", "conda"}
+    assert all(isinstance(value, str) for value in runtime_env.get("env_vars", {}).values())
+
+    from pathspec import PathSpec
+
+    excluded = PathSpec.from_lines("gitwildmatch", [*runtime_env["excludes"], *ALWAYS_EXCLUDE]).match_file
+    for path in ("data", "data/processed/train.pt", "models", ".venv", ".git", "mlflow.db", ".dvc/cache"):
+        assert excluded(path), f"{path} would be uploaded"
+    for path in (
+        "pipeline/data/__init__.py",
+        "params.yaml",
+        "dvc.yaml",
+        ".dvc/config",
+        "cluster/run_pipeline.sh",
+    ):
+        assert not excluded(path), f"{path} would be left behind"
+
+
+def test_the_pipeline_script_exists_and_avoids_git() -> None:
+    script = (REPO_ROOT / PIPELINE_SCRIPT).read_text()
+    assert "core.no_scm true" in script and "repro" in script

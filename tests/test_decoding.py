@@ -1,0 +1,119 @@
+"""Greedy and beam search: agreement with each other, batch independence, stopping, length limits."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pipeline.data.batching import source_tensor
+from pipeline.data.tokenization import BOS_ID, EOS_ID
+from pipeline.decoding import beam_search, decode_batch, greedy_decode, max_lengths
+from pipeline.model import Seq2Seq
+from tests.seq2seq_toys import random_model, trained_reverser
+
+ARCHS = ["gru", "gru_attention"]
+SOURCES = [[4, 5, 6, 7, 8, 9, 10], [11, 12], [13, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 4, 5, 6, 7]]
+
+
+def _model(kind: str, arch: str) -> Seq2Seq:
+    return trained_reverser(arch).model if kind == "trained" else random_model(arch, n_layers=2, seed=5)
+
+
+def _sources(kind: str, arch: str) -> list[list[int]]:
+    return trained_reverser(arch).sources if kind == "trained" else SOURCES
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beam_size_one_is_exactly_greedy(arch: str, kind: str) -> None:
+    model, sources = _model(kind, arch), _sources(kind, arch)
+    src, lengths = source_tensor(sources)
+    greedy = greedy_decode(model, src, lengths, max_len_ratio=1.5)
+    for length_penalty in (0.0, 1.0):
+        beam = beam_search(model, src, lengths, beam_size=1, length_penalty=length_penalty, max_len_ratio=1.5)
+        assert beam == greedy
+
+
+@pytest.mark.parametrize("kind", ["random", "trained"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_decoding_equals_one_sentence_at_a_time(arch: str, kind: str) -> None:
+    model, sources = _model(kind, arch), _sources(kind, arch)
+    src, lengths = source_tensor(sources)
+    batched_greedy = greedy_decode(model, src, lengths)
+    batched_beam = beam_search(model, src, lengths, beam_size=3, length_penalty=0.6)
+    for i, source in enumerate(sources):
+        one_src, one_length = source_tensor([source])
+        assert greedy_decode(model, one_src, one_length) == [batched_greedy[i]]
+        assert beam_search(model, one_src, one_length, beam_size=3, length_penalty=0.6) == [batched_beam[i]]
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_sentence_stops_at_its_own_end_of_sentence(arch: str, beam_size: int) -> None:
+    """The toy model emits </s> at once for two sources and after 5-8 symbols for the others."""
+    toy = trained_reverser(arch)
+    src, lengths = source_tensor(toy.sources)
+    hypotheses = decode_batch(
+        toy.model, src, lengths, beam_size=beam_size, length_penalty=1.0, max_len_ratio=4.0
+    )
+    assert hypotheses == toy.targets
+    assert [] in hypotheses and max(map(len, hypotheses)) >= 5  # short ones stopped while long ones went on
+    assert all(EOS_ID not in h for h in hypotheses)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_respects_the_length_limits(arch: str) -> None:
+    model = random_model(arch, seed=2)
+    src, lengths = source_tensor(SOURCES)
+    limits = max_lengths(lengths, 0.5)
+    assert limits == [int(0.5 * (len(s) + 1)) + 5 for s in SOURCES]
+    for hypotheses in (
+        greedy_decode(model, src, lengths, max_len_ratio=0.5),
+        beam_search(model, src, lengths, beam_size=3, max_len_ratio=0.5),
+    ):
+        assert all(len(h) <= limit for h, limit in zip(hypotheses, limits, strict=True))
+    assert all(len(h) <= 2 for h in greedy_decode(model, src, lengths, max_len_ratio=None, max_len=2))
+    assert all(len(h) <= 2 for h in beam_search(model, src, lengths, beam_size=2, max_len=2))
+
+
+def _exhaustive_best(model: Seq2Seq, source: list[int], vocab: int, limit: int, alpha: float) -> list[int]:
+    """Score every possible output (ending in </s> within the limit, or cut at the limit) by brute force."""
+    src, lengths = source_tensor([source])
+    others = [t for t in range(vocab) if t != EOS_ID]
+    best, best_score = None, float("-inf")
+    for n in range(1, limit + 1):
+        endings = [EOS_ID, *(others if n == limit else [])]
+        for output in itertools.product(*[others] * (n - 1), endings):
+            with torch.inference_mode():
+                logits = model(src, lengths, torch.tensor([[BOS_ID, *output[:-1]]]))
+            log_prob = float(torch.log_softmax(logits[0], -1).gather(1, torch.tensor([output]).T).sum())
+            score = log_prob / ((5 + n) / 6) ** alpha
+            if score > best_score:
+                best, best_score = [t for t in output if t != EOS_ID], score
+    return best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_beam_that_keeps_every_hypothesis_finds_the_exhaustive_optimum(arch: str, alpha: float) -> None:
+    """Checks the scoring (length penalty, </s>, length limit) by brute force over a 6-token vocabulary."""
+    vocab, limit = 6, 3
+    model = random_model(arch, seed=11, vocab_size=vocab)
+    with torch.no_grad():  # a rarer </s>: the optimum is then [] for alpha 0 but a length-3 output for 1
+        model.decoder.W_o.bias[EOS_ID] -= 1.5
+    for source in ([4, 5, 4], [5]):
+        src, lengths = source_tensor([source])
+        found = beam_search(
+            model, src, lengths, beam_size=200, length_penalty=alpha, max_len_ratio=None, max_len=limit
+        )
+        assert found == [_exhaustive_best(model, source, vocab, limit, alpha)]
+
+
+def test_decoding_restores_the_callers_training_mode() -> None:
+    model = random_model("gru_attention").train()
+    src, lengths = source_tensor(SOURCES)
+    greedy_decode(model, src, lengths)
+    beam_search(model, src, lengths, beam_size=2)
+    assert model.training

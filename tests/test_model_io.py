@@ -1,0 +1,181 @@
+"""The models/ folder round trip, the Translator on top of it, and `python -m pipeline translate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ModelConfig, PreprocessConfig
+from pipeline.data.batching import source_tensor
+from pipeline.data.tokenization import encode_texts, train_tokenizer
+from pipeline.decoding import beam_search, greedy_decode
+from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.model_io import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir
+from pipeline.translator import Translator
+from tests.seq2seq_toys import TINY, train_until_memorised
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SRC_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+TGT_WORDS = ["uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho"]
+DECODING = {"beam_size": 2, "length_penalty": 1.0, "max_len_ratio": 2.0}
+
+
+def _word_pairs(n: int = 14, seed: int = 3) -> list[tuple[str, str]]:
+    """A toy language pair: each word has one translation, and the word order is reversed."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(2, 5))]
+        pairs.append((" ".join(SRC_WORDS[w] for w in words), " ".join(TGT_WORDS[w] for w in reversed(words))))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    """A tiny attention model that has memorised the toy pairs, saved with real word tokenizers."""
+    pairs = _word_pairs()
+    tokenizer_config = PreprocessConfig(tokenizer="word", vocab_size=100)
+    src_tokenizer = train_tokenizer([s for s, _ in pairs], tokenizer_config)
+    tgt_tokenizer = train_tokenizer([t for _, t in pairs], tokenizer_config)
+    sources = encode_texts(src_tokenizer, [s for s, _ in pairs])
+    targets = encode_texts(tgt_tokenizer, [t for _, t in pairs])
+    torch.manual_seed(0)
+    config = ModelConfig(arch="gru_attention", **TINY)
+    model = build_model(config, src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size())
+    train_until_memorised(model, sources, targets)
+    path = tmp_path_factory.mktemp("word_model") / "models"
+    save_model_dir(path, model, config, src_tokenizer, tgt_tokenizer, DECODING)
+    return path, pairs
+
+
+def _random_model_dir(tmp_path: Path, arch: str, n_layers: int = 1) -> tuple[Path, torch.nn.Module]:
+    config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers})
+    texts = [s for s, _ in _word_pairs()]
+    tokenizer = train_tokenizer(texts, PreprocessConfig(tokenizer="word", vocab_size=100))
+    torch.manual_seed(1)
+    model = build_model(config, tokenizer.get_vocab_size() + 3, tokenizer.get_vocab_size() + 5).eval()
+    path = tmp_path / "models"
+    save_model_dir(path, model, config, tokenizer, tokenizer, DECODING)
+    return path, model
+
+
+@pytest.mark.parametrize(("arch", "n_layers"), [("gru", 1), ("gru_attention", 2)])
+def test_round_trip_gives_identical_logits_and_translations(tmp_path: Path, arch: str, n_layers: int) -> None:
+    path, model = _random_model_dir(tmp_path, arch, n_layers)
+    loaded = load_model_dir(path)
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
+    assert loaded.model_config == model.config and loaded.decoding == DECODING
+    assert not loaded.model.training
+    src, lengths = source_tensor([[4, 5, 6], [7, 8, 9, 10, 11], [12]])
+    tgt_in = torch.tensor([[2, 4, 5, 6]] * 3)
+    with torch.inference_mode():
+        assert torch.equal(model(src, lengths, tgt_in), loaded.model(src, lengths, tgt_in))
+    assert greedy_decode(model, src, lengths) == greedy_decode(loaded.model, src, lengths)
+    beams = [beam_search(m, src, lengths, beam_size=3) for m in (model, loaded.model)]
+    assert beams[0] == beams[1]
+
+
+def test_weights_are_safetensors_not_a_pickle(tmp_path: Path) -> None:
+    path, model = _random_model_dir(tmp_path, "gru_attention")
+    raw = (path / WEIGHTS_FILE).read_bytes()
+    assert raw[:1] != b"\x80" and raw[:2] != b"PK"  # neither a bare pickle nor torch.save's zip of one
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_size])
+    assert set(header) - {"__metadata__"} == set(model.state_dict())
+    assert all(entry["dtype"] == "F32" for key, entry in header.items() if key != "__metadata__")
+    assert b"torch" not in raw[: 8 + header_size]  # no class references in the header
+
+
+@pytest.mark.parametrize("missing", MODEL_FILES)
+def test_a_missing_file_is_named_in_the_error(tmp_path: Path, missing: str) -> None:
+    path, _ = _random_model_dir(tmp_path, "gru")
+    (path / missing).unlink()
+    with pytest.raises(PipelineError, match=missing.replace(".", r"\.")):
+        load_model_dir(path)
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="model folder not found"):
+        load_model_dir(tmp_path / "nowhere")
+
+
+def test_weights_saved_from_a_ddp_wrapper_still_load(tmp_path: Path) -> None:
+    path, model = _random_model_dir(tmp_path, "gru_attention")
+    weights = load_file(str(path / WEIGHTS_FILE))
+    save_file({f"module.{key}": value for key, value in weights.items()}, str(path / WEIGHTS_FILE))
+    loaded = load_model_dir(path)
+    src, lengths = source_tensor([[4, 5, 6]])
+    assert greedy_decode(loaded.model, src, lengths) == greedy_decode(model, src, lengths)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path) -> None:
+    path, _ = _random_model_dir(tmp_path, "gru")
+    config_file = path / "model_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["hidden_dim"] *= 2
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match="does not match"):
+        load_model_dir(path)
+
+
+def test_saving_again_replaces_the_folder_whole(tmp_path: Path) -> None:
+    path, model = _random_model_dir(tmp_path, "gru")
+    (path / "stale.txt").write_text("from an older run")
+    loaded = load_model_dir(path)
+    save_model_dir(path, model, model.config, loaded.src_tokenizer, loaded.tgt_tokenizer, DECODING)
+    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no temporary folders left behind
+
+
+def test_bad_decoding_settings_are_refused_on_save(tmp_path: Path) -> None:
+    path, model = _random_model_dir(tmp_path, "gru")
+    loaded = load_model_dir(path)
+    with pytest.raises(PipelineError, match="beam_size"):
+        save_model_dir(path, model, model.config, loaded.src_tokenizer, loaded.tgt_tokenizer,
+                       {**DECODING, "beam_size": 0})  # fmt: skip
+
+
+def test_translator_returns_translations_in_input_order(word_model_dir: tuple[Path, list]) -> None:
+    path, pairs = word_model_dir
+    translator = Translator.from_dir(path)
+    sources = [s for s, _ in pairs][::-1]
+    expected = [t for _, t in pairs][::-1]
+    messy = "  " + pairs[0][0].replace(" ", " \t ") + "\n"  # cleaned like training text: same translation
+    inputs = [sources[0], "", *sources[1:], "   ", messy]
+    outputs = translator.translate(inputs, batch_size=3)
+    assert outputs == [expected[0], "", *expected[1:], "", pairs[0][1]]
+    assert translator.translate(sources, beam_size=1, batch_size=64) == expected
+    assert translator.translate([]) == []
+
+
+def _run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "translate", *args],
+        input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_prints_one_translation_per_input_line(word_model_dir: tuple[Path, list]) -> None:
+    path, pairs = word_model_dir
+    from_args = _run_cli("--model", str(path), pairs[0][0], pairs[1][0])
+    assert from_args.returncode == 0, from_args.stderr
+    assert from_args.stdout.splitlines() == [pairs[0][1], pairs[1][1]]
+    from_stdin = _run_cli("--model", str(path), "--beam-size", "1", stdin=f"{pairs[2][0]}\n\n{pairs[3][0]}\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout.splitlines() == [pairs[2][1], "", pairs[3][1]]
+
+
+def test_cli_names_a_missing_model_folder(tmp_path: Path) -> None:
+    result = _run_cli("--model", str(tmp_path / "models"), "alpha")
+    assert result.returncode == 2
+    assert "model folder not found" in result.stderr

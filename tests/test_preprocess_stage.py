@@ -1,0 +1,149 @@
+"""The preprocess stage: tokenizers trained on train only, every split encoded, data/processed read back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+
+from pipeline.config import PipelineConfig, PreprocessConfig, config_from_dict
+from pipeline.data.cleaning import clean_text
+from pipeline.data.encoded import load_processed
+from pipeline.data.tokenization import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    decode_ids,
+    encode_texts,
+    train_tokenizer,
+)
+from pipeline.errors import PipelineError
+from pipeline.paths import PREPARED_DIR, PROCESSED_DIR
+from pipeline.stages import prepare, preprocess
+
+SOURCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee!", "Die Frau, die lacht, trinkt Kaffee."]
+TARGETS = ["A man rides a bike.", "Two dogs play in the snow!", "The woman, who laughs, drinks coffee."]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def tsv_corpus(folder: Path, test_rows: list[tuple[str, str]] | None = None) -> str:
+    """A small de-en corpus; the test split may hold words the training split never shows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = list(zip(SOURCES, TARGETS, strict=True))
+    train = [(f"{s} Nummer {i}", f"{t} number {i}") for i in range(30) for s, t in pairs]
+    validation = [("Ein Hund spielt.", "A dog plays.")]
+    test = test_rows or [("Ein Mann trinkt Kaffee.", "A man drinks coffee.")]
+    for name, rows in (("train", train), ("dev", validation), ("test", test)):
+        lines = ["de\ten", *(f"{s}\t{t}" for s, t in rows)]
+        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+def config(source: str, **preprocess_keys) -> PipelineConfig:
+    return config_from_dict({
+        "data": {"source": source, "src_lang": "de", "tgt_lang": "en"},
+        "preprocess": {"vocab_size": 300, **preprocess_keys},
+    })  # fmt: skip
+
+
+def prepare_and_preprocess(cfg: PipelineConfig) -> None:
+    prepare.run(cfg)
+    preprocess.run(cfg)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "word"])
+def test_every_split_is_encoded_without_special_tokens_and_decodes_back(tmp_path, kind):
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus"), tokenizer=kind))
+    processed = load_processed()
+    assert sorted(processed.splits) == ["test", "train", "validation"]
+    train = processed.splits["train"]
+    assert len(train) == 90
+    for split in processed.splits.values():
+        for ids in (*split.src_ids, *split.tgt_ids):
+            assert ids and not {PAD_ID, BOS_ID, EOS_ID} & set(ids)
+    assert decode_ids(processed.src_tokenizer, train.src_ids) == train.src
+    assert decode_ids(processed.tgt_tokenizer, train.tgt_ids) == train.tgt
+    encoded = datasets.load_from_disk(str(PROCESSED_DIR / "encoded"))
+    assert encoded["train"].features["src_ids"] == datasets.List(datasets.Value("int32"))
+    assert encoded["train"].column_names == ["src", "tgt", "src_ids", "tgt_ids"]
+
+
+def test_meta_records_languages_vocab_sizes_pairs_and_unk_rates(tmp_path):
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus"), tokenizer="word"))
+    meta = json.loads((PROCESSED_DIR / "meta.json").read_text())
+    processed = load_processed()
+    assert meta["src_lang"] == "de" and meta["tgt_lang"] == "en"
+    assert meta["tokenizer"] == "word" and meta["joint_vocab"] is False
+    assert meta["src_vocab_size"] == processed.src_tokenizer.get_vocab_size() == processed.src_vocab_size
+    assert meta["tgt_vocab_size"] == processed.tgt_tokenizer.get_vocab_size()
+    assert meta["pairs"] == {"train": 90, "validation": 1, "test": 1}
+    assert set(meta["unk_rate"]["test"]) == {"src", "tgt"}
+
+
+def test_tokenizers_see_training_text_only(tmp_path):
+    unseen = [("Ein Zebra trinkt Kaffee.", "A zebra drinks coffee.")]
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus", unseen), tokenizer="word"))
+    processed = load_processed()
+    meta = processed.meta
+    assert meta["unk_rate"]["train"] == {"src": 0.0, "tgt": 0.0}
+    assert meta["unk_rate"]["test"]["src"] > 0 and meta["unk_rate"]["test"]["tgt"] > 0
+    assert UNK_ID in processed.splits["test"].src_ids[0]
+
+
+def test_joint_vocabulary_saves_one_tokenizer_under_both_names(tmp_path):
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus"), joint_vocab=True))
+    src_file, tgt_file = PROCESSED_DIR / "src_tokenizer.json", PROCESSED_DIR / "tgt_tokenizer.json"
+    assert src_file.read_bytes() == tgt_file.read_bytes()
+    processed = load_processed()
+    assert processed.meta["joint_vocab"] is True
+    assert processed.src_vocab_size == processed.tgt_vocab_size
+    # The source tokenizer knows target-side text too: that is what a joint vocabulary is for.
+    assert UNK_ID not in processed.src_tokenizer.encode("Two dogs play", add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("kind", ["bpe", "word"])
+def test_tokenizer_round_trip_reproduces_cleaned_text(kind):
+    raw = [
+        "  Cafe\u0301 au lait,  s'il vous plaît ! ",
+        "C'est l'été (2024) : 3,5 °C…",
+        "«Oui» — dit-il.\tNon?",
+    ]
+    cleaned = [clean_text(text) for text in raw]
+    tokenizer = train_tokenizer(cleaned, PreprocessConfig(tokenizer=kind, vocab_size=500))
+    assert decode_ids(tokenizer, encode_texts(tokenizer, cleaned)) == cleaned
+
+
+def test_missing_prepared_data_asks_for_prepare_and_writes_nothing():
+    expected = r"data/prepared not found: run `python -m pipeline prepare` first"
+    with pytest.raises(PipelineError, match=expected):
+        preprocess.run(config("builtin"))
+    assert not PROCESSED_DIR.exists()
+
+
+def test_prepared_data_for_other_languages_is_refused_and_earlier_output_kept(tmp_path):
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus")))
+    meta_before = (PROCESSED_DIR / "meta.json").read_text()
+    prepare.run(config_from_dict({"data": {"builtin": {"n_pairs": 50}}}))  # en->art now
+    with pytest.raises(PipelineError, match=r"holds en->art but params say de->en"):
+        preprocess.run(config(tsv_corpus(tmp_path / "corpus")))
+    assert (PROCESSED_DIR / "meta.json").read_text() == meta_before
+    assert len(load_processed().splits["train"]) == 90
+
+
+def test_load_processed_reports_missing_and_incomplete_output(tmp_path):
+    expected = r"data/processed not found: run `python -m pipeline preprocess` first"
+    with pytest.raises(PipelineError, match=expected):
+        load_processed()
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus")))
+    shutil.rmtree(PROCESSED_DIR / "encoded")
+    with pytest.raises(PipelineError, match=r"incomplete \(missing encoded\)"):
+        load_processed()
+    assert PREPARED_DIR.is_dir()

@@ -1,0 +1,420 @@
+"""`python -m pipeline submit` against a real local Ray head with token authentication on.
+
+One head serves the module (start-up ~12 s, each job ~10 s on 2 cores). It is started with
+`ray start --head --block` in its own process group and ended by killing that group, never with
+`ray stop`, which would also end the Ray instances other tests run at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import PipelineError
+from pipeline.submit import (
+    ALWAYS_EXCLUDE,
+    DEFAULT_ENTRYPOINT,
+    GIT_COMMIT_ENV,
+    auth_headers,
+    build_runtime_env,
+    entrypoint_command,
+    run_submit,
+    tracking_warnings,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TRACKING_URI = "http://mlflow.invalid:5000"  # only checked for arrival; nothing connects to it
+
+# What the end-to-end job runs, in one place. For now a quick proof that the job runs the project's own
+# code from the uploaded copy, with the submitter's settings and without the excluded paths; the job
+# writes what it saw to $SUBMIT_TEST_MARKER. Once the stages are in, switch it to a short real run, e.g.
+#   JOB_ENTRYPOINT = ["python -m pipeline prepare && python -m pipeline preprocess && ..."]
+# with tests.conftest.write_params(project, TINY_PARAMS) in `project_copy`, and check the outputs instead.
+JOB_CHECK = textwrap.dedent(
+    """
+    import json, os, pathlib, subprocess, sys
+    import pipeline
+    subprocess.run([sys.executable, "-m", "pipeline", "--help"], check=True, stdout=subprocess.DEVNULL)
+    pathlib.Path(os.environ["SUBMIT_TEST_MARKER"]).write_text(json.dumps({
+        "cwd": os.getcwd(),
+        "pipeline_file": pipeline.__file__,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+        "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+        "present": sorted(
+            p for p in ("data", ".git", ".dvc/config.local", "params.yaml") if os.path.exists(p)
+        ),
+    }))
+    print("job check done")
+    """
+)
+JOB_ENTRYPOINT = ["python", "-c", JOB_CHECK]
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str
+    token: str
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment with the venv first on PATH and no Ray address or token of its own."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RAY_AUTH_", "MLFLOW_", "PIPELINE_SUBMIT_"))
+        and name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _stop_process_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    # SIGTERM alone leaves gcs_server and the monitor running; SIGKILL after a grace period ends them.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        if sig == signal.SIGTERM:
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.2)
+    process.wait(timeout=10)
+
+
+def _wait_for_jobs_api(address: str, token: str, head: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start --head exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            response = requests.get(
+                f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=2
+            )
+            if response.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the jobs API at {address} did not come up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    if not (VENV_BIN / "ray").exists():
+        pytest.skip("the `ray` command is not installed next to this Python")
+    # Short: Ray's socket paths under --temp-dir must stay within the 107-byte AF_UNIX limit.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
+    token = secrets.token_hex(32)
+    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    command = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        # Fixed by default (10001, 52365): another Ray on this machine would collide.
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+        "--num-cpus=4", f"--temp-dir={temp_dir / 'ray'}",
+    ]  # fmt: skip
+    log = temp_dir / "head.log"
+    # The job's entrypoint inherits the head's environment: venv first on PATH, the token to rejoin.
+    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    with log.open("wb") as log_file:
+        head = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_for_jobs_api(address, token, head, log, timeout_s=90)
+        yield RayHead(address=address, token=token)
+    finally:
+        _stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _copy_project(destination: Path) -> Path:
+    """The repository's files as a clone would have them (tracked + untracked, minus .gitignore'd)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = REPO_ROOT / relative
+        if source.is_file():  # others edit this tree right now: a listed file may be gone
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return destination
+
+
+def _submit(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", *args],
+        cwd=cwd,
+        env=_clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def project_copy(tmp_path_factory) -> Path:
+    project = _copy_project(tmp_path_factory.mktemp("submit-project"))
+    # Present locally, never uploaded.
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data" / "planted.txt").write_text("local only")
+    (project / ".dvc").mkdir(exist_ok=True)
+    (project / ".dvc" / "config.local").write_text("[core]\n    remote = secret-local-remote\n")
+    return project
+
+
+@pytest.mark.slow
+def test_submit_wait_runs_project_code_in_uploaded_copy_with_shell_settings(
+    ray_head: RayHead, project_copy: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker.json"
+    runtime_env = yaml.safe_load((REPO_ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["SUBMIT_TEST_MARKER"] = str(marker)
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+
+    result = _submit(
+        project_copy,
+        *("--address", ray_head.address, "--wait", "--runtime-env", str(env_file), "--", *JOB_ENTRYPOINT),
+        # The token as most users have it: no RAY_AUTH_MODE, which Ray's own client would need.
+        RAY_AUTH_TOKEN=ray_head.token,
+        MLFLOW_TRACKING_URI=TRACKING_URI,
+    )
+
+    assert result.returncode == 0, _output(result)
+    assert "finished: SUCCEEDED" in result.stdout, _output(result)
+    assert "job check done" in result.stdout, _output(result)  # the logs were streamed
+    seen = json.loads(marker.read_text())
+    assert seen["cwd"] != str(project_copy), "the job must run in Ray's uploaded copy"
+    assert Path(seen["pipeline_file"]).is_relative_to(seen["cwd"]), seen
+    assert seen["tracking_uri"] == TRACKING_URI
+    assert seen["unbuffered"] == "1"  # from cluster/runtime_env.yaml
+    assert seen["present"] == ["params.yaml"], "data/, .git and .dvc/config.local must stay local"
+
+
+@pytest.mark.slow
+def test_submit_wait_exits_nonzero_and_prints_failed_for_a_failing_job(
+    ray_head: RayHead, project_copy: Path
+) -> None:
+    result = _submit(
+        project_copy,
+        *("--address", ray_head.address, "--wait", "--", "python", "-c", "import sys; sys.exit(3)"),
+        RAY_AUTH_TOKEN=ray_head.token,
+    )
+
+    assert result.returncode == 1, _output(result)
+    assert "finished: FAILED" in result.stdout, _output(result)
+    assert "exit code 3" in result.stdout, _output(result)
+
+
+@pytest.mark.slow
+def test_default_entrypoint_runs_dvc_repro_in_an_upload_without_git(
+    ray_head: RayHead, tmp_path: Path
+) -> None:
+    """The default entrypoint, cluster/run_pipeline.sh, on a one-stage DVC project (the real one is slow)."""
+    project = tmp_path / "dvc-project"
+    (project / "cluster").mkdir(parents=True)
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    analytics = false\n    check_update = false\n")
+    for name in ("run_pipeline.sh", "runtime_env.yaml"):
+        shutil.copy2(REPO_ROOT / "cluster" / name, project / "cluster" / name)
+    marker = tmp_path / "stage-ran.txt"
+    script = f"import os, pathlib; pathlib.Path(r'{marker}').write_text(str(os.path.exists('.git')))"
+    stage = f'python -c "{script}"'
+    hello = {"cmd": f"{stage} && echo done > out.txt", "outs": ["out.txt"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"hello": hello}}))
+    # A git repository locally, as in real use: the upload must not carry it.
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+
+    result = _submit(project, "--address", ray_head.address, "--wait", RAY_AUTH_TOKEN=ray_head.token)
+
+    assert result.returncode == 0, _output(result)
+    assert f"entrypoint: {DEFAULT_ENTRYPOINT}" in result.stderr, _output(result)
+    assert "Running stage 'hello'" in result.stdout, _output(result)
+    assert marker.read_text() == "False", "the stage ran, in an upload without .git"
+
+
+@pytest.mark.slow
+def test_submit_without_wait_prints_job_id_and_how_to_follow_it(
+    ray_head: RayHead, project_copy: Path
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    result = _submit(project_copy, "--address", ray_head.address, "--", "true", RAY_AUTH_TOKEN=ray_head.token)
+
+    assert result.returncode == 0, _output(result)
+    job_id = result.stdout.split("submitted job ", 1)[1].split()[0]
+    assert f"ray job logs -f {job_id}" in result.stdout
+    assert "RAY_AUTH_MODE=token" in result.stdout  # what the `ray job` CLI needs to send the token
+    client = JobSubmissionClient(ray_head.address, headers={"Authorization": f"Bearer {ray_head.token}"})
+    deadline = time.monotonic() + 60
+    while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.get_job_status(job_id).value == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_submit_without_token_fails_with_401_naming_address_and_fix(
+    ray_head: RayHead, project_copy: Path, tmp_path: Path
+) -> None:
+    # HOME without ~/.ray/auth_token: nothing to send.
+    result = _submit(project_copy, "--address", ray_head.address, "--", "true", HOME=str(tmp_path))
+
+    assert result.returncode == 2, _output(result)
+    assert ray_head.address in result.stderr
+    assert "HTTP 401" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr, _output(result)
+
+
+@pytest.mark.slow
+def test_submit_with_wrong_token_fails_with_403_naming_its_source(
+    ray_head: RayHead, project_copy: Path
+) -> None:
+    args = ("--address", ray_head.address, "--", "true")
+    result = _submit(project_copy, *args, RAY_AUTH_TOKEN="not-the-token")
+
+    assert result.returncode == 2, _output(result)
+    assert "HTTP 403" in result.stderr and "from RAY_AUTH_TOKEN" in result.stderr, _output(result)
+
+
+# Fast: no cluster.
+
+
+def test_unreachable_address_fails_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (port,) = _free_ports(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(PipelineError, match=rf"127\.0\.0\.1:{port}.*--address or RAY_ADDRESS"):
+        run_submit(f"127.0.0.1:{port}", wait=False, entrypoint=["true"], runtime_env_path=None)
+
+
+def test_runtime_env_merges_file_shell_settings_and_mandatory_excludes(tmp_path: Path) -> None:
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars: {FROM_FILE: 'yes', MLFLOW_TRACKING_URI: http://file}\nexcludes: [/data]\n")
+    shell = {
+        "MLFLOW_TRACKING_URI": "http://shell:5000",
+        "MLFLOW_TRACKING_PASSWORD": "s3cret",
+        "HF_TOKEN": "hf_x",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "AWS_REGION": "eu-west-1",
+        "UNRELATED": "x",
+    }
+
+    runtime_env, passed = build_runtime_env(env_file, tmp_path, shell)
+
+    assert runtime_env["working_dir"] == str(tmp_path)
+    assert runtime_env["excludes"][0] == "/data"
+    assert set(ALWAYS_EXCLUDE) <= set(runtime_env["excludes"])
+    env_vars = runtime_env["env_vars"]
+    assert env_vars["FROM_FILE"] == "yes"
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://shell:5000"  # the shell wins over the file
+    assert env_vars["MLFLOW_TRACKING_PASSWORD"] == "s3cret" and env_vars["HF_TOKEN"] == "hf_x"
+    assert "AWS_SECRET_ACCESS_KEY" not in env_vars, "AWS keys only when named in PIPELINE_SUBMIT_ENV"
+    assert "UNRELATED" not in env_vars
+    assert passed == ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "AWS_REGION"]
+    assert GIT_COMMIT_ENV not in env_vars  # tmp_path is no git checkout
+
+
+def test_extra_env_names_are_passed_only_when_asked_and_set(tmp_path: Path) -> None:
+    shell = {"PIPELINE_SUBMIT_ENV": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID": "id"}
+    with pytest.raises(PipelineError, match="AWS_SECRET_ACCESS_KEY"):
+        build_runtime_env(None, tmp_path, shell)
+    shell["AWS_SECRET_ACCESS_KEY"] = "key"
+    runtime_env, passed = build_runtime_env(None, tmp_path, shell)
+    assert runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "key"
+    assert passed == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+
+
+def test_runtime_env_file_with_a_non_string_env_var_is_refused(tmp_path: Path) -> None:
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars:\n  OMP_NUM_THREADS: 4\n")
+    with pytest.raises(PipelineError, match=r"env_vars\.OMP_NUM_THREADS must be a string"):
+        build_runtime_env(env_file, tmp_path, {})
+
+
+def test_entrypoint_default_single_command_line_and_quoted_words() -> None:
+    assert entrypoint_command([]) == DEFAULT_ENTRYPOINT
+    assert entrypoint_command(["dvc repro && echo ok"]) == "dvc repro && echo ok"
+    assert entrypoint_command(["python", "-c", "print('a b')"]) == "python -c 'print('\"'\"'a b'\"'\"')'"
+
+
+def test_cli_drops_only_the_leading_separator(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.submit
+    from pipeline.__main__ import main
+
+    seen: list[list[str]] = []
+
+    def fake_run_submit(address: str | None, wait: bool, entrypoint: list[str], env: Path | None) -> int:
+        seen.append(entrypoint)
+        return 0
+
+    monkeypatch.setattr(pipeline.submit, "run_submit", fake_run_submit)
+    assert main(["submit", "--wait", "--", "pytest", "--", "-k", "x"]) == 0
+    assert main(["submit"]) == 0
+    assert seen == [["pytest", "--", "-k", "x"], []]
+
+
+def test_token_is_read_in_rays_order_and_disabled_sends_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers({}) == ({}, None)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    (tmp_path / "token").write_text("from-path\n")
+    bearer = lambda token: {"Authorization": f"Bearer {token}"}  # noqa: E731
+
+    assert auth_headers({}) == (bearer("from-home"), str(tmp_path / ".ray" / "auth_token"))
+    path_env = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    assert auth_headers(path_env)[0] == bearer("from-path")
+    assert auth_headers({**path_env, "RAY_AUTH_TOKEN": "from-env"}) == (bearer("from-env"), "RAY_AUTH_TOKEN")
+    assert auth_headers({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}) == ({}, None)
+    with pytest.raises(PipelineError, match="RAY_AUTH_TOKEN_PATH"):
+        auth_headers({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_tracking_store_local_to_the_job_copy_is_warned_about() -> None:
+    assert tracking_warnings({}) and "not set" in tracking_warnings({})[0]
+    assert tracking_warnings({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    assert tracking_warnings({"MLFLOW_TRACKING_URI": "./mlruns"})
+    assert tracking_warnings({"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}) == []
