@@ -259,6 +259,7 @@ class Seq2Seq(nn.Module):
 
 
 def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
+    """The one mapping from config to modules: training, tuning and loading must build the same network."""
     attention = config.arch == "gru_attention"
     sizes = (config.emb_dim, config.hidden_dim, config.n_layers, config.dropout)
     encoder = Encoder(src_vocab_size, *sizes, bidirectional=attention)

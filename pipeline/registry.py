@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, tracking
 from pipeline.atomic import write_json
@@ -29,6 +32,11 @@ from pipeline.config import PipelineConfig
 from pipeline.data.encoded import ProcessedSplit, load_processed
 from pipeline.errors import PipelineError
 from pipeline.model_io import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
+    from mlflow.models.model import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +121,7 @@ def model_content_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def test_data_hash(test: ProcessedSplit) -> str:
+def test_split_hash(test: ProcessedSplit) -> str:
     """sha256 of the test pairs as text: BLEU scores are comparable exactly when this is equal.
 
     Not the DVC hash of data/processed: that also changes with the tokenizers, which do not change the
@@ -145,7 +153,7 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         metrics=metrics,
         train_run=train_run,
         test=test,
-        test_hash=test_data_hash(test),
+        test_hash=test_split_hash(test),
     )
 
 
@@ -226,7 +234,7 @@ def _copy_package_source(target: Path) -> Path:
     return target / package.name
 
 
-def model_signature(default_beam_size: int):
+def model_signature(default_beam_size: int) -> ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -241,16 +249,31 @@ def model_signature(default_beam_size: int):
     )
 
 
-def log_pyfunc_model(run_id: str, candidate: Candidate):
+@contextlib.contextmanager
+def _fluent_tracking_uri() -> Iterator[None]:
+    """Point MLflow's global URI (all `log_model` knows) at our store for a while, then restore it.
+
+    Setting it also exports MLFLOW_TRACKING_URI, which `tracking.ensure_experiment` reads to decide where
+    new experiments keep their artifacts, so the variable must not outlive the call either.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
+
+
+def log_pyfunc_model(run_id: str, candidate: Candidate) -> ModelInfo:
     """Log models/ as a models-from-code pyfunc into `run_id`; returns MLflow's ModelInfo."""
     import mlflow
 
     from pipeline.pyfunc_model import MODEL_DIR_ARTIFACT
 
     example = list(candidate.test.src[:2]) or ["A sentence to translate."]
-    # MLflow warns that predict has no type hints (and overrides warning filters to do so): the explicit
-    # signature below is the schema instead, see pyfunc_model.TranslatorModel.predict.
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with _fluent_tracking_uri(), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name=LOGGED_MODEL_NAME,
             python_model=str(PYFUNC_FILE),  # a path: models from code, nothing pickled
@@ -292,7 +315,7 @@ def _ensure_registered_model(name: str) -> None:
             raise
 
 
-def create_version(config: PipelineConfig, candidate: Candidate):
+def create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersion:
     """Log the model into its run and register it; the gate's tags come later, once it has decided."""
     run_id = _run_for_model(config, candidate)
     info = log_pyfunc_model(run_id, candidate)
@@ -303,12 +326,10 @@ def create_version(config: PipelineConfig, candidate: Candidate):
         tags=version_tags(config, candidate), description=version_description(config, candidate),
     )  # fmt: skip
     tracking.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
-    if candidate.train_run.get("mlflow_run_id") != run_id:
-        tracking.finish_run(run_id)  # a run of our own; a train run keeps the status train gave it
     return version
 
 
-def find_version(name: str, content_hash: str):
+def find_version(name: str, content_hash: str) -> ModelVersion | None:
     """The version already registered with these exact model files, if any."""
     for version in tracking._client().search_model_versions(f"name='{name}'"):
         if version.tags.get(TAG_CONTENT_HASH) == content_hash:
@@ -339,10 +360,13 @@ def rescore(config: PipelineConfig, name: str, version: str, test: ProcessedSpli
     hypotheses = translator.translate(
         list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size
     )
-    return round(sacrebleu.corpus_bleu(hypotheses, [list(test.tgt)]).score, 2)
+    # force=True as in the evaluate stage: it only silences the "looks tokenized" warning, not the score.
+    return round(sacrebleu.corpus_bleu(hypotheses, [list(test.tgt)], force=True).score, 2)
 
 
-def champion_bleu_on(config: PipelineConfig, name: str, champion, candidate: Candidate) -> tuple[float, bool]:
+def champion_bleu_on(
+    config: PipelineConfig, name: str, champion: ModelVersion, candidate: Candidate
+) -> tuple[float, bool]:
     """The champion's BLEU on the candidate's test split: its own tag if scored there, else a re-score."""
     if champion.tags.get(TAG_TEST_HASH) == candidate.test_hash and TAG_TEST_BLEU in champion.tags:
         return float(champion.tags[TAG_TEST_BLEU]), False
@@ -354,7 +378,7 @@ def champion_bleu_on(config: PipelineConfig, name: str, champion, candidate: Can
     return bleu, True
 
 
-def decide(config: PipelineConfig, version, candidate: Candidate) -> Decision:
+def decide(config: PipelineConfig, version: ModelVersion, candidate: Candidate) -> Decision:
     name = config.registry.model_name
     client = tracking._client()
     champion_number = client.get_registered_model(name).aliases.get(CHAMPION)
@@ -395,49 +419,48 @@ def apply_decision(name: str, version: str, decision: Decision) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _report(name: str, version: str, candidate: Candidate, decision: str, reason: str, **extra: Any) -> dict:
-    client = tracking._client()
-    aliases = client.get_registered_model(name).aliases
+def _report(
+    name: str, version: int | str, candidate: Candidate, outcome: str, decision: Decision, new_version: bool
+) -> dict[str, Any]:
+    aliases = tracking._client().get_registered_model(name).aliases
+    compared_with = decision.champion_version
     return {
         "model_name": name,
         "version": int(version),
         "model_uri": f"models:/{name}/{version}",
         "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version)),
         "champion_version": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
-        "decision": decision,
-        "reason": reason,
+        "decision": outcome,
+        "reason": decision.reason,
+        "new_version": new_version,
         "challenger_bleu": candidate.bleu,
+        "champion_bleu": decision.champion_bleu,
+        "champion_rescored": decision.rescored,
+        "compared_with_version": None if compared_with is None else int(compared_with),
         "content_hash": candidate.content_hash,
         "test_data_hash": candidate.test_hash,
-        **extra,
     }
 
 
 def register_model(config: PipelineConfig) -> dict[str, Any]:
     """Register models/ (at most once), run the gate, write reports/registry.json; returns the report."""
-    import mlflow
-
     candidate = load_candidate()
     name = config.registry.model_name
-    mlflow.set_tracking_uri(tracking.tracking_uri())  # the fluent log_model API reads the global URI
     existing = find_version(name, candidate.content_hash)
     if existing is not None and TAG_DECISION in existing.tags:
-        report = _report(
-            name, existing.version, candidate, "unchanged",
+        reason = (
             f"version {existing.version} already holds these model files (content hash "
             f"{candidate.content_hash[:12]}); its gate decision was: {existing.tags[TAG_DECISION]}, "
-            f"{existing.tags.get(TAG_REASON, '')}",
-            new_version=False, champion_bleu=None, champion_rescored=False,
-        )  # fmt: skip
+            f"{existing.tags.get(TAG_REASON, '')}"
+        )
+        unchanged = Decision(False, reason)
+        report = _report(name, existing.version, candidate, "unchanged", unchanged, new_version=False)
     else:
-        # An existing version without a decision is one whose gate was interrupted: finish it.
+        # An existing version without a decision tag is one whose gate was interrupted: finish it.
         version = existing or create_version(config, candidate)
         decision = decide(config, version, candidate)
         apply_decision(name, str(version.version), decision)
-        report = _report(
-            name, version.version, candidate, "promoted" if decision.promote else "rejected", decision.reason,
-            new_version=existing is None, champion_bleu=decision.champion_bleu,
-            champion_rescored=decision.rescored, compared_with_version=decision.champion_version,
-        )  # fmt: skip
+        outcome = "promoted" if decision.promote else "rejected"
+        report = _report(name, version.version, candidate, outcome, decision, new_version=existing is None)
     write_json(paths.REGISTRY_REPORT, report)
     return report

@@ -106,6 +106,7 @@ def run_submit(address: str | None, wait: bool, entrypoint: list[str], runtime_e
         print(f"follow it:  {follow_hint}ray job logs -f {job_id}")
         print(f"stop it:    {follow_hint}ray job stop {job_id}")
         return 0
+    print(f"submitted job {job_id}; its output follows (Ctrl-C leaves it running)", file=sys.stderr)
     try:
         status = follow_job(client, job_id)
     except KeyboardInterrupt:
@@ -133,6 +134,8 @@ def resolve_address(address: str | None) -> str:
     ).strip()
     if chosen in ("auto", "local"):
         chosen = DEFAULT_ADDRESS
+    if chosen.startswith("ray://"):  # a Ray Client address: the jobs API is on the same host's dashboard
+        chosen = f"http://{urlparse(chosen).hostname}:8265"
     if "://" not in chosen:
         chosen = f"http://{chosen}"
     return chosen.rstrip("/")
@@ -170,7 +173,7 @@ def build_runtime_env(
     missing = [name for name in extra if not environ.get(name)]
     if missing:
         raise PipelineError(f"{EXTRA_ENV_NAMES} names {', '.join(missing)}, which this shell does not set")
-    passed = [name for name in (*PASSTHROUGH_ENV, *extra) if environ.get(name)]
+    passed = [name for name in dict.fromkeys((*PASSTHROUGH_ENV, *extra)) if environ.get(name)]
     env_vars.update({name: environ[name] for name in passed})
     commit = source_commit(project_root)
     if commit:
@@ -275,9 +278,8 @@ def check_jobs_api(address: str, headers: Mapping[str, str], token_source: str |
     except requests.exceptions.RequestException as error:
         raise PipelineError(f"cannot reach the Ray jobs API at {address}: {error}. {_ADDRESS_HELP}") from None
     if response.status_code == 401:
-        raise PipelineError(
-            f"the Ray cluster at {address} requires a token (HTTP 401) and this shell has none. {_TOKEN_HELP}"
-        )
+        sent = f"it did not take the one from {token_source}" if token_source else "this shell has none"
+        raise PipelineError(f"the Ray cluster at {address} wants a token (HTTP 401); {sent}. {_TOKEN_HELP}")
     if response.status_code == 403:
         raise PipelineError(
             f"the Ray cluster at {address} rejected the token from {token_source} (HTTP 403): it is not this "

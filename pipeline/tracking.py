@@ -51,6 +51,9 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    """The commit the code came from; a Ray job's uploaded copy has no .git, so `submit` passes it."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        return os.environ["PIPELINE_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10

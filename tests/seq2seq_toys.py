@@ -5,10 +5,11 @@ Training is cached per process: the decoding and model-io tests reuse what the m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,18 @@ Ids = Sequence[Sequence[int]]
 N_SYMBOLS = 10
 VOCAB_SIZE = 4 + N_SYMBOLS  # the four special ids, then symbols 4..13
 TINY = {"emb_dim": 32, "hidden_dim": 64, "n_layers": 1, "dropout": 0.0}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: for models this small a second thread costs more in hand-offs than it saves,
+    and far more when other processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def reverse_pairs(n: int = 12, n_empty: int = 2, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -49,16 +62,11 @@ def train_until_memorised(
     max_steps: int = 600,
     lr: float = 1e-2,
 ) -> int:
-    """Full-batch Adam until greedy decoding reproduces every target; returns the steps it took.
-
-    One intra-op thread: for a model this small, a second thread costs more in hand-offs than it saves.
-    """
+    """Full-batch Adam until greedy decoding reproduces every target; returns the steps it took."""
     split = EncodedSplit.from_lists(sources, targets)
     batch = collate(split, np.arange(len(split)))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for step in range(1, max_steps + 1):
             model.train()
             logits = model(batch.src, batch.src_lengths, batch.tgt_in)
@@ -70,8 +78,6 @@ def train_until_memorised(
             optimizer.step()
             if step % 25 == 0 and greedy_accuracy(model, sources, targets) == 1.0:
                 break
-    finally:
-        torch.set_num_threads(threads)
     model.eval()
     return step
 

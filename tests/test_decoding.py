@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,9 +12,17 @@ from pipeline.data.batching import source_tensor
 from pipeline.data.tokenization import BOS_ID, EOS_ID
 from pipeline.decoding import beam_search, decode_batch, greedy_decode, max_lengths
 from pipeline.model import Seq2Seq
-from tests.seq2seq_toys import random_model, trained_reverser
+from tests.seq2seq_toys import one_thread, random_model, trained_reverser
 
 ARCHS = ["gru", "gru_attention"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
 SOURCES = [[4, 5, 6, 7, 8, 9, 10], [11, 12], [13, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 4, 5, 6, 7]]
 
 
@@ -80,19 +89,24 @@ def test_output_respects_the_length_limits(arch: str) -> None:
 
 def _exhaustive_best(model: Seq2Seq, source: list[int], vocab: int, limit: int, alpha: float) -> list[int]:
     """Score every possible output (ending in </s> within the limit, or cut at the limit) by brute force."""
-    src, lengths = source_tensor([source])
     others = [t for t in range(vocab) if t != EOS_ID]
-    best, best_score = None, float("-inf")
-    for n in range(1, limit + 1):
-        endings = [EOS_ID, *(others if n == limit else [])]
-        for output in itertools.product(*[others] * (n - 1), endings):
-            with torch.inference_mode():
-                logits = model(src, lengths, torch.tensor([[BOS_ID, *output[:-1]]]))
-            log_prob = float(torch.log_softmax(logits[0], -1).gather(1, torch.tensor([output]).T).sum())
-            score = log_prob / ((5 + n) / 6) ** alpha
-            if score > best_score:
-                best, best_score = [t for t in output if t != EOS_ID], score
-    return best
+    outputs = [
+        list(output)
+        for n in range(1, limit + 1)
+        for output in itertools.product(*[others] * (n - 1), [EOS_ID, *(others if n == limit else [])])
+    ]
+    # One batch; positions after an output's end hold padding, which a left-to-right decoder never reads.
+    tgt_out = torch.tensor([output + [0] * (limit - len(output)) for output in outputs])
+    tgt_in = torch.cat([torch.full((len(outputs), 1), BOS_ID), tgt_out[:, :-1]], dim=1)
+    src, lengths = source_tensor([source] * len(outputs))
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(model(src, lengths, tgt_in), dim=-1).gather(2, tgt_out.unsqueeze(-1))
+    scores = [
+        float(log_probs[i, : len(output)].sum()) / ((5 + len(output)) / 6) ** alpha
+        for i, output in enumerate(outputs)
+    ]
+    best = outputs[max(range(len(outputs)), key=scores.__getitem__)]
+    return [t for t in best if t != EOS_ID]
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -9,7 +11,14 @@ from pipeline.config import ModelConfig
 from pipeline.data.batching import source_tensor
 from pipeline.data.tokenization import BOS_ID, PAD_ID
 from pipeline.model import AttentionMemory, ContextMemory, build_model, count_parameters
-from tests.seq2seq_toys import VOCAB_SIZE, greedy_accuracy, random_model, trained_reverser
+from tests.seq2seq_toys import VOCAB_SIZE, greedy_accuracy, one_thread, random_model, trained_reverser
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
 
 ARCHS = ["gru", "gru_attention"]
 

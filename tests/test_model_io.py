@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,14 @@ from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.model_io import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir
 from pipeline.translator import Translator
-from tests.seq2seq_toys import TINY, train_until_memorised
+from tests.seq2seq_toys import TINY, one_thread, train_until_memorised
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SRC_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]

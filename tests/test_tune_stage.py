@@ -1,0 +1,109 @@
+"""The tune stage: a real Optuna + ASHA search over real Ray Train runs, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.errors import PipelineError
+from pipeline.tuning import plan_resources
+from tests.conftest import prepare_project, working_directory
+
+SEARCH = {
+    "num_samples": 3,
+    "max_epochs": 2,
+    "max_examples": 600,
+    "grace_period": 1,
+    "reduction_factor": 2,
+    "search_space": {  # merged over params.yaml's space, so every default dimension is named here
+        "model.emb_dim": {"choice": [16, 24]},
+        "model.hidden_dim": {"choice": [32, 48]},
+        "model.n_layers": {"randint": [1, 2]},
+        "model.dropout": {"uniform": [0.0, 0.3]},
+    },
+}
+
+
+@pytest.mark.slow
+def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(tmp_path: Path) -> None:
+    """The stage starts its own Ray with its own resource plan: it must not hang on this 2-core machine."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.stages import tune
+
+    prepare_project(tmp_path, {"tune": SEARCH})
+    with working_directory(tmp_path):
+        tune.run(load_config("params.yaml"))
+        best = json.loads(Path("reports/best_params.json").read_text())
+        trials = list(csv.DictReader(open("reports/tune_trials.csv")))
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("seq2seq-pipeline")
+        children = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{best['mlflow_parent_run_id']}'"
+        )
+        best_per_child = {
+            run.data.tags["tune_trial_id"]: min(m.value for m in client.get_metric_history(run.info.run_id, "val_loss"))
+            for run in children
+        }
+
+    assert len(trials) == 3 and len(children) == 3, "one MLflow child run per trial, no duplicates"
+    assert {row["trial_id"] for row in trials} == set(best_per_child)
+    assert all(1 <= int(row["epochs_run"]) <= 2 for row in trials)
+    winner = min(best_per_child, key=best_per_child.get)
+    assert best["best_trial_id"] == winner
+    assert best["best_value"] == pytest.approx(best_per_child[winner])
+    winner_row = next(row for row in trials if row["trial_id"] == winner)
+    assert best["overrides"]["model.hidden_dim"] == int(winner_row["model.hidden_dim"])
+    assert set(best["overrides"]) == set(SEARCH["search_space"])
+
+
+def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> None:
+    from pipeline.best_params import effective_config
+    from pipeline.config import load_config
+    from pipeline.stages import tune
+    from tests.conftest import write_params
+
+    write_params(tmp_path, {"tune": {"num_samples": 0}, "model": {"hidden_dim": 40}})
+    with working_directory(tmp_path):
+        config = load_config("params.yaml")
+        tune.run(config)  # no Ray, no data needed
+        assert json.loads(Path("reports/best_params.json").read_text())["overrides"] == {}
+        assert effective_config(config).model == config.model
+
+
+def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
+    from pipeline.best_params import effective_config
+    from pipeline.config import load_config
+    from tests.conftest import write_params
+
+    write_params(tmp_path, {"model": {"hidden_dim": 40, "emb_dim": 16}})
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/best_params.json").write_text(json.dumps({"overrides": {"model.hidden_dim": 64}}))
+    with working_directory(tmp_path):
+        model = effective_config(load_config("params.yaml")).model
+    assert (model.hidden_dim, model.emb_dim) == (64, 16)
+
+
+def test_resource_plan_refuses_a_trial_the_cluster_cannot_place() -> None:
+    config = config_from_dict({"train": {"num_workers": 2, "cpus_per_worker": 1}})
+    with pytest.raises(PipelineError, match="train.num_workers=2"):
+        plan_resources(config, cluster_cpus=2.0)
+
+
+def test_resource_plan_limits_concurrency_to_what_fits() -> None:
+    config = config_from_dict(
+        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+    )
+    assert plan_resources(config, cluster_cpus=6.0).concurrent_trials == 2
+    local = plan_resources(config, cluster_cpus=None)
+    assert local.concurrent_trials >= 1 and local.logical_cpus_needed == local.concurrent_trials * 2.5
+
+
+def test_search_space_refuses_untunable_key() -> None:
+    with pytest.raises(PipelineError, match="tune.search_space"):
+        config_from_dict({"tune": {"search_space": {"train.epochs": {"choice": [1, 2]}}}})
