@@ -249,30 +249,32 @@ def test_submit_wait_exits_nonzero_and_prints_failed_for_a_failing_job(
 
 
 @pytest.mark.slow
-def test_default_entrypoint_runs_dvc_repro_in_an_upload_without_git(
-    ray_head: RayHead, tmp_path: Path
-) -> None:
-    """The default entrypoint, cluster/run_pipeline.sh, on a one-stage DVC project (the real one is slow)."""
-    project = tmp_path / "dvc-project"
-    (project / "cluster").mkdir(parents=True)
-    (project / ".dvc").mkdir()
-    (project / ".dvc" / "config").write_text("[core]\n    analytics = false\n    check_update = false\n")
-    for name in ("run_pipeline.sh", "runtime_env.yaml"):
-        shutil.copy2(REPO_ROOT / "cluster" / name, project / "cluster" / name)
-    marker = tmp_path / "stage-ran.txt"
-    script = f"import os, pathlib; pathlib.Path(r'{marker}').write_text(str(os.path.exists('.git')))"
-    stage = f'python -c "{script}"'
-    hello = {"cmd": f"{stage} && echo done > out.txt", "outs": ["out.txt"]}
-    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"hello": hello}}))
-    # A git repository locally, as in real use: the upload must not carry it.
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+def test_default_entrypoint_runs_the_whole_pipeline_on_the_cluster(ray_head: RayHead, tmp_path: Path) -> None:
+    """`submit --wait` with no command: `dvc repro` of every stage in the uploaded copy (no .git there),
+    training on the cluster, ending with a registered model in the (shared) MLflow store."""
+    from mlflow.tracking import MlflowClient
 
-    result = _submit(project, "--address", ray_head.address, "--wait", RAY_AUTH_TOKEN=ray_head.token)
+    from tests.conftest import TINY_PARAMS, deep_merge, write_params
+
+    project = _copy_project(tmp_path / "project")
+    write_params(project, deep_merge(TINY_PARAMS, {"train": {"storage_path": str(tmp_path / "ray-storage")}}))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one machine: a local path is shared storage
+
+    result = _submit(
+        project, "--address", ray_head.address, "--wait",
+        RAY_AUTH_TOKEN=ray_head.token, MLFLOW_TRACKING_URI=tracking_uri,
+    )  # fmt: skip
 
     assert result.returncode == 0, _output(result)
     assert f"entrypoint: {DEFAULT_ENTRYPOINT}" in result.stderr, _output(result)
-    assert "Running stage 'hello'" in result.stdout, _output(result)
-    assert marker.read_text() == "False", "the stage ran, in an upload without .git"
+    assert "finished: SUCCEEDED" in result.stdout, _output(result)
+    for stage in ("prepare", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in result.stdout, _output(result)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    champion = client.get_model_version_by_alias("seq2seq-translator", "champion")
+    train_run = client.get_run(champion.run_id)
+    assert "test_bleu" in train_run.data.metrics and "val_loss" in train_run.data.metrics
+    assert any((tmp_path / "ray-storage").iterdir()), "checkpoints go to train.storage_path"
 
 
 @pytest.mark.slow
