@@ -20,7 +20,9 @@ def read_overrides() -> dict[str, Any]:
     try:
         overrides = json.loads(paths.BEST_PARAMS.read_text(encoding="utf-8"))["overrides"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise PipelineError(f"{paths.BEST_PARAMS} is not a tune result ({error}); re-run `dvc repro tune`") from None
+        raise PipelineError(
+            f"{paths.BEST_PARAMS} is not a tune result ({error}); re-run `dvc repro tune`"
+        ) from None
     return overrides
 
 

@@ -37,7 +37,9 @@ class DataConfig(_Section):
     # auto-detected (validation: validation/valid/val/dev; test: test or the single test* name).
     split_names: dict[Literal["train", "validation", "test"], str] = Field(default_factory=dict)
     max_examples: int | None = Field(None, ge=1)
-    max_tokens: int = Field(64, ge=1, description="drop pairs with a side longer than this (whitespace tokens)")
+    max_tokens: int = Field(
+        64, ge=1, description="drop pairs with a side longer than this (whitespace tokens)"
+    )
     max_length_ratio: float = Field(4.0, ge=1.0)
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
@@ -52,7 +54,8 @@ class DataConfig(_Section):
             return value
         if "://" in value or (":" in value.split("/")[0] and not Path(value).drive):
             raise ValueError(
-                f"unknown source scheme in {value!r}: use 'builtin', 'hf:<dataset>[:<config>]' or a local folder"
+                f"unknown source scheme in {value!r}: "
+                "use 'builtin', 'hf:<dataset>[:<config>]' or a local folder"
             )
         return value
 
@@ -80,7 +83,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(4000, ge=16, description="target tokens per batch on each worker")
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
@@ -123,7 +126,14 @@ class SearchDimension(_Section):
         return self
 
 
-TUNABLE_KEYS = ("model.arch", "model.emb_dim", "model.hidden_dim", "model.n_layers", "model.dropout", "train.lr")
+TUNABLE_KEYS = (
+    "model.arch",
+    "model.emb_dim",
+    "model.hidden_dim",
+    "model.n_layers",
+    "model.dropout",
+    "train.lr",
+)
 
 
 class TuneConfig(_Section):
@@ -193,7 +203,11 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
         value = problem.get("input")
-        shown = f" (got {value!r})" if problem["type"] != "extra_forbidden" and not isinstance(value, dict) else ""
+        shown = (
+            f" (got {value!r})"
+            if problem["type"] != "extra_forbidden" and not isinstance(value, dict)
+            else ""
+        )
         lines.append(f"  {key}: {message}{shown}")
     return "\n".join(lines)
 

@@ -192,6 +192,11 @@ def decode_batch(
     if beam_size == 1:
         return greedy_decode(model, src, src_lengths, max_len_ratio=max_len_ratio, max_len=max_len)
     return beam_search(
-        model, src, src_lengths,
-        beam_size=beam_size, length_penalty=length_penalty, max_len_ratio=max_len_ratio, max_len=max_len,
-    )  # fmt: skip
+        model,
+        src,
+        src_lengths,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        max_len_ratio=max_len_ratio,
+        max_len=max_len,
+    )

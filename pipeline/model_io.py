@@ -66,8 +66,10 @@ def _check_decoding(decoding: dict[str, Any], source: str) -> dict[str, Any]:
     missing = [key for key in DECODING_KEYS if key not in decoding]
     unknown = sorted(set(decoding) - set(DECODING_KEYS))
     if missing or unknown:
-        raise PipelineError(f"{source}: decoding settings need exactly {list(DECODING_KEYS)}"
-                            f" (missing {missing}, unknown {unknown})")  # fmt: skip
+        raise PipelineError(
+            f"{source}: decoding settings need exactly {list(DECODING_KEYS)}"
+            f" (missing {missing}, unknown {unknown})"
+        )
     beam_size, length_penalty, ratio = (decoding[key] for key in DECODING_KEYS)
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise PipelineError(f"{source}: beam_size must be a positive integer, got {beam_size!r}")

@@ -57,21 +57,19 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
     return True
 
 
-def check_fits(cpus_per_worker: float, num_workers: int, use_gpu: bool, extra_cpus: float = 0.0) -> None:
+def check_fits(cpus_per_worker: float, num_workers: int, use_gpu: bool) -> None:
     """Refuse a job the cluster can never place, instead of letting Ray wait forever.
 
     On a cluster with an autoscaler the resources may appear later; then this only warns.
     """
     total = ray.cluster_resources()
-    need_cpu = cpus_per_worker * num_workers + extra_cpus
-    have_cpu = total.get("CPU", 0.0)
-    have_gpu = total.get("GPU", 0.0)
+    need_cpu = cpus_per_worker * num_workers
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     problems = []
     if need_cpu > have_cpu + 1e-9:
         problems.append(
             f"needs {need_cpu:g} CPUs (train.num_workers={num_workers} x train.cpus_per_worker="
-            f"{cpus_per_worker:g}{f' + {extra_cpus:g} for the trial' if extra_cpus else ''}), the cluster has "
-            f"{have_cpu:g}"
+            f"{cpus_per_worker:g}), the cluster has {have_cpu:g}"
         )
     if use_gpu and num_workers > have_gpu:
         problems.append(

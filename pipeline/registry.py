@@ -298,9 +298,12 @@ def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
             logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
     run_key = f"register-{candidate.content_hash[:16]}"
     return tracking.get_or_create_run(
-        config.tracking.experiment, run_key=run_key, run_name=run_key, tags=tracking.lineage_tags("register"),
+        config.tracking.experiment,
+        run_key=run_key,
+        run_name=run_key,
+        tags=tracking.lineage_tags("register"),
         params=tracking.config_params(config, ("data", "preprocess", "model")),
-    )  # fmt: skip
+    )
 
 
 def _ensure_registered_model(name: str) -> None:
@@ -322,9 +325,13 @@ def create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersion
     name = config.registry.model_name
     _ensure_registered_model(name)
     version = tracking._client().create_model_version(
-        name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
-        tags=version_tags(config, candidate), description=version_description(config, candidate),
-    )  # fmt: skip
+        name,
+        source=info.model_uri,
+        run_id=run_id,
+        model_id=info.model_id,
+        tags=version_tags(config, candidate),
+        description=version_description(config, candidate),
+    )
     tracking.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
     return version
 

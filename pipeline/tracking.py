@@ -59,7 +59,10 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -111,7 +114,9 @@ def get_or_create_run(
     """The run tagged `run_key` in the experiment, created (with params) if there is none yet."""
     client = _client(uri)
     experiment_id = ensure_experiment(experiment, uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.{TAG_RUN_KEY} = '{run_key}'", max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.{TAG_RUN_KEY} = '{run_key}'", max_results=1
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -132,7 +137,9 @@ def finish_run(run_id: str, status: str = "FINISHED", uri: str | None = None) ->
     _client(uri).set_terminated(run_id, status=status)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None, uri: str | None = None) -> None:
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int | None = None, uri: str | None = None
+) -> None:
     import time
 
     from mlflow.entities import Metric

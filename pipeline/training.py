@@ -93,7 +93,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def _replica_divergence(model: torch.nn.Module, device: torch.device) -> float:
     """Spread of a parameter checksum across ranks: 0 when DDP keeps the replicas identical."""
     checksum = torch.tensor(
-        [sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64, device=device
+        [sum(float(p.detach().double().sum()) for p in model.parameters())],
+        dtype=torch.float64,
+        device=device,
     )
     if not (dist.is_available() and dist.is_initialized()):
         return 0.0
@@ -115,9 +117,12 @@ def _count_nodes() -> int:
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-        ignore_index=PAD_ID, label_smoothing=label_smoothing, reduction="sum",
-    )  # fmt: skip
+        logits.reshape(-1, logits.size(-1)).float(),
+        target.reshape(-1),
+        ignore_index=PAD_ID,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
 
 
 def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, world: int, device) -> float:
@@ -183,7 +188,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(model_config, data.src_vocab_size, data.tgt_vocab_size)
     model = ray.train.torch.prepare_model(model)
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
+    )
     batches_per_epoch = len(token_budget_batches(train_split, train_config.batch_size, seed=0)) // world
     total_steps = max(1, batches_per_epoch * loop_config["epochs"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -216,8 +223,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         batches = shard_batches(
             token_budget_batches(train_split, train_config.batch_size, seed=train_config.seed * 1000 + epoch),
-            rank, world,
-        )  # fmt: skip
+            rank,
+            world,
+        )
         loss_sum, token_count = 0.0, 0
         for indices in batches:
             batch = collate(train_split, indices).to(device)
@@ -235,7 +243,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, token_count = _all_reduce_sum([loss_sum, token_count], device)
         val_loss = _validation_loss(model, validation_split, rank, world, device)
         bleu = (
-            validation_bleu(bare_model, validation_split, tgt_tokenizer, device, train_config.val_bleu_sentences)
+            validation_bleu(
+                bare_model, validation_split, tgt_tokenizer, device, train_config.val_bleu_sentences
+            )
             if rank == 0 and train_config.val_bleu_sentences
             else 0.0
         )
@@ -255,21 +265,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "n_workers": world,
             "n_nodes": n_nodes,
         }
+        if device.type == "cuda":
+            metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         history.append(metrics)
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                checkpoint = _save_state(Path(directory), {
-                    "model": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                    "best_val_loss": best_val, "stale_epochs": stale_epochs,
-                })  # fmt: skip
+                checkpoint = _save_state(
+                    Path(directory),
+                    {
+                        "model": bare_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "best_val_loss": best_val,
+                        "stale_epochs": stale_epochs,
+                    },
+                )
             ray.train.report(metrics, checkpoint=checkpoint)
         if stale_epochs >= train_config.early_stopping_patience:
             if rank == 0:
-                print(f"Early stopping after epoch {epoch}: no val_loss improvement for {stale_epochs} epochs")
+                print(
+                    f"Early stopping after epoch {epoch}: no val_loss improvement for {stale_epochs} epochs"
+                )
             break
 
 

@@ -61,9 +61,13 @@ class Translator:
             indices = order[start : start + batch_size]
             src, lengths = source_tensor([source_ids[i] for i in indices])
             hypotheses = decode_batch(
-                self.model, src.to(self.device), lengths,
-                beam_size=beam_size, length_penalty=self.length_penalty, max_len_ratio=self.max_len_ratio,
-            )  # fmt: skip
+                self.model,
+                src.to(self.device),
+                lengths,
+                beam_size=beam_size,
+                length_penalty=self.length_penalty,
+                max_len_ratio=self.max_len_ratio,
+            )
             for index, text in zip(indices, decode_ids(self.loaded.tgt_tokenizer, hypotheses), strict=True):
                 translations[index] = text
         return translations

@@ -82,16 +82,21 @@ def plan_resources(config: PipelineConfig, cluster_cpus: float | None) -> Resour
         concurrent = min(wanted, fits)
         if concurrent < wanted:
             logger.warning(
-                "tune.max_concurrent_trials=%d but %d cores fit %d trial(s) of %d workers: running %d at a time",
-                wanted, cores, fits, config.train.num_workers, concurrent,
-            )  # fmt: skip
+                "tune.max_concurrent_trials=%d but %d cores fit %d trial(s) of %d workers: "
+                "running %d at a time",
+                wanted,
+                cores,
+                fits,
+                config.train.num_workers,
+                concurrent,
+            )
         return ResourcePlan(per_trial, concurrent, concurrent * per_trial)
     fits = math.floor(cluster_cpus / per_trial + 1e-9)
     if fits < 1:
         raise PipelineError(
             f"one Tune trial needs {per_trial:g} CPUs ({TRIAL_CPUS:g} for the trial + train.num_workers="
-            f"{config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker:g}) but the Ray "
-            f"cluster has {cluster_cpus:g}: lower train.num_workers or train.cpus_per_worker"
+            f"{config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker:g}) "
+            f"but the Ray cluster has {cluster_cpus:g}: lower train.num_workers or train.cpus_per_worker"
         )
     concurrent = min(wanted, fits)
     return ResourcePlan(per_trial, concurrent, concurrent * per_trial)
@@ -124,7 +129,9 @@ def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
         )
         mlflow = {"tracking_uri": base["tracking_uri"], "run_id": run_id}
     trial_train = effective.train.model_copy(update={"checkpoints_to_keep": 1})
-    loop_config = train_loop_config(effective.model, trial_train, base["data"], config.tune.max_epochs, mlflow)
+    loop_config = train_loop_config(
+        effective.model, trial_train, base["data"], config.tune.max_epochs, mlflow
+    )
     trainer = build_trainer(
         loop_config, trial_train, train_run_name, base["storage_path"], callbacks=[TuneReportCallback()]
     )

@@ -26,13 +26,17 @@ def project_env() -> dict[str, str]:
 def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 
 def make_dvc_project(directory: Path, params: dict[str, Any]) -> Path:
     """Copy the pipeline code and DVC config into `directory`, commit it to a fresh git repo."""
-    shutil.copytree(REPO_ROOT / "pipeline", directory / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "pipeline", directory / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in PROJECT_FILES:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / name, directory / name)

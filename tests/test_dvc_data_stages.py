@@ -46,7 +46,11 @@ def test_changed_preprocess_param_reruns_only_preprocess(project: Path) -> None:
 
 
 def test_exp_run_with_set_param(project: Path) -> None:
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "commit", "-qam", "vocab"], project, check=False)
+    run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "commit", "-qam", "vocab"],
+        project,
+        check=False,
+    )
     run(["dvc", "repro", "preprocess"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "commit", "-qm", "lock"], project)

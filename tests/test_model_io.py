@@ -148,8 +148,14 @@ def test_bad_decoding_settings_are_refused_on_save(tmp_path: Path) -> None:
     path, model = _random_model_dir(tmp_path, "gru")
     loaded = load_model_dir(path)
     with pytest.raises(PipelineError, match="beam_size"):
-        save_model_dir(path, model, model.config, loaded.src_tokenizer, loaded.tgt_tokenizer,
-                       {**DECODING, "beam_size": 0})  # fmt: skip
+        save_model_dir(
+            path,
+            model,
+            model.config,
+            loaded.src_tokenizer,
+            loaded.tgt_tokenizer,
+            {**DECODING, "beam_size": 0},
+        )
 
 
 def test_translator_returns_translations_in_input_order(word_model_dir: tuple[Path, list]) -> None:
@@ -169,8 +175,13 @@ def _run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "translate", *args],
-        input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120,
-    )  # fmt: skip
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_prints_one_translation_per_input_line(word_model_dir: tuple[Path, list]) -> None:

@@ -30,7 +30,7 @@ def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
         assert len([node for node in ray.nodes() if node["Alive"]]) == 2
         with working_directory(tmp_path):
             train.run(load_config("params.yaml"))
-            history = list(csv.DictReader(open("reports/train_history.csv")))
+            history = list(csv.DictReader(Path("reports/train_history.csv").read_text().splitlines()))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -21,7 +21,13 @@ SMALL_BUT_LEARNABLE = {
     "data": {"builtin": {"n_pairs": 4000}},
     "preprocess": {"vocab_size": 500},
     "model": {"emb_dim": 64, "hidden_dim": 128},
-    "train": {"epochs": 12, "batch_size": 1200, "lr": 0.01, "label_smoothing": 0.0, "val_bleu_sentences": 100},
+    "train": {
+        "epochs": 12,
+        "batch_size": 1200,
+        "lr": 0.01,
+        "label_smoothing": 0.0,
+        "val_bleu_sentences": 100,
+    },
     "tune": {"num_samples": 0},
     "evaluate": {"beam_size": 2},
 }
@@ -37,7 +43,9 @@ def project(tmp_path_factory) -> Path:
 def test_small_model_translates_the_builtin_corpus_well(project: Path) -> None:
     metrics = json.loads((project / "reports/metrics.json").read_text())
     samples = [json.loads(line) for line in (project / "reports/samples.jsonl").read_text().splitlines()]
-    copy_bleu = sacrebleu.corpus_bleu([s["source"] for s in samples], [[s["reference"] for s in samples]]).score
+    copy_bleu = sacrebleu.corpus_bleu(
+        [s["source"] for s in samples], [[s["reference"] for s in samples]]
+    ).score
     assert metrics["n_test"] == 200
     assert metrics["bleu"] >= 60, metrics
     assert copy_bleu < 5
@@ -63,7 +71,15 @@ def test_model_is_registered_as_champion_with_lineage(project: Path) -> None:
 def test_translate_command_uses_the_champion(project: Path) -> None:
     sample = json.loads((project / "reports/samples.jsonl").read_text().splitlines()[0])
     result = run(
-        ["python", "-m", "pipeline", "translate", "--model", "models:/seq2seq-translator@champion", sample["source"]],
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "translate",
+            "--model",
+            "models:/seq2seq-translator@champion",
+            sample["source"],
+        ],
         project,
     )
     local = run(["python", "-m", "pipeline", "translate", "--model", "models", sample["source"]], project)

@@ -48,10 +48,12 @@ def tsv_corpus(folder: Path, test_rows: list[tuple[str, str]] | None = None) -> 
 
 
 def config(source: str, **preprocess_keys) -> PipelineConfig:
-    return config_from_dict({
-        "data": {"source": source, "src_lang": "de", "tgt_lang": "en"},
-        "preprocess": {"vocab_size": 300, **preprocess_keys},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "data": {"source": source, "src_lang": "de", "tgt_lang": "en"},
+            "preprocess": {"vocab_size": 300, **preprocess_keys},
+        }
+    )
 
 
 def prepare_and_preprocess(cfg: PipelineConfig) -> None:

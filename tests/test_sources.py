@@ -34,8 +34,12 @@ def write_text_split(folder: Path, stem: str, pairs, src="de", tgt="en", gz=Fals
 
 
 def data_config(source: str | Path, **overrides) -> DataConfig:
-    return DataConfig(source=str(source), src_lang=overrides.pop("src_lang", "de"),
-                      tgt_lang=overrides.pop("tgt_lang", "en"), **overrides)  # fmt: skip
+    return DataConfig(
+        source=str(source),
+        src_lang=overrides.pop("src_lang", "de"),
+        tgt_lang=overrides.pop("tgt_lang", "en"),
+        **overrides,
+    )
 
 
 def pairs_of(corpus, split: str) -> list[tuple[str, str]]:
@@ -63,11 +67,13 @@ def test_hf_saved_dataset_with_translation_column_loads_every_split(tmp_path):
     def rows(pairs):
         return {"translation": [{"de": s, "en": t} for s, t in pairs]}
 
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(rows(PAIRS)),
-        "validation": datasets.Dataset.from_dict(rows(PAIRS[:1])),
-        "test": datasets.Dataset.from_dict(rows(PAIRS[1:])),
-    }).save_to_disk(str(tmp_path / "wmt"))  # fmt: skip
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows(PAIRS)),
+            "validation": datasets.Dataset.from_dict(rows(PAIRS[:1])),
+            "test": datasets.Dataset.from_dict(rows(PAIRS[1:])),
+        }
+    ).save_to_disk(str(tmp_path / "wmt"))
     corpus = load_corpus(data_config(f"hf:{tmp_path / 'wmt'}"))
     assert pairs_of(corpus, "train") == PAIRS
     assert pairs_of(corpus, "validation") == PAIRS[:1]
@@ -79,10 +85,12 @@ def test_hf_saved_dataset_with_one_column_per_language_and_valid_split_name(tmp_
     def columns(pairs):
         return {"en": [t for _, t in pairs], "de": [s for s, _ in pairs]}
 
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(columns(PAIRS)),
-        "valid": datasets.Dataset.from_dict(columns(PAIRS[:2])),
-    }).save_to_disk(str(tmp_path / "m30k"))  # fmt: skip
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(columns(PAIRS)),
+            "valid": datasets.Dataset.from_dict(columns(PAIRS[:2])),
+        }
+    ).save_to_disk(str(tmp_path / "m30k"))
     corpus = load_corpus(data_config(f"hf:{tmp_path / 'm30k'}", max_examples=2))
     assert pairs_of(corpus, "train") == PAIRS[:2]
     assert pairs_of(corpus, "validation") == PAIRS[:2]
@@ -104,9 +112,9 @@ def test_hf_data_files_folder_goes_through_load_dataset(tmp_path, monkeypatch):
 
 def test_hf_split_names_map_nonstandard_split_names(tmp_path):
     table = {"de": [s for s, _ in PAIRS], "en": [t for _, t in PAIRS]}
-    datasets.DatasetDict({
-        name: datasets.Dataset.from_dict(table) for name in ("training", "newstest2013", "newstest2014")
-    }).save_to_disk(str(tmp_path / "news"))  # fmt: skip
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(table) for name in ("training", "newstest2013", "newstest2014")}
+    ).save_to_disk(str(tmp_path / "news"))
     names = {"train": "training", "validation": "newstest2013", "test": "newstest2014"}
     corpus = load_corpus(data_config(f"hf:{tmp_path / 'news'}", split_names=names))
     assert set(corpus.splits) == {"train", "validation", "test"}
@@ -152,9 +160,9 @@ def test_text_folder_reads_parallel_files_and_detects_splits(tmp_path, gz):
     assert pairs_of(corpus, "train") == PAIRS
     assert pairs_of(corpus, "validation") == PAIRS[:1]
     assert pairs_of(corpus, "test") == PAIRS[1:]
-    assert corpus.splits["train"].origin.endswith("train.de" + (".gz" if gz else "") + " + " + str(
-        tmp_path / ("train.en" + (".gz" if gz else ""))
-    ))  # fmt: skip
+    assert corpus.splits["train"].origin.endswith(
+        "train.de" + (".gz" if gz else "") + " + " + str(tmp_path / ("train.en" + (".gz" if gz else "")))
+    )
 
 
 def test_text_folder_keeps_line_alignment_with_crlf_bom_and_unicode_line_separators(tmp_path):

@@ -139,13 +139,21 @@ def ray_head() -> Iterator[RayHead]:
     gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
     address = f"http://127.0.0.1:{dashboard_port}"
     command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         # Fixed by default (10001, 52365): another Ray on this machine would collide.
-        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
-        "--num-cpus=4", f"--temp-dir={temp_dir / 'ray'}",
-    ]  # fmt: skip
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        "--num-cpus=4",
+        f"--temp-dir={temp_dir / 'ray'}",
+    ]
     log = temp_dir / "head.log"
     # The job's entrypoint inherits the head's environment: venv first on PATH, the token to rejoin.
     env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
@@ -261,9 +269,13 @@ def test_default_entrypoint_runs_the_whole_pipeline_on_the_cluster(ray_head: Ray
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one machine: a local path is shared storage
 
     result = _submit(
-        project, "--address", ray_head.address, "--wait",
-        RAY_AUTH_TOKEN=ray_head.token, MLFLOW_TRACKING_URI=tracking_uri,
-    )  # fmt: skip
+        project,
+        "--address",
+        ray_head.address,
+        "--wait",
+        RAY_AUTH_TOKEN=ray_head.token,
+        MLFLOW_TRACKING_URI=tracking_uri,
+    )
 
     assert result.returncode == 0, _output(result)
     assert f"entrypoint: {DEFAULT_ENTRYPOINT}" in result.stderr, _output(result)

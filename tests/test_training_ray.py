@@ -30,7 +30,7 @@ def test_train_stage_ddp_replicas_stay_identical_and_loss_falls(project: Path) -
 
     with working_directory(project):
         train.run(load_config("params.yaml"))
-        history = list(csv.DictReader(open("reports/train_history.csv")))
+        history = list(csv.DictReader(Path("reports/train_history.csv").read_text().splitlines()))
         run_info = json.loads(Path("reports/train_run.json").read_text())
         model_files = sorted(p.name for p in Path("models").iterdir())
 
@@ -75,7 +75,9 @@ def test_killed_worker_resumes_from_latest_checkpoint_not_epoch_zero(project: Pa
         processed = load_processed()
     data = put_training_data(
         EncodedSplit.from_lists(processed.splits["train"].src_ids, processed.splits["train"].tgt_ids),
-        EncodedSplit.from_lists(processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids),
+        EncodedSplit.from_lists(
+            processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids
+        ),
         processed.meta["src_vocab_size"],
         processed.meta["tgt_vocab_size"],
         processed.tgt_tokenizer,

@@ -40,14 +40,17 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
     with working_directory(tmp_path):
         tune.run(load_config("params.yaml"))
         best = json.loads(Path("reports/best_params.json").read_text())
-        trials = list(csv.DictReader(open("reports/tune_trials.csv")))
+        trials = list(csv.DictReader(Path("reports/tune_trials.csv").read_text().splitlines()))
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("seq2seq-pipeline")
         children = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{best['mlflow_parent_run_id']}'"
+            [experiment.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{best['mlflow_parent_run_id']}'",
         )
         best_per_child = {
-            run.data.tags["tune_trial_id"]: min(m.value for m in client.get_metric_history(run.info.run_id, "val_loss"))
+            run.data.tags["tune_trial_id"]: min(
+                m.value for m in client.get_metric_history(run.info.run_id, "val_loss")
+            )
             for run in children
         }
 

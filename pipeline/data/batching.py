@@ -50,9 +50,11 @@ class EncodedSplit:
     def head(self, n: int) -> EncodedSplit:
         n = min(n, len(self))
         return EncodedSplit(
-            self.src_ids[: self.src_offsets[n]], self.src_offsets[: n + 1],
-            self.tgt_ids[: self.tgt_offsets[n]], self.tgt_offsets[: n + 1],
-        )  # fmt: skip
+            self.src_ids[: self.src_offsets[n]],
+            self.src_offsets[: n + 1],
+            self.tgt_ids[: self.tgt_offsets[n]],
+            self.tgt_offsets[: n + 1],
+        )
 
 
 def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,9 +118,12 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
-            self.src.to(device), self.src_lengths, self.tgt_in.to(device), self.tgt_out.to(device),
+            self.src.to(device),
+            self.src_lengths,
+            self.tgt_in.to(device),
+            self.tgt_out.to(device),
             self.n_target_tokens,
-        )  # fmt: skip
+        )
 
 
 def collate(split: EncodedSplit, indices: np.ndarray) -> Batch:
@@ -138,7 +143,9 @@ def collate(split: EncodedSplit, indices: np.ndarray) -> Batch:
         tgt_out[row, len(target)] = EOS_ID
     lengths = torch.tensor([len(s) + 1 for s in sources], dtype=torch.int64)
     n_tokens = sum(len(t) + 1 for t in targets)
-    return Batch(torch.from_numpy(src), lengths, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), n_tokens)
+    return Batch(
+        torch.from_numpy(src), lengths, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), n_tokens
+    )
 
 
 def source_tensor(sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

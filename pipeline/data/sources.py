@@ -286,8 +286,10 @@ def _load_folder(config: DataConfig) -> dict[str, RawSplit]:
         raise PipelineError(_missing_train_message(folder, config, found))
     resolved = resolve_split_names(list(found), config.split_names, where)
     readers: dict[str, Callable[[_SplitFiles, str, str, int | None], list[Pair]]] = {
-        "text": _read_text_pair, "tsv": _read_tsv, "jsonl": _read_jsonl,
-    }  # fmt: skip
+        "text": _read_text_pair,
+        "tsv": _read_tsv,
+        "jsonl": _read_jsonl,
+    }
     splits = {}
     for canonical, stem in resolved.items():
         files = found[stem]

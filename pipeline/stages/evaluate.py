@@ -34,7 +34,10 @@ def test_loss(model: torch.nn.Module, split: EncodedSplit) -> float:
             logits = model(batch.src, batch.src_lengths, batch.tgt_in)
             total += float(
                 torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=0, reduction="sum"
+                    logits.reshape(-1, logits.size(-1)),
+                    batch.tgt_out.reshape(-1),
+                    ignore_index=0,
+                    reduction="sum",
                 )
             )
             tokens += batch.n_target_tokens
@@ -48,8 +51,12 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the test split is empty")
     settings = config.evaluate
     logger.info("translating %d test sentences (beam %d)", len(test.src), settings.beam_size)
-    translator = Translator(loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio)
-    hypotheses = translator.translate(list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size)
+    translator = Translator(
+        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
+    )
+    hypotheses = translator.translate(
+        list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size
+    )
     references = list(test.tgt)
     metrics = {
         # Both sides are plain text as users write it; "force" only silences sacrebleu's guess that text
@@ -65,9 +72,13 @@ def run(config: PipelineConfig) -> None:
         for source, hypothesis, reference in list(zip(test.src, hypotheses, references, strict=True))[
             : settings.n_samples
         ]:
-            handle.write(json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n")
+            handle.write(
+                json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
+            )
     _log_to_train_run(metrics)
-    logger.info("test BLEU %.2f, chrF %.2f over %d sentences", metrics["bleu"], metrics["chrf"], metrics["n_test"])
+    logger.info(
+        "test BLEU %.2f, chrF %.2f over %d sentences", metrics["bleu"], metrics["chrf"], metrics["n_test"]
+    )
 
 
 def _log_to_train_run(metrics: dict[str, float]) -> None:
@@ -78,5 +89,7 @@ def _log_to_train_run(metrics: dict[str, float]) -> None:
     if run_id:
         from pipeline import tracking
 
-        tracking.log_metrics(run_id, {f"test_{k}" if not k.startswith("test") else k: v for k, v in metrics.items()})
+        tracking.log_metrics(
+            run_id, {f"test_{k}" if not k.startswith("test") else k: v for k, v in metrics.items()}
+        )
         tracking.log_artifact(run_id, paths.SAMPLES)

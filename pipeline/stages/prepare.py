@@ -43,12 +43,15 @@ def save_prepared(prepared: PreparedCorpus, corpus: RawCorpus, target: Path) -> 
     }
     with atomic_dir(target) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        write_json(tmp / CORPUS_INFO, {
-            "source": corpus.source,
-            "src_lang": corpus.src_lang,
-            "tgt_lang": corpus.tgt_lang,
-            "pairs": {name: len(pairs) for name, pairs in prepared.splits.items()},
-        })  # fmt: skip
+        write_json(
+            tmp / CORPUS_INFO,
+            {
+                "source": corpus.source,
+                "src_lang": corpus.src_lang,
+                "tgt_lang": corpus.tgt_lang,
+                "pairs": {name: len(pairs) for name, pairs in prepared.splits.items()},
+            },
+        )
 
 
 def _summary(corpus: RawCorpus, prepared: PreparedCorpus) -> str:

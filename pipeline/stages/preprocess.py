@@ -43,10 +43,14 @@ def run(config: PipelineConfig) -> None:
     save_processed(paths.PROCESSED_DIR, src_tokenizer, tgt_tokenizer, splits, meta)
     logger.info(
         "%s tokenizers (vocab src %d, tgt %d%s) -> %s; test unk rate src %.2f%%, tgt %.2f%%",
-        config.preprocess.tokenizer, meta["src_vocab_size"], meta["tgt_vocab_size"],
-        ", joint" if config.preprocess.joint_vocab else "", paths.PROCESSED_DIR,
-        100 * meta["unk_rate"]["test"]["src"], 100 * meta["unk_rate"]["test"]["tgt"],
-    )  # fmt: skip
+        config.preprocess.tokenizer,
+        meta["src_vocab_size"],
+        meta["tgt_vocab_size"],
+        ", joint" if config.preprocess.joint_vocab else "",
+        paths.PROCESSED_DIR,
+        100 * meta["unk_rate"]["test"]["src"],
+        100 * meta["unk_rate"]["test"]["tgt"],
+    )
 
 
 def load_prepared(path: Path, data: DataConfig) -> Texts:

@@ -19,6 +19,10 @@ def run(config: PipelineConfig) -> None:
     report = register_model(config)
     logger.info(
         "%s version %s: %s (%s); aliases %s -> %s",
-        report["model_name"], report["version"], report["decision"], report["reason"],
-        ", ".join(report["aliases"]) or "none", paths.REGISTRY_REPORT,
-    )  # fmt: skip
+        report["model_name"],
+        report["version"],
+        report["decision"],
+        report["reason"],
+        ", ".join(report["aliases"]) or "none",
+        paths.REGISTRY_REPORT,
+    )

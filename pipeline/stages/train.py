@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.atomic import atomic_file, write_json
+from pipeline.best_params import effective_config
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.data.batching import EncodedSplit
 from pipeline.data.encoded import load_processed
@@ -15,7 +16,6 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
 from pipeline.model_io import save_model_dir
 from pipeline.ray_runtime import resolve_storage_path
-from pipeline.best_params import effective_config
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,18 @@ def run(config: PipelineConfig) -> None:
         )
         mlflow_run = tracking.start_train_run(config, run_name)
         loop_config = train_loop_config(config.model, config.train, data, config.train.epochs, mlflow_run)
-        logger.info("Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers)
+        logger.info(
+            "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
+        )
         result = build_trainer(loop_config, config.train, run_name, storage_path).fit()
 
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
     if best is None:
         raise PipelineError(f"Ray Train run {run_name} reported no checkpoint")
     best_state = load_training_state(best[0])
-    history = load_training_state(result.checkpoint)["history"] if result.checkpoint else best_state["history"]
+    history = (
+        load_training_state(result.checkpoint)["history"] if result.checkpoint else best_state["history"]
+    )
 
     from pipeline.model import build_model
 
@@ -67,15 +71,20 @@ def run(config: PipelineConfig) -> None:
         paths.MODELS_DIR, model, config.model, processed.src_tokenizer, processed.tgt_tokenizer, decoding
     )
     _write_history(paths.TRAIN_HISTORY, history)
-    write_json(paths.TRAIN_RUN, {
-        "mlflow_run_id": mlflow_run["run_id"] if mlflow_run else None,
-        "ray_run_name": run_name,
-        "best_epoch": best_state["epoch"],
-        "best_val_loss": best_state["best_val_loss"],
-        "model": config.model.model_dump(),
-    })  # fmt: skip
+    write_json(
+        paths.TRAIN_RUN,
+        {
+            "mlflow_run_id": mlflow_run["run_id"] if mlflow_run else None,
+            "ray_run_name": run_name,
+            "best_epoch": best_state["epoch"],
+            "best_val_loss": best_state["best_val_loss"],
+            "model": config.model.model_dump(),
+        },
+    )
     tracking.finish_train_run(mlflow_run, best_state["epoch"], paths.TRAIN_HISTORY)
-    logger.info("best epoch %d (val_loss %.4f) -> %s", best_state["epoch"], best[1]["val_loss"], paths.MODELS_DIR)
+    logger.info(
+        "best epoch %d (val_loss %.4f) -> %s", best_state["epoch"], best[1]["val_loss"], paths.MODELS_DIR
+    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

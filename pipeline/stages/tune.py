@@ -23,7 +23,9 @@ def run(config: PipelineConfig) -> None:
         _write_passthrough(config)
         return
     if not settings.search_space:
-        raise PipelineError("tune.search_space is empty: add dimensions, or set tune.num_samples: 0 to skip tuning")
+        raise PipelineError(
+            "tune.search_space is empty: add dimensions, or set tune.num_samples: 0 to skip tuning"
+        )
     processed = load_processed()
     train = processed.splits["train"]
     limit = settings.max_examples or len(train.src_ids)
@@ -42,11 +44,17 @@ def run(config: PipelineConfig) -> None:
         cluster_cpus = cluster_cpus_if_remote()
         if cluster_cpus is not None:
             plan = plan_resources(config, cluster_cpus)
-        logger.info("Tune plan: %s; %d samples, %d epochs each", plan.describe(), settings.num_samples,
-                    settings.max_epochs)  # fmt: skip
+        logger.info(
+            "Tune plan: %s; %d samples, %d epochs each",
+            plan.describe(),
+            settings.num_samples,
+            settings.max_epochs,
+        )
         data = put_training_data(
             EncodedSplit.from_lists(train.src_ids[:limit], train.tgt_ids[:limit]),
-            EncodedSplit.from_lists(processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids),
+            EncodedSplit.from_lists(
+                processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids
+            ),
             processed.meta["src_vocab_size"],
             processed.meta["tgt_vocab_size"],
             processed.tgt_tokenizer,
@@ -62,9 +70,13 @@ def run(config: PipelineConfig) -> None:
             uri=uri,
         )
         tuner = build_tuner(
-            config, data, plan, experiment_name, resolve_storage_path(config.train.storage_path),
+            config,
+            data,
+            plan,
+            experiment_name,
+            resolve_storage_path(config.train.storage_path),
             {"parent_run_id": parent_run_id, "tracking_uri": uri, "lineage_tags": lineage},
-        )  # fmt: skip
+        )
         results = tuner.fit()
 
     rows = []
@@ -73,15 +85,19 @@ def run(config: PipelineConfig) -> None:
         metric_values = history[settings.metric] if history is not None and settings.metric in history else []
         best_value = (min if settings.mode == "min" else max)(metric_values) if len(metric_values) else None
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
-        rows.append({
-            "trial_id": (result.metrics or {}).get("trial_id", result.path.rsplit("/", 1)[-1]),
-            **{to_dotted_key(k): v for k, v in (result.config or {}).items()},
-            f"best_{settings.metric}": best_value,
-            "epochs_run": epochs,
-            "stopped_early": result.error is None and epochs < settings.max_epochs,
-            "status": "ERROR" if result.error else "TERMINATED",
-        })  # fmt: skip
-    finished = [row for row in rows if row["status"] != "ERROR" and row[f"best_{settings.metric}"] is not None]
+        rows.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id", result.path.rsplit("/", 1)[-1]),
+                **{to_dotted_key(k): v for k, v in (result.config or {}).items()},
+                f"best_{settings.metric}": best_value,
+                "epochs_run": epochs,
+                "stopped_early": result.error is None and epochs < settings.max_epochs,
+                "status": "ERROR" if result.error else "TERMINATED",
+            }
+        )
+    finished = [
+        row for row in rows if row["status"] != "ERROR" and row[f"best_{settings.metric}"] is not None
+    ]
     if not finished:
         first_error = next((r.error for r in results if r.error), "no trial reported a metric")
         raise PipelineError(f"every Tune trial failed; first error: {first_error}")
@@ -104,8 +120,13 @@ def run(config: PipelineConfig) -> None:
     tracking.set_tags(parent_run_id, {f"best.{k}": str(v) for k, v in overrides.items()})
     tracking.log_artifact(parent_run_id, paths.TUNE_TRIALS)
     tracking.finish_run(parent_run_id)
-    logger.info("best trial %s: %s=%.4f with %s", best_row["trial_id"], settings.metric, payload["best_value"],
-                overrides)  # fmt: skip
+    logger.info(
+        "best trial %s: %s=%.4f with %s",
+        best_row["trial_id"],
+        settings.metric,
+        payload["best_value"],
+        overrides,
+    )
 
 
 def _write_trials(rows: list[dict]) -> None:
