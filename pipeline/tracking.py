@@ -12,12 +12,16 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pipeline import paths
 from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # the translator pulls in torch; tracking is imported where torch is not needed
+    from pipeline.translator import Translator
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +198,7 @@ def finish_train_run(mlflow_run: dict[str, str], best_epoch: int, history_csv: P
     finish_run(mlflow_run["run_id"], uri=mlflow_run["tracking_uri"])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Registered models back as model folders (pipeline.registry logs and registers them)
-# ---------------------------------------------------------------------------------------------------------
-
-from typing import TYPE_CHECKING  # noqa: E402  (this section was appended; typing-only, so no torch import)
-
-if TYPE_CHECKING:
-    from pipeline.translator import Translator
+# Registered models back as model folders (pipeline.registry logs and registers them).
 
 
 def download_model_dir(model_uri: str, dst: Path) -> Path:
@@ -213,7 +210,6 @@ def download_model_dir(model_uri: str, dst: Path) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from pipeline.errors import PipelineError
     from pipeline.pyfunc_model import MODEL_DIR_ARTIFACT
 
     uri = tracking_uri()
@@ -236,7 +232,6 @@ def load_translator_from_registry(model_uri: str) -> Translator:
     """`models:/name@alias` or `models:/name/version` -> a Translator from that version's model folder."""
     import tempfile
 
-    from pipeline.errors import PipelineError
     from pipeline.model_io import load_model_dir
     from pipeline.translator import Translator
 
