@@ -14,8 +14,8 @@ import yaml
 
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
 from pipeline.data.batching import EncodedSplit, collate, token_budget_batches
-from pipeline.data.tokenization import PAD_ID
 from pipeline.model import build_model
+from pipeline.scoring import sequence_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,13 +81,7 @@ def bare_loop_tokens_per_sec(
                 device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16
             ):
                 logits = model(batch.src, batch.src_lengths, batch.tgt_in, train_config.teacher_forcing)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(),
-                batch.tgt_out.reshape(-1),
-                ignore_index=PAD_ID,
-                label_smoothing=train_config.label_smoothing,
-                reduction="sum",
-            )
+            loss = sequence_loss(logits, batch.tgt_out, train_config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             (loss / batch.n_target_tokens).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
@@ -106,10 +100,7 @@ def ray_train_tokens_per_sec(
     """Per-epoch metrics of a real Ray Train run of the project's training function."""
     from pipeline.training import build_trainer, load_training_state, put_training_data, train_loop_config
 
-    train, validation = training_splits(processed)
-    data = put_training_data(
-        train, validation, processed.src_vocab_size, processed.tgt_vocab_size, processed.tgt_tokenizer
-    )
+    data = put_training_data(processed)
     train_config = config.train.model_copy(
         update={"num_workers": num_workers, "val_bleu_sentences": 0, "early_stopping_patience": 1000}
     )

@@ -1,6 +1,6 @@
 """GPU check: a short Ray Train run with train.use_gpu and bf16 beside a bare PyTorch loop on the same GPU.
 
-    python benchmarks/gpu_check.py [--pairs 20000] [--epochs 3]
+    python -m benchmarks.gpu_check [--pairs 20000] [--epochs 3]      # from the project root
 
 Needs one NVIDIA GPU and a CUDA build of torch. Prints target tokens/s and peak GPU memory for both,
 measured in the same run. The model is params.yaml's, the batch train.batch_size target tokens.

@@ -1,6 +1,6 @@
 """Training throughput: Ray Train (1 worker) vs a bare PyTorch loop, and 2 workers vs 1, in one run.
 
-    python benchmarks/train_throughput.py [--pairs 6000] [--epochs 3]
+    python -m benchmarks.train_throughput [--pairs 6000] [--epochs 3]      # from the project root
 
 Same model (params.yaml's model section), same length-bucketed batches (train.batch_size target tokens),
 same optimizer step, one torch thread per worker. Figures are target tokens per second over each

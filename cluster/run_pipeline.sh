@@ -16,6 +16,13 @@ if [ ! -d .dvc ]; then
 fi
 dvc config --local core.no_scm true
 
+# Parameter overrides for this run, e.g. PIPELINE_SET="train.use_gpu=true train.num_workers=4": the
+# cluster's counterpart of `dvc exp run -S`, which needs git. Validated before anything runs.
+if [ -n "${PIPELINE_SET:-}" ]; then
+    # shellcheck disable=SC2086  # one word per assignment, by design
+    python -m pipeline set-params $PIPELINE_SET
+fi
+
 if dvc remote default >/dev/null 2>&1; then
     # With a remote, stages whose inputs did not change restore their outputs instead of recomputing,
     # and what ran is pushed back so `dvc pull` on a laptop can fetch it.

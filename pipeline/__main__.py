@@ -36,6 +36,11 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--model", default="models", help="a model folder or an MLflow models:/ URI")
     translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
 
+    set_params = commands.add_parser(
+        "set-params", help="rewrite params.yaml with KEY=VALUE assignments (for runs without git)"
+    )
+    set_params.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
+
     submit = commands.add_parser("submit", help="run the pipeline (or ENTRYPOINT) as a Ray job on a cluster")
     submit.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     submit.add_argument("--wait", action="store_true", help="stream logs and exit with the job's status")
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.params)
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
             stage.run(config)
+            return 0
+        if args.command == "set-params":
+            from pipeline.config import set_params
+
+            set_params(args.params, args.assignments)
             return 0
         if args.command == "translate":
             from pipeline.translate_cli import run_translate

@@ -241,3 +241,30 @@ def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> Pipelin
             raise PipelineError(f"override {dotted_key!r} does not name a section key")
         raw[section][key] = value
     return config_from_dict(raw, "overrides")
+
+
+def set_params(path: str | Path, assignments: list[str]) -> PipelineConfig:
+    """Rewrite params.yaml with `section.key=value` assignments (values parsed as YAML), validated first.
+
+    For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy). The
+    file is rewritten by PyYAML, so its comments are lost: locally, prefer `dvc exp run -S`.
+    """
+    from pipeline.atomic import atomic_file
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for assignment in assignments:
+        dotted, separator, value = assignment.partition("=")
+        keys = dotted.strip().split(".")
+        if not separator or not all(keys):
+            raise PipelineError(f"expected section.key=value, got {assignment!r}")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise PipelineError(f"{dotted}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(value)
+    config = config_from_dict(raw, f"{path} with {' '.join(assignments)}")
+    with atomic_file(path) as handle:
+        yaml.safe_dump(raw, handle, sort_keys=False)
+    return config

@@ -5,7 +5,6 @@ These are the paths `dvc.yaml` declares; stages talk to each other only through 
 
 from pathlib import Path
 
-PARAMS = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")
 PREPARE_STATS = Path("reports/prepare_stats.json")
 PROCESSED_DIR = Path("data/processed")

@@ -85,7 +85,18 @@ def check_fits(cpus_per_worker: float, num_workers: int, use_gpu: bool) -> None:
 
 
 def resolve_storage_path(value: str) -> str:
-    """Ray wants a URI or an absolute path; params.yaml may give one relative to the project."""
+    """Ray wants a URI or an absolute path; params.yaml may give one relative to the project.
+
+    On a multi-node cluster a local path is each node's own disk: checkpoints written by workers would
+    be out of the driver's reach, so say so (an NFS mount on every node is fine, hence no error).
+    """
     if "://" in value:
         return value
+    if ray.is_initialized() and len([node for node in ray.nodes() if node["Alive"]]) > 1:
+        logger.warning(
+            "train.storage_path=%s is a local path on a %d-node cluster: use shared storage "
+            "(s3://..., gs://..., or an NFS path mounted on every node)",
+            value,
+            len([node for node in ray.nodes() if node["Alive"]]),
+        )
     return str(Path(value).resolve())

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, tracking
 from pipeline.atomic import write_json
-from pipeline.config import PipelineConfig
+from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.data.encoded import ProcessedSplit, load_processed
 from pipeline.errors import PipelineError
 from pipeline.model_io import CONFIG_FILE, DECODING_FILE, MODEL_FILES
@@ -53,8 +53,16 @@ TAG_GATE_CHAMPION_BLEU = "gate_champion_bleu"
 RESCORED_TAG_PREFIX = "bleu_on_test_"  # + test hash prefix: a champion's re-score, kept so it runs once
 # What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
 # network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
-SERVING_DISTRIBUTIONS = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas", "pydantic")
-SERVING_DISTRIBUTIONS += ("pyyaml",)
+SERVING_DISTRIBUTIONS = (
+    "mlflow",
+    "torch",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+)
 ARCH_DESCRIPTIONS = {
     "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
     "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
@@ -351,24 +359,13 @@ def find_version(name: str, content_hash: str) -> ModelVersion | None:
 
 def rescore(config: PipelineConfig, name: str, version: str, test: ProcessedSplit) -> float:
     """Download a registered version and compute its sacreBLEU on `test`, as the evaluate stage would."""
-    import sacrebleu
-
     from pipeline.model_io import load_model_dir
-    from pipeline.translator import Translator
+    from pipeline.scoring import translate_and_score
 
-    settings = config.evaluate
     logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, len(test))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tracking.download_model_dir(f"models:/{name}/{version}", Path(tmp))
-        loaded = load_model_dir(model_dir)
-    translator = Translator(
-        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
-    )
-    hypotheses = translator.translate(
-        list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size
-    )
-    # force=True as in the evaluate stage: it only silences the "looks tokenized" warning, not the score.
-    return round(sacrebleu.corpus_bleu(hypotheses, [list(test.tgt)], force=True).score, 2)
+        loaded = load_model_dir(tracking.download_model_dir(f"models:/{name}/{version}", Path(tmp)))
+    return translate_and_score(loaded, test.src, test.tgt, config.evaluate)[1]["bleu"]
 
 
 def champion_bleu_on(
@@ -449,9 +446,28 @@ def _report(
     }
 
 
+def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Path:
+    """A copy of the model folder whose decoding.json holds params.yaml's evaluate settings: the model
+    is served with the beam search its test BLEU was measured with (train writes only defaults)."""
+    if not source.is_dir():
+        raise PipelineError(f"{source} not found: run `python -m pipeline train` first")
+    target = staging / source.name
+    shutil.copytree(source, target)
+    decoding = settings.model_dump(include={"beam_size", "length_penalty", "max_len_ratio"})
+    (target / DECODING_FILE).write_text(
+        json.dumps(decoding, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    return target
+
+
 def register_model(config: PipelineConfig) -> dict[str, Any]:
     """Register models/ (at most once), run the gate, write reports/registry.json; returns the report."""
-    candidate = load_candidate()
+    with tempfile.TemporaryDirectory() as staging:
+        return _register_staged(config, stage_model_dir(paths.MODELS_DIR, config.evaluate, Path(staging)))
+
+
+def _register_staged(config: PipelineConfig, model_dir: Path) -> dict[str, Any]:
+    candidate = load_candidate(model_dir)
     name = config.registry.model_name
     existing = find_version(name, candidate.content_hash)
     if existing is not None and TAG_DECISION in existing.tags:

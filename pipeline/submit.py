@@ -14,7 +14,6 @@ import getpass
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -26,6 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.tracking import read_git_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -55,6 +55,7 @@ PASSTHROUGH_ENV = (
     "MLFLOW_S3_ENDPOINT_URL",
     "HF_TOKEN",
     "HF_ENDPOINT",
+    "PIPELINE_SET",  # params.yaml overrides applied by cluster/run_pipeline.sh
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
@@ -175,7 +176,7 @@ def build_runtime_env(
         raise PipelineError(f"{EXTRA_ENV_NAMES} names {', '.join(missing)}, which this shell does not set")
     passed = [name for name in dict.fromkeys((*PASSTHROUGH_ENV, *extra)) if environ.get(name)]
     env_vars.update({name: environ[name] for name in passed})
-    commit = source_commit(project_root)
+    commit = read_git_commit(project_root)
     if commit:
         env_vars.setdefault(GIT_COMMIT_ENV, commit)
     runtime_env["env_vars"] = env_vars
@@ -299,28 +300,6 @@ def check_jobs_api(address: str, headers: Mapping[str, str], token_source: str |
     if version.split(".")[:2] != ray.__version__.split(".")[:2]:
         print(f"warning: the cluster runs Ray {version}, this shell Ray {ray.__version__}", file=sys.stderr)
     return version
-
-
-def source_commit(project_root: Path) -> str | None:
-    """`<sha>` or `<sha>-dirty`, as pipeline.tracking records it; None outside a git checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return None
-        # --no-optional-locks: only read the index, even when git would like to refresh it.
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=project_root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = commit.stdout.strip()
-    return f"{sha}-dirty" if dirty else sha
 
 
 def follow_job(client: JobSubmissionClient, job_id: str) -> JobStatus:

@@ -8,9 +8,11 @@ instead of creating a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,23 +56,31 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def git_commit() -> str:
-    """The commit the code came from; a Ray job's uploaded copy has no .git, so `submit` passes it."""
-    if os.environ.get("PIPELINE_GIT_COMMIT"):
-        return os.environ["PIPELINE_GIT_COMMIT"]
+def read_git_commit(project_root: Path = Path(".")) -> str | None:
+    """`<sha>` or `<sha>-dirty`; None outside a git checkout."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
+            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        # --no-optional-locks: only read the index, even when git would like to refresh it.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_root,
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}-dirty" if dirty else commit
+        return None
+    sha = commit.stdout.strip()
+    return f"{sha}-dirty" if dirty else sha
+
+
+def git_commit() -> str:
+    """The commit the code came from; a Ray job's uploaded copy has no .git, so `submit` passes it."""
+    return os.environ.get("PIPELINE_GIT_COMMIT") or read_git_commit() or "unknown"
 
 
 def processed_data_hash() -> str:
@@ -163,6 +173,17 @@ def log_artifact(run_id: str, path: Path, uri: str | None = None) -> None:
     _client(uri).log_artifact(run_id, str(path))
 
 
+@contextlib.contextmanager
+def failed_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """Mark the run FAILED if the block raises, instead of leaving it RUNNING forever in the UI."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            finish_run(run_id, status="FAILED", uri=uri)
+        raise
+
+
 class EpochMetricsLogger:
     """Used by rank 0 inside a Ray Train worker: the URI travels explicitly, not through global state."""
 
@@ -215,7 +236,12 @@ def download_model_dir(model_uri: str, dst: Path) -> Path:
     uri = tracking_uri()
     try:
         local = Path(
-            download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=uri)
+            download_artifacts(
+                artifact_uri=model_uri,
+                dst_path=str(dst),
+                tracking_uri=uri,
+                registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri,
+            )
         )
     except MlflowException as error:
         raise PipelineError(f"cannot fetch {model_uri} from {uri}: {error.message}") from None

@@ -8,6 +8,7 @@ checkpoint (weights, optimizer, scheduler, epoch, history); every rank reports e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import tempfile
@@ -19,17 +20,17 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-import sacrebleu
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.batching import EncodedSplit, collate, shard_batches, source_tensor, token_budget_batches
-from pipeline.data.tokenization import PAD_ID, decode_ids
+from pipeline.data.encoded import ProcessedData
+from pipeline.data.tokenization import decode_ids
 from pipeline.decoding import greedy_decode
 from pipeline.model import Seq2Seq, build_model
+from pipeline.scoring import corpus_scores, sequence_loss, teacher_forced_loss
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,17 @@ class TrainingData:
     tgt_tokenizer_json: str
 
 
-def put_training_data(
-    train: EncodedSplit, validation: EncodedSplit, src_vocab: int, tgt_vocab: int, tgt_tokenizer: Tokenizer
-) -> TrainingData:
-    return TrainingData(ray.put(train), ray.put(validation), src_vocab, tgt_vocab, tgt_tokenizer.to_str())
+def put_training_data(processed: ProcessedData, max_examples: int | None = None) -> TrainingData:
+    """Ship the train (first `max_examples` pairs) and validation splits to the object store."""
+    train, validation = processed.splits["train"], processed.splits["validation"]
+    limit = max_examples or len(train.src_ids)
+    return TrainingData(
+        ray.put(EncodedSplit.from_lists(train.src_ids[:limit], train.tgt_ids[:limit])),
+        ray.put(EncodedSplit.from_lists(validation.src_ids, validation.tgt_ids)),
+        processed.src_vocab_size,
+        processed.tgt_vocab_size,
+        processed.tgt_tokenizer.to_str(),
+    )
 
 
 def train_loop_config(
@@ -90,52 +98,35 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _replica_divergence(model: torch.nn.Module, device: torch.device) -> float:
-    """Spread of a parameter checksum across ranks: 0 when DDP keeps the replicas identical."""
-    checksum = torch.tensor(
-        [sum(float(p.detach().double().sum()) for p in model.parameters())],
-        dtype=torch.float64,
-        device=device,
-    )
+def _gather_objects(value: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
-        return 0.0
-    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum)
-    values = [float(t) for t in gathered]
-    return max(values) - min(values)
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _replica_divergence(model: torch.nn.Module) -> int:
+    """How many ranks hold weights that differ (bit for bit) from the others': 0 when DDP works."""
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return len(set(_gather_objects(digest.hexdigest()))) - 1
 
 
 def _count_nodes() -> int:
     """How many Ray nodes the worker group spans (a multi-node run should say more than 1)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    gathered: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, node_id)
-    return len(set(gathered))
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        target.reshape(-1),
-        ignore_index=PAD_ID,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
+    return len(set(_gather_objects(ray.get_runtime_context().get_node_id())))
 
 
 def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, world: int, device) -> float:
-    """Plain (unsmoothed) cross-entropy per target token over the whole validation split, all ranks."""
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.inference_mode():
-        for indices in token_budget_batches(split, VAL_BATCH_TOKENS, seed=None)[rank::world]:
-            batch = collate(split, indices).to(device)
-            logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-            total += float(_loss(logits, batch.tgt_out, 0.0))
-            tokens += batch.n_target_tokens
-    model.train()
+    """Plain (unsmoothed) cross-entropy per target token over the whole validation split, all ranks.
+
+    `model` is the bare module, not the DDP wrapper: ranks see different numbers of batches here, and a
+    wrapper's forward may synchronise.
+    """
+    batches = token_budget_batches(split, VAL_BATCH_TOKENS, seed=None)[rank::world]
+    total, tokens = teacher_forced_loss(model, split, batches, device)
     total, tokens = _all_reduce_sum([total, tokens], device)
     return total / max(tokens, 1.0)
 
@@ -154,7 +145,7 @@ def validation_bleu(model: Seq2Seq, split: EncodedSplit, tokenizer: Tokenizer, d
             hypotheses.extend(greedy_decode(model, src.to(device), lengths, max_len=int(src.size(1) * 2 + 5)))
     model.train()
     references = decode_ids(tokenizer, [sample.tgt(i) for i in range(len(sample))])
-    return sacrebleu.corpus_bleu(decode_ids(tokenizer, hypotheses), [references]).score
+    return corpus_scores(decode_ids(tokenizer, hypotheses), references)["bleu"]
 
 
 def _save_state(directory: Path, state: dict[str, Any]) -> ray.train.Checkpoint:
@@ -231,7 +222,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             batch = collate(train_split, indices).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(batch.src, batch.src_lengths, batch.tgt_in, train_config.teacher_forcing)
-            loss = _loss(logits, batch.tgt_out, train_config.label_smoothing)
+            loss = sequence_loss(logits, batch.tgt_out, train_config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             (loss / batch.n_target_tokens).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
@@ -241,7 +232,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             token_count += batch.n_target_tokens
         train_seconds = time.perf_counter() - started
         loss_sum, token_count = _all_reduce_sum([loss_sum, token_count], device)
-        val_loss = _validation_loss(model, validation_split, rank, world, device)
+        val_loss = _validation_loss(bare_model, validation_split, rank, world, device)
         bleu = (
             validation_bleu(
                 bare_model, validation_split, tgt_tokenizer, device, train_config.val_bleu_sentences
@@ -249,7 +240,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0 and train_config.val_bleu_sentences
             else 0.0
         )
-        divergence = _replica_divergence(model, device)
+        divergence = _replica_divergence(bare_model)
         improved = val_loss < best_val - 1e-4
         best_val, stale_epochs = (val_loss, 0) if improved else (best_val, stale_epochs + 1)
         metrics = {

@@ -17,7 +17,6 @@ import ray
 from ray import tune
 
 from pipeline.config import PipelineConfig, SearchDimension, TuneConfig, with_overrides
-from pipeline.errors import PipelineError
 from pipeline.training import TrainingData, build_trainer, train_loop_config
 
 logger = logging.getLogger(__name__)
@@ -66,39 +65,50 @@ class ResourcePlan:
         )
 
 
-def plan_resources(config: PipelineConfig, cluster_cpus: float | None) -> ResourcePlan:
+def plan_resources(config: PipelineConfig, cluster: dict[str, float] | None) -> ResourcePlan:
     """What one trial needs against what the cluster has, decided before anything starts.
 
-    cluster_cpus=None means a local Ray we start ourselves, sized to the plan. Train workers always
-    get `train.cpus_per_worker` (their torch thread count follows it), so on a 2-core laptop one trial
-    at a time runs, with both cores busy training.
+    cluster=None means a local Ray we start ourselves, sized to the plan. Train workers always get
+    `train.cpus_per_worker` (their torch thread count follows it), so on a 2-core laptop one trial at a
+    time runs, with both cores busy training. A cluster we join (its `ray.cluster_resources()`) may
+    grow through its autoscaler, so a trial that does not fit yet is a warning there, not an error.
     """
-    per_trial = TRIAL_CPUS + config.train.num_workers * config.train.cpus_per_worker
+    workers = config.train.num_workers
+    per_trial = TRIAL_CPUS + workers * config.train.cpus_per_worker
     wanted = config.tune.max_concurrent_trials
-    if cluster_cpus is None:
+    if cluster is None:
         cores = os.cpu_count() or 1
         # Running more trials than the cores can feed only slows each of them down.
         fits = max(1, math.floor(cores / (per_trial - TRIAL_CPUS)))
-        concurrent = min(wanted, fits)
-        if concurrent < wanted:
+        if fits < wanted:
             logger.warning(
                 "tune.max_concurrent_trials=%d but %d cores fit %d trial(s) of %d workers: "
                 "running %d at a time",
                 wanted,
                 cores,
                 fits,
-                config.train.num_workers,
-                concurrent,
+                workers,
+                fits,
             )
+        concurrent = min(wanted, fits)
         return ResourcePlan(per_trial, concurrent, concurrent * per_trial)
-    fits = math.floor(cluster_cpus / per_trial + 1e-9)
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial + 1e-9)
+    if config.train.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / workers + 1e-9))
     if fits < 1:
-        raise PipelineError(
-            f"one Tune trial needs {per_trial:g} CPUs ({TRIAL_CPUS:g} for the trial + train.num_workers="
-            f"{config.train.num_workers} x train.cpus_per_worker={config.train.cpus_per_worker:g}) "
-            f"but the Ray cluster has {cluster_cpus:g}: lower train.num_workers or train.cpus_per_worker"
+        logger.warning(
+            "one Tune trial needs %g CPUs (%g for the trial + train.num_workers=%d x "
+            "train.cpus_per_worker=%g)%s but the Ray cluster has %g CPUs and %g GPUs now: waiting for its "
+            "autoscaler. If it has none, stop and lower train.num_workers or train.cpus_per_worker.",
+            per_trial,
+            TRIAL_CPUS,
+            workers,
+            config.train.cpus_per_worker,
+            f" and {workers} GPUs" if config.train.use_gpu else "",
+            cluster.get("CPU", 0.0),
+            cluster.get("GPU", 0.0),
         )
-    concurrent = min(wanted, fits)
+    concurrent = max(1, min(wanted, fits))
     return ResourcePlan(per_trial, concurrent, concurrent * per_trial)
 
 
@@ -169,6 +179,12 @@ def build_tuner(
         **(mlflow_parent or {}),
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_CPUS})
+    experiment_path = f"{storage_path.rstrip('/')}/{experiment_name}"
+    if tune.Tuner.can_restore(experiment_path):
+        # Same inputs as an earlier search (the name hashes them): finish it rather than start over. A
+        # finished search returns its results at once; its trials keep their MLflow runs.
+        logger.info("resuming the Tune experiment at %s", experiment_path)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=search_space(settings.search_space),
@@ -189,8 +205,8 @@ def build_tuner(
     )
 
 
-def cluster_cpus_if_remote() -> float | None:
-    """None for a local Ray this process starts; the CPU total of a cluster it joins."""
+def cluster_resources_if_remote() -> dict[str, float] | None:
+    """None for a local Ray this process starts; the resources of a cluster it joins."""
     if os.environ.get("RAY_ADDRESS"):
-        return float(ray.cluster_resources().get("CPU", 0.0))
+        return dict(ray.cluster_resources())
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -92,19 +93,27 @@ def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
     assert (model.hidden_dim, model.emb_dim) == (64, 16)
 
 
-def test_resource_plan_refuses_a_trial_the_cluster_cannot_place() -> None:
-    config = config_from_dict({"train": {"num_workers": 2, "cpus_per_worker": 1}})
-    with pytest.raises(PipelineError, match="train.num_workers=2"):
-        plan_resources(config, cluster_cpus=2.0)
-
-
-def test_resource_plan_limits_concurrency_to_what_fits() -> None:
+def test_resource_plan_on_a_cluster_counts_cpus_and_gpus_per_trial(caplog: pytest.LogCaptureFixture) -> None:
     config = config_from_dict(
         {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
     )
-    assert plan_resources(config, cluster_cpus=6.0).concurrent_trials == 2
-    local = plan_resources(config, cluster_cpus=None)
-    assert local.concurrent_trials >= 1 and local.logical_cpus_needed == local.concurrent_trials * 2.5
+    assert plan_resources(config, {"CPU": 6.0}).concurrent_trials == 2
+    gpu_config = config_from_dict(
+        {"train": {"num_workers": 2, "use_gpu": True}, "tune": {"max_concurrent_trials": 4}}
+    )
+    assert plan_resources(gpu_config, {"CPU": 64.0, "GPU": 4.0}).concurrent_trials == 2
+    # Too small for one trial now: an autoscaler may add nodes, so it warns (naming the keys) and waits.
+    assert plan_resources(config, {"CPU": 2.0}).concurrent_trials == 1
+    assert "train.num_workers=2" in caplog.text
+
+
+def test_local_resource_plan_runs_no_more_trials_than_the_cores_feed() -> None:
+    config = config_from_dict(
+        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+    )
+    local = plan_resources(config, None)
+    assert 1 <= local.concurrent_trials <= max(1, (os.cpu_count() or 1) // 2)
+    assert local.logical_cpus_needed == local.concurrent_trials * 2.5
 
 
 def test_search_space_refuses_untunable_key() -> None:

@@ -9,39 +9,18 @@ from __future__ import annotations
 import json
 import logging
 
-import sacrebleu
 import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_file, write_json
 from pipeline.config import PipelineConfig
-from pipeline.data.batching import EncodedSplit, collate, token_budget_batches
+from pipeline.data.batching import EncodedSplit, token_budget_batches
 from pipeline.data.encoded import load_processed
 from pipeline.errors import PipelineError
 from pipeline.model_io import load_model_dir
-from pipeline.translator import Translator
+from pipeline.scoring import teacher_forced_loss, translate_and_score
 
 logger = logging.getLogger(__name__)
-
-
-def test_loss(model: torch.nn.Module, split: EncodedSplit) -> float:
-    """Teacher-forced cross-entropy per target token (no label smoothing)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.inference_mode():
-        for indices in token_budget_batches(split, 8000, seed=None):
-            batch = collate(split, indices)
-            logits = model(batch.src, batch.src_lengths, batch.tgt_in)
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)),
-                    batch.tgt_out.reshape(-1),
-                    ignore_index=0,
-                    reduction="sum",
-                )
-            )
-            tokens += batch.n_target_tokens
-    return total / max(tokens, 1)
 
 
 def run(config: PipelineConfig) -> None:
@@ -51,27 +30,22 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the test split is empty")
     settings = config.evaluate
     logger.info("translating %d test sentences (beam %d)", len(test.src), settings.beam_size)
-    translator = Translator(
-        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
-    )
-    hypotheses = translator.translate(
-        list(test.src), beam_size=settings.beam_size, batch_size=settings.batch_size
-    )
     references = list(test.tgt)
+    hypotheses, scores = translate_and_score(loaded, test.src, references, settings)
+    split = EncodedSplit.from_lists(test.src_ids, test.tgt_ids)
+    loss, tokens = teacher_forced_loss(
+        loaded.model, split, token_budget_batches(split, 8000, seed=None), torch.device("cpu")
+    )
     metrics = {
-        # Both sides are plain text as users write it; "force" only silences sacrebleu's guess that text
-        # with spaced punctuation (as in the built-in corpus) was tokenized by us.
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references], force=True).score, 2),
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
-        "test_loss": round(test_loss(loaded.model, EncodedSplit.from_lists(test.src_ids, test.tgt_ids)), 4),
+        **scores,
+        "test_loss": round(loss / max(tokens, 1), 4),
         "n_test": len(references),
         "beam_size": settings.beam_size,
     }
     write_json(paths.METRICS, metrics)
     with atomic_file(paths.SAMPLES) as handle:
-        for source, hypothesis, reference in list(zip(test.src, hypotheses, references, strict=True))[
-            : settings.n_samples
-        ]:
+        samples = zip(test.src[: settings.n_samples], hypotheses, references, strict=False)
+        for source, hypothesis, reference in samples:
             handle.write(
                 json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
             )

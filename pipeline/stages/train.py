@@ -10,7 +10,6 @@ from pipeline import paths
 from pipeline.atomic import atomic_file, write_json
 from pipeline.best_params import effective_config
 from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.data.batching import EncodedSplit
 from pipeline.data.encoded import load_processed
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
@@ -25,7 +24,6 @@ def run(config: PipelineConfig) -> None:
     processed = load_processed()
     if len(processed.splits["train"].src_ids) == 0 or len(processed.splits["validation"].src_ids) == 0:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the train and validation splits must not be empty")
-    storage_path = resolve_storage_path(config.train.storage_path)
     run_name = "train-" + fingerprint(
         config.model, config.train, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
@@ -36,21 +34,15 @@ def run(config: PipelineConfig) -> None:
 
     with ray_session(config.train.cpus_per_worker * config.train.num_workers):
         check_fits(config.train.cpus_per_worker, config.train.num_workers, config.train.use_gpu)
-        data = put_training_data(
-            EncodedSplit.from_lists(processed.splits["train"].src_ids, processed.splits["train"].tgt_ids),
-            EncodedSplit.from_lists(
-                processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids
-            ),
-            processed.meta["src_vocab_size"],
-            processed.meta["tgt_vocab_size"],
-            processed.tgt_tokenizer,
-        )
+        storage_path = resolve_storage_path(config.train.storage_path)
+        data = put_training_data(processed)
         mlflow_run = tracking.start_train_run(config, run_name)
         loop_config = train_loop_config(config.model, config.train, data, config.train.epochs, mlflow_run)
         logger.info(
             "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
         )
-        result = build_trainer(loop_config, config.train, run_name, storage_path).fit()
+        with tracking.failed_on_error(mlflow_run["run_id"], mlflow_run["tracking_uri"]):
+            result = build_trainer(loop_config, config.train, run_name, storage_path).fit()
 
     best = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"], default=None)
     if best is None:

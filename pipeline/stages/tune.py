@@ -9,7 +9,6 @@ import math
 from pipeline import paths
 from pipeline.atomic import atomic_file, write_json
 from pipeline.config import PipelineConfig
-from pipeline.data.batching import EncodedSplit
 from pipeline.data.encoded import load_processed
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
@@ -27,8 +26,6 @@ def run(config: PipelineConfig) -> None:
             "tune.search_space is empty: add dimensions, or set tune.num_samples: 0 to skip tuning"
         )
     processed = load_processed()
-    train = processed.splits["train"]
-    limit = settings.max_examples or len(train.src_ids)
     experiment_name = "tune-" + fingerprint(
         config.model, config.train, settings, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
@@ -36,29 +33,21 @@ def run(config: PipelineConfig) -> None:
     from pipeline import tracking
     from pipeline.ray_runtime import ray_session, resolve_storage_path
     from pipeline.training import put_training_data
-    from pipeline.tuning import build_tuner, cluster_cpus_if_remote, plan_resources, to_dotted_key
+    from pipeline.tuning import build_tuner, cluster_resources_if_remote, plan_resources, to_dotted_key
 
     plan = plan_resources(config, None)
     # One spare logical CPU: with an exact fit the Train worker group was seen never to start.
     with ray_session(math.ceil(plan.logical_cpus_needed) + 1):
-        cluster_cpus = cluster_cpus_if_remote()
-        if cluster_cpus is not None:
-            plan = plan_resources(config, cluster_cpus)
+        cluster = cluster_resources_if_remote()
+        if cluster is not None:
+            plan = plan_resources(config, cluster)
         logger.info(
             "Tune plan: %s; %d samples, %d epochs each",
             plan.describe(),
             settings.num_samples,
             settings.max_epochs,
         )
-        data = put_training_data(
-            EncodedSplit.from_lists(train.src_ids[:limit], train.tgt_ids[:limit]),
-            EncodedSplit.from_lists(
-                processed.splits["validation"].src_ids, processed.splits["validation"].tgt_ids
-            ),
-            processed.meta["src_vocab_size"],
-            processed.meta["tgt_vocab_size"],
-            processed.tgt_tokenizer,
-        )
+        data = put_training_data(processed, settings.max_examples)
         uri = tracking.tracking_uri()
         lineage = tracking.lineage_tags("tune")
         parent_run_id = tracking.get_or_create_run(
@@ -77,7 +66,8 @@ def run(config: PipelineConfig) -> None:
             resolve_storage_path(config.train.storage_path),
             {"parent_run_id": parent_run_id, "tracking_uri": uri, "lineage_tags": lineage},
         )
-        results = tuner.fit()
+        with tracking.failed_on_error(parent_run_id, uri):
+            results = tuner.fit()
 
     rows = []
     for result in results:
@@ -103,7 +93,7 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(f"every Tune trial failed; first error: {first_error}")
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
     overrides = {to_dotted_key(k): v for k, v in best.config.items()}
-    best_row = next(row for row in rows if all(row.get(k) == v for k, v in overrides.items()))
+    best_row = next(row for row in rows if row["trial_id"] == best.metrics["trial_id"])
     payload = {
         "search": settings.search_alg,
         "metric": settings.metric,
