@@ -1,7 +1,7 @@
 """The translation model as an MLflow pyfunc, logged as "models from code": nothing in it is pickled.
 
-`pipeline.registry` passes this file's *path* as `python_model`. MLflow copies the file into the logged
-model and, when the model is loaded (`mlflow.pyfunc.load_model`, `mlflow models serve`), runs it as a
+`pipeline.registry_candidate` passes this file's *path* as `python_model`. MLflow copies the file into the
+logged model and, when the model is loaded (`mlflow.pyfunc.load_model`, `mlflow models serve`), runs it as a
 module; the `mlflow.models.set_model(...)` call at the bottom hands MLflow the instance. The alternative,
 passing a `PythonModel` object, would store it with cloudpickle, and loading a pickle runs arbitrary code.
 

@@ -9,82 +9,46 @@
   first (with the evaluate stage's decoding settings, the ones the challenger's BLEU was measured with).
 - Lineage: tags on the version say which commit, data, config and run produced it, and why the gate
   decided what it did; reports/registry.json repeats the decision for DVC.
+
+The candidate itself (staging and hashing the model folder, its tags and description, logging the pyfunc)
+is `pipeline.registry_candidate`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.metadata
-import json
 import logging
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, tracking
 from pipeline.atomic import write_json
-from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.data.encoded import ProcessedSplit, load_processed
-from pipeline.errors import PipelineError
-from pipeline.model_io import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+from pipeline.config import PipelineConfig
+from pipeline.data.encoded import ProcessedSplit
+from pipeline.registry_candidate import (
+    TAG_CONTENT_HASH,
+    TAG_TEST_BLEU,
+    TAG_TEST_HASH,
+    Candidate,
+    load_candidate,
+    log_pyfunc_model,
+    stage_model_dir,
+    version_description,
+    version_tags,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
-    from mlflow.models import ModelSignature
-    from mlflow.models.model import ModelInfo
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-LOGGED_MODEL_NAME = "model"
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-TAG_CONTENT_HASH = "model_content_sha256"
-TAG_TEST_HASH = "test_data_sha256"
-TAG_TEST_BLEU = "test_bleu"
 TAG_DECISION = "gate_decision"
 TAG_REASON = "gate_reason"
 TAG_GATE_CHAMPION = "gate_champion_version"
 TAG_GATE_CHAMPION_BLEU = "gate_champion_bleu"
 RESCORED_TAG_PREFIX = "bleu_on_test_"  # + test hash prefix: a champion's re-score, kept so it runs once
-# What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
-# network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
-SERVING_DISTRIBUTIONS = (
-    "mlflow",
-    "torch",
-    "tokenizers",
-    "safetensors",
-    "numpy",
-    "pandas",
-    "pydantic",
-    "pyyaml",
-)
-ARCH_DESCRIPTIONS = {
-    "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
-    "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
-}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What this run of the stage would register, read and checked before MLflow is touched."""
-
-    model_dir: Path
-    content_hash: str
-    model_config: dict[str, Any]  # model_config.json
-    decoding: dict[str, Any]  # decoding.json
-    metrics: dict[str, Any]  # reports/metrics.json
-    train_run: dict[str, Any]  # reports/train_run.json, {} when absent
-    test: ProcessedSplit
-    test_hash: str
-
-    @property
-    def bleu(self) -> float:
-        return float(self.metrics["bleu"])
 
 
 @dataclass(frozen=True)
@@ -97,200 +61,8 @@ class Decision:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inputs: the model folder, its test metrics, the test split
+# Creating the version
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, hint: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: {hint}")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise PipelineError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise PipelineError(f"{path}: expected a JSON object")
-    return payload
-
-
-def _sha256_file(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.digest()
-
-
-def model_content_hash(model_dir: Path) -> str:
-    """sha256 over every file of the model folder, in a fixed order: equal hash, equal translations."""
-    digest = hashlib.sha256()
-    for name in MODEL_FILES:
-        digest.update(name.encode() + b"\0" + _sha256_file(model_dir / name))
-    return digest.hexdigest()
-
-
-def test_split_hash(test: ProcessedSplit) -> str:
-    """sha256 of the test pairs as text: BLEU scores are comparable exactly when this is equal.
-
-    Not the DVC hash of data/processed: that also changes with the tokenizers, which do not change the
-    (detokenized) references BLEU is computed against.
-    """
-    payload = json.dumps({"src": list(test.src), "tgt": list(test.tgt)}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
-    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
-    if missing:
-        raise PipelineError(f"{model_dir} lacks {', '.join(missing)}: run `python -m pipeline train` first")
-    metrics = _read_json(paths.METRICS, "run `python -m pipeline evaluate` first")
-    if not isinstance(metrics.get("bleu"), int | float):
-        raise PipelineError(f"{paths.METRICS} has no numeric 'bleu': run `python -m pipeline evaluate` again")
-    test = load_processed(splits=("test",)).splits["test"]
-    if metrics.get("n_test") is not None and metrics["n_test"] != len(test):
-        raise PipelineError(
-            f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
-            f"{len(test)}: it is stale, run `python -m pipeline evaluate` again"
-        )
-    train_run = _read_json(paths.TRAIN_RUN, "") if paths.TRAIN_RUN.is_file() else {}
-    return Candidate(
-        model_dir=model_dir,
-        content_hash=model_content_hash(model_dir),
-        model_config=_read_json(model_dir / CONFIG_FILE, "run `python -m pipeline train` first"),
-        decoding=_read_json(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
-        metrics=metrics,
-        train_run=train_run,
-        test=test,
-        test_hash=test_split_hash(test),
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tags and description: how the version was made
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _metric_tag(key: str) -> str:
-    """bleu -> test_bleu, test_loss stays: the names evaluate logs to the train run."""
-    return key if key.startswith("test") else f"test_{key}"
-
-
-def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
-    model = candidate.model_config
-    tags = {
-        tracking.TAG_GIT_COMMIT: tracking.git_commit(),
-        tracking.TAG_DATA_HASH: tracking.processed_data_hash(),
-        "data.source": config.data.source,
-        "data.src_lang": config.data.src_lang,
-        "data.tgt_lang": config.data.tgt_lang,
-        "model.src_vocab_size": str(model.get("src_vocab_size")),
-        "model.tgt_vocab_size": str(model.get("tgt_vocab_size")),
-        TAG_CONTENT_HASH: candidate.content_hash,
-        TAG_TEST_HASH: candidate.test_hash,
-    }
-    tags.update({f"model.{key}": str(value) for key, value in model.get("model", {}).items()})
-    tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
-    tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
-    for key in ("ray_run_name", "best_epoch", "mlflow_run_id"):
-        if candidate.train_run.get(key) is not None:
-            tags[f"train.{key}"] = str(candidate.train_run[key])
-    return tags
-
-
-def version_description(config: PipelineConfig, candidate: Candidate) -> str:
-    model = candidate.model_config.get("model", {})
-    arch = ARCH_DESCRIPTIONS.get(model.get("arch"), str(model.get("arch")))
-    vocab = candidate.model_config
-    sizes = (
-        f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, {model.get('n_layers')} "
-        f"layer(s), dropout {model.get('dropout')}; vocabularies {vocab.get('src_vocab_size')} (source) "
-        f"and {vocab.get('tgt_vocab_size')} (target)"
-    )
-    run = candidate.train_run
-    if run:
-        training = (
-            f"Trained with Ray Train (run {run.get('ray_run_name')}, MLflow run {run.get('mlflow_run_id')}): "
-            f"best epoch {run.get('best_epoch')} of at most {config.train.epochs} by validation loss."
-        )
-    else:
-        training = "Trained outside the train stage (no reports/train_run.json)."
-    metrics, data = candidate.metrics, config.data
-    return (
-        f"{arch}: {sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
-        f"(data/processed md5 {tracking.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
-        f"chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Logging the pyfunc model and creating the version
-# ---------------------------------------------------------------------------------------------------------
-
-
-def pinned_requirements() -> list[str]:
-    pins = []
-    for distribution in SERVING_DISTRIBUTIONS:
-        # "2.13.0+cpu": a local label names a wheel index (PyTorch's CPU or CUDA builds), which PyPI lacks.
-        pins.append(f"{distribution}=={importlib.metadata.version(distribution).split('+')[0]}")
-    return pins
-
-
-def _copy_package_source(target: Path) -> Path:
-    """A copy of the `pipeline` package without bytecode caches: what `code_paths` ships with the model."""
-    package = Path(__file__).resolve().parent
-    shutil.copytree(package, target / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return target / package.name
-
-
-def model_signature(default_beam_size: int) -> ModelSignature:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from pipeline.pyfunc_model import BEAM_SIZE_PARAM
-
-    # Unnamed string columns: a plain JSON list ({"inputs": [...]}) then maps onto the input without a
-    # column name, and a one-column DataFrame (dataframe_split/records, CSV) works whatever its name.
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec(BEAM_SIZE_PARAM, "long", default_beam_size)]),
-    )
-
-
-@contextlib.contextmanager
-def _fluent_tracking_uri() -> Iterator[None]:
-    """Point MLflow's global URI (all `log_model` knows) at our store for a while, then restore it.
-
-    Setting it also exports MLFLOW_TRACKING_URI, which `tracking.ensure_experiment` reads to decide where
-    new experiments keep their artifacts, so the variable must not outlive the call either.
-    """
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
-
-
-def log_pyfunc_model(run_id: str, candidate: Candidate) -> ModelInfo:
-    """Log models/ as a models-from-code pyfunc into `run_id`; returns MLflow's ModelInfo."""
-    import mlflow
-
-    from pipeline.pyfunc_model import MODEL_DIR_ARTIFACT
-
-    example = list(candidate.test.src[:2]) or ["A sentence to translate."]
-    with _fluent_tracking_uri(), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
-            name=LOGGED_MODEL_NAME,
-            python_model=str(PYFUNC_FILE),  # a path: models from code, nothing pickled
-            artifacts={MODEL_DIR_ARTIFACT: str(candidate.model_dir.resolve())},
-            code_paths=[str(_copy_package_source(Path(tmp)))],
-            signature=model_signature(int(candidate.decoding["beam_size"])),
-            input_example=example,
-            pip_requirements=pinned_requirements(),
-        )
 
 
 def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
@@ -444,20 +216,6 @@ def _report(
         "content_hash": candidate.content_hash,
         "test_data_hash": candidate.test_hash,
     }
-
-
-def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Path:
-    """A copy of the model folder whose decoding.json holds params.yaml's evaluate settings: the model
-    is served with the beam search its test BLEU was measured with (train writes only defaults)."""
-    if not source.is_dir():
-        raise PipelineError(f"{source} not found: run `python -m pipeline train` first")
-    target = staging / source.name
-    shutil.copytree(source, target)
-    decoding = settings.model_dump(include={"beam_size", "length_penalty", "max_len_ratio"})
-    (target / DECODING_FILE).write_text(
-        json.dumps(decoding, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-    return target
 
 
 def register_model(config: PipelineConfig) -> dict[str, Any]:

@@ -173,6 +173,19 @@ def log_artifact(run_id: str, path: Path, uri: str | None = None) -> None:
     _client(uri).log_artifact(run_id, str(path))
 
 
+def finish_trial_runs(experiment: str, parent_run_id: str, statuses: dict[str, str]) -> None:
+    """Close each trial's child run with its outcome. Tune ends trials by stopping their process (ASHA,
+    the end of the search), so a trial cannot always close its own run."""
+    client = _client()
+    experiment_id = ensure_experiment(experiment)
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
+    ):
+        status = statuses.get(run.data.tags.get("tune_trial_id", ""))
+        if status and run.info.status != status:
+            client.set_terminated(run.info.run_id, status=status)
+
+
 @contextlib.contextmanager
 def failed_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
     """Mark the run FAILED if the block raises, instead of leaving it RUNNING forever in the UI."""

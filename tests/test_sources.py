@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data.builtin_corpus import generate_corpus
-from pipeline.data.sources import load_corpus, parse_hf_source
+from pipeline.data.hf_source import parse_hf_source
+from pipeline.data.sources import load_corpus
 from pipeline.errors import PipelineError
 
 PAIRS = [("ein Haus", "a house"), ("zwei Hunde", "two dogs"), ("Guten Tag !", "Good day !")]

@@ -56,6 +56,7 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
         }
 
     assert len(trials) == 3 and len(children) == 3, "one MLflow child run per trial, no duplicates"
+    assert all(run.info.status in ("FINISHED", "KILLED") for run in children), "no trial run left RUNNING"
     assert {row["trial_id"] for row in trials} == set(best_per_child)
     assert all(1 <= int(row["epochs_run"]) <= 2 for row in trials)
     winner = min(best_per_child, key=best_per_child.get)

@@ -104,6 +104,18 @@ def run(config: PipelineConfig) -> None:
         "n_trials": len(rows),
         "mlflow_parent_run_id": parent_run_id,
     }
+    tracking.finish_trial_runs(
+        config.tracking.experiment,
+        parent_run_id,
+        {
+            row["trial_id"]: "FAILED"
+            if row["status"] == "ERROR"
+            else "KILLED"
+            if row["stopped_early"]
+            else "FINISHED"
+            for row in rows
+        },
+    )
     _write_trials(rows)
     write_json(paths.BEST_PARAMS, payload)
     tracking.log_metrics(parent_run_id, {f"best_{settings.metric}": payload["best_value"]})

@@ -1,0 +1,221 @@
+"""A local folder as the source: (source, target) pairs per split from the split files it holds.
+
+Each split is `{split}.{lang}` plain-text pairs (Moses / Multi30k convention, optionally `.gz`),
+`{split}.tsv` (header row of language codes) or `{split}.jsonl` (objects keyed by language). Problems are
+`PipelineError`s naming the file and line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.data.sources import Pair, RawSplit, resolve_split_names, split_cap, split_listing
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class _SplitFiles:
+    """The file(s) holding one split in a local folder: two parallel text files, or one tsv/jsonl file."""
+
+    kind: str  # "text" | "tsv" | "jsonl"
+    paths: tuple[Path, ...]
+
+    @property
+    def origin(self) -> str:
+        return " + ".join(str(path) for path in self.paths)
+
+
+def load_folder_splits(config: DataConfig) -> dict[str, RawSplit]:
+    folder = Path(config.source).expanduser()
+    if not folder.exists():
+        raise PipelineError(
+            f"data.source {config.source!r}: no such folder "
+            "(expected 'builtin', 'hf:<dataset>[:<config>]' or a folder of split files)"
+        )
+    if not folder.is_dir():
+        raise PipelineError(
+            f"data.source {config.source!r} is a file; give the folder that holds the split files"
+        )
+    found = _scan_folder(folder, config.src_lang, config.tgt_lang)
+    where = f"folder {folder} ({config.src_lang}-{config.tgt_lang})"
+    if "train" not in found and "train" not in config.split_names:
+        raise PipelineError(_missing_train_message(folder, config, found))
+    resolved = resolve_split_names(list(found), config.split_names, where)
+    readers: dict[str, Callable[[_SplitFiles, str, str, int | None], list[Pair]]] = {
+        "text": _read_text_pair,
+        "tsv": _read_tsv,
+        "jsonl": _read_jsonl,
+    }
+    splits = {}
+    for canonical, stem in resolved.items():
+        files = found[stem]
+        pairs = readers[files.kind](files, config.src_lang, config.tgt_lang, split_cap(config, canonical))
+        splits[canonical] = RawSplit(pairs, files.origin)
+    return splits
+
+
+def _missing_train_message(folder: Path, config: DataConfig, found: Mapping[str, _SplitFiles]) -> str:
+    src, tgt = config.src_lang, config.tgt_lang
+    expected = (
+        f"{folder}/train.{src} and {folder}/train.{tgt} (optionally .gz), "
+        f"{folder}/train.tsv or {folder}/train.jsonl"
+    )
+    present = sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+    return (
+        f"no training split in {folder} for {src}-{tgt}: expected {expected}; "
+        f"splits found: {split_listing(found)}; files present: {', '.join(present[:20]) or 'none'}"
+    )
+
+
+def _split_name_and_kind(filename: str, src_lang: str, tgt_lang: str) -> tuple[str, str] | None:
+    """`train.de.gz` -> ("train", "de"); `dev.tsv` -> ("dev", "tsv"); anything else -> None (ignored)."""
+    name = filename[: -len(".gz")] if filename.endswith(".gz") else filename
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem or suffix not in (src_lang, tgt_lang, "tsv", "jsonl"):
+        return None
+    return stem, suffix
+
+
+def _scan_folder(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, _SplitFiles]:
+    by_stem: dict[str, dict[str, list[Path]]] = {}
+    for path in sorted(folder.iterdir()):
+        parsed = _split_name_and_kind(path.name, src_lang, tgt_lang) if path.is_file() else None
+        if parsed is not None:
+            stem, suffix = parsed
+            by_stem.setdefault(stem, {}).setdefault(suffix, []).append(path)
+    found = {}
+    for stem, files in by_stem.items():
+        found[stem] = _split_files(folder, stem, files, src_lang, tgt_lang)
+    return found
+
+
+def _split_files(
+    folder: Path, stem: str, files: dict[str, list[Path]], src_lang: str, tgt_lang: str
+) -> _SplitFiles:
+    every = [path for paths in files.values() for path in paths]
+    duplicated = [paths for paths in files.values() if len(paths) > 1]
+    if duplicated:
+        raise PipelineError(f"{folder}: both {duplicated[0][0].name} and {duplicated[0][1].name}; keep one")
+    has_text = src_lang in files or tgt_lang in files
+    if sum((has_text, "tsv" in files, "jsonl" in files)) > 1:
+        raise PipelineError(
+            f"{folder}: split {stem!r} is stored more than once "
+            f"({', '.join(p.name for p in every)}); keep one format"
+        )
+    if "tsv" in files:
+        return _SplitFiles("tsv", (files["tsv"][0],))
+    if "jsonl" in files:
+        return _SplitFiles("jsonl", (files["jsonl"][0],))
+    for lang in (src_lang, tgt_lang):
+        if lang not in files:
+            present = every[0].name
+            raise PipelineError(
+                f"{folder}: {present} has no parallel file {stem}.{lang} (or {stem}.{lang}.gz)"
+            )
+    return _SplitFiles("text", (files[src_lang][0], files[tgt_lang][0]))
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, streaming; strict UTF-8; gzip when the name ends in .gz.
+
+    Lines end at b"\\n" only (not at the other characters `str.splitlines` breaks on, such as U+2028 or
+    \\x85), so a stray separator inside a sentence cannot shift one side of a parallel corpus.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise PipelineError(
+                        f"{path}:{number}: invalid UTF-8 ({error.reason} at byte {error.start} of the line)"
+                    ) from None
+                text = text.removesuffix("\n").removesuffix("\r")
+                yield number, text.removeprefix("\ufeff") if number == 1 else text
+    except (OSError, EOFError, zlib.error) as error:
+        raise PipelineError(f"cannot read {path}: {error}") from None
+
+
+def _read_text_pair(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+    src_path, tgt_path = files.paths
+    pairs: list[Pair] = []
+    n_src = n_tgt = 0
+    for src_line, tgt_line in zip_longest(read_lines(src_path), read_lines(tgt_path)):
+        n_src = src_line[0] if src_line is not None else n_src
+        n_tgt = tgt_line[0] if tgt_line is not None else n_tgt
+        # Past the end of the shorter file, keep counting so the message gives both totals.
+        if src_line is not None and tgt_line is not None and (cap is None or len(pairs) < cap):
+            pairs.append((src_line[1], tgt_line[1]))
+    if n_src != n_tgt:
+        raise PipelineError(
+            f"line counts differ: {src_path} has {n_src} lines, {tgt_path} has {n_tgt}; "
+            "line N of one must translate line N of the other"
+        )
+    return pairs
+
+
+def _read_tsv(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+    (path,) = files.paths
+    lines = read_lines(path)
+    header = next(lines, None)
+    if header is None:
+        raise PipelineError(f"{path}: empty file; expected a header row such as '{src_lang}\\t{tgt_lang}'")
+    columns = header[1].split("\t")
+    missing = [lang for lang in (src_lang, tgt_lang) if lang not in columns]
+    if missing:
+        raise PipelineError(
+            f"{path}:1: header has no column {' or '.join(map(repr, missing))}; "
+            f"columns found: {', '.join(columns)}"
+        )
+    src_col, tgt_col = columns.index(src_lang), columns.index(tgt_lang)
+    pairs: list[Pair] = []
+    for number, text in lines:
+        if not text.strip():
+            continue  # blank lines (e.g. a trailing one) carry no pair
+        fields = text.split("\t")
+        if len(fields) != len(columns):
+            raise PipelineError(
+                f"{path}:{number}: expected {len(columns)} tab-separated fields like the header, "
+                f"found {len(fields)}"
+            )
+        if cap is None or len(pairs) < cap:
+            pairs.append((fields[src_col], fields[tgt_col]))
+    return pairs
+
+
+def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+    (path,) = files.paths
+    pairs: list[Pair] = []
+    for number, text in read_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PipelineError(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+            ) from None
+        if isinstance(record, dict) and isinstance(record.get("translation"), dict):
+            record = record["translation"]  # the Hugging Face `translation` shape, one object per line
+        if not isinstance(record, dict):
+            raise PipelineError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        src, tgt = record.get(src_lang), record.get(tgt_lang)
+        if not isinstance(src, str) or not isinstance(tgt, str):
+            raise PipelineError(
+                f"{path}:{number}: expected string values for {src_lang!r} and {tgt_lang!r}; "
+                f"keys found: {', '.join(record) or 'none'}"
+            )
+        if cap is None or len(pairs) < cap:
+            pairs.append((src, tgt))
+    return pairs
+
+
+__all__ = ["load_folder_splits", "read_lines"]
