@@ -92,11 +92,12 @@ def resolve_storage_path(value: str) -> str:
     """
     if "://" in value:
         return value
-    if ray.is_initialized() and len([node for node in ray.nodes() if node["Alive"]]) > 1:
+    alive_nodes = sum(node["Alive"] for node in ray.nodes()) if ray.is_initialized() else 1
+    if alive_nodes > 1:
         logger.warning(
             "train.storage_path=%s is a local path on a %d-node cluster: use shared storage "
             "(s3://..., gs://..., or an NFS path mounted on every node)",
             value,
-            len([node for node in ray.nodes() if node["Alive"]]),
+            alive_nodes,
         )
     return str(Path(value).resolve())

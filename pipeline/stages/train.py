@@ -48,13 +48,13 @@ def run(config: PipelineConfig) -> None:
     if best is None:
         raise PipelineError(f"Ray Train run {run_name} reported no checkpoint")
     best_state = load_training_state(best[0])
-    history = (
-        load_training_state(result.checkpoint)["history"] if result.checkpoint else best_state["history"]
-    )
+    # The latest checkpoint holds the full history; it is often the best one too: read it once then.
+    latest_is_best = result.checkpoint is None or result.checkpoint.path == best[0].path
+    history = (best_state if latest_is_best else load_training_state(result.checkpoint))["history"]
 
     from pipeline.model import build_model
 
-    model = build_model(config.model, processed.meta["src_vocab_size"], processed.meta["tgt_vocab_size"])
+    model = build_model(config.model, processed.src_vocab_size, processed.tgt_vocab_size)
     model.load_state_dict(best_state["model"])
     # Defaults for `translate`; evaluate and register apply params.yaml's evaluate section themselves, so
     # changing the beam size never re-runs training.

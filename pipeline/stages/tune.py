@@ -85,10 +85,7 @@ def run(config: PipelineConfig) -> None:
                 "status": "ERROR" if result.error else "TERMINATED",
             }
         )
-    finished = [
-        row for row in rows if row["status"] != "ERROR" and row[f"best_{settings.metric}"] is not None
-    ]
-    if not finished:
+    if not any(row["status"] != "ERROR" and row[f"best_{settings.metric}"] is not None for row in rows):
         first_error = next((r.error for r in results if r.error), "no trial reported a metric")
         raise PipelineError(f"every Tune trial failed; first error: {first_error}")
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
@@ -105,16 +102,7 @@ def run(config: PipelineConfig) -> None:
         "mlflow_parent_run_id": parent_run_id,
     }
     tracking.finish_trial_runs(
-        config.tracking.experiment,
-        parent_run_id,
-        {
-            row["trial_id"]: "FAILED"
-            if row["status"] == "ERROR"
-            else "KILLED"
-            if row["stopped_early"]
-            else "FINISHED"
-            for row in rows
-        },
+        config.tracking.experiment, parent_run_id, {row["trial_id"]: _mlflow_status(row) for row in rows}
     )
     _write_trials(rows)
     write_json(paths.BEST_PARAMS, payload)
@@ -129,6 +117,12 @@ def run(config: PipelineConfig) -> None:
         payload["best_value"],
         overrides,
     )
+
+
+def _mlflow_status(row: dict) -> str:
+    if row["status"] == "ERROR":
+        return "FAILED"
+    return "KILLED" if row["stopped_early"] else "FINISHED"
 
 
 def _write_trials(rows: list[dict]) -> None:
