@@ -13,16 +13,17 @@ import torch
 import yaml
 
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
-from pipeline.data.batching import EncodedSplit, collate, token_budget_batches
-from pipeline.model import build_model
-from pipeline.scoring import sequence_loss
+from pipeline.network.batching import collate, token_budget_batches
+from pipeline.network.encoded import EncodedSplit
+from pipeline.network.model import build_model
+from pipeline.network.training_step import build_optimizer, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepared_builtin_corpus(overrides: dict[str, Any]) -> tuple[Any, Any]:
     """Run the real prepare and preprocess stages in a temporary folder; returns (config, ProcessedData)."""
-    from pipeline.data.encoded import load_processed
+    from pipeline.data.processed import load_processed
     from pipeline.stages import prepare, preprocess
 
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -56,41 +57,34 @@ def bare_loop_tokens_per_sec(
     epochs: int,
     device: str = "cpu",
 ) -> tuple[list[float], float]:
-    """The baseline: one process, no Ray, no DDP; same model, batches, optimizer step and threads.
+    """The baseline: one process, no Ray, no DDP; the same model, batches, threads and the very same
+    `train_step` (optimizer and scheduler included) that every Ray Train worker runs.
 
     Returns per-epoch target tokens/s and peak GPU memory in MiB (0 on CPU).
     """
     torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
     torch.manual_seed(train_config.seed)
-    model = build_model(model_config, *vocab).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
-    )
-    use_bf16 = device.startswith("cuda")
-    if use_bf16:
+    target = torch.device(device)
+    model = build_model(model_config, *vocab).to(target)
+    steps_per_epoch = len(token_budget_batches(split, train_config.batch_size, seed=0))
+    optimizer, scheduler = build_optimizer(model, train_config, steps_per_epoch * epochs)
+    on_gpu = target.type == "cuda"
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     rates = []
     for epoch in range(epochs):
         batches = token_budget_batches(split, train_config.batch_size, seed=train_config.seed * 1000 + epoch)
-        if use_bf16:
+        if on_gpu:
             torch.cuda.synchronize()
         started, tokens = time.perf_counter(), 0
         for indices in batches:
-            batch = collate(split, indices).to(torch.device(device))
-            with torch.autocast(
-                device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16
-            ):
-                logits = model(batch.src, batch.src_lengths, batch.tgt_in, train_config.teacher_forcing)
-            loss = sequence_loss(logits, batch.tgt_out, train_config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / batch.n_target_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-            optimizer.step()
+            batch = collate(split, indices)
+            train_step(model, batch, optimizer, scheduler, train_config, target)
             tokens += batch.n_target_tokens
-        if use_bf16:
+        if on_gpu:
             torch.cuda.synchronize()
         rates.append(tokens / (time.perf_counter() - started))
-    peak = torch.cuda.max_memory_allocated() / 2**20 if use_bf16 else 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
     return rates, peak
 
 
@@ -98,17 +92,22 @@ def ray_train_tokens_per_sec(
     config: Any, processed: Any, num_workers: int, epochs: int, storage: Path, name: str
 ) -> list[dict[str, float]]:
     """Per-epoch metrics of a real Ray Train run of the project's training function."""
-    from pipeline.training import build_trainer, load_training_state, put_training_data, train_loop_config
+    from pipeline.training.state import read_checkpoint
+    from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
 
     data = put_training_data(processed)
     train_config = config.train.model_copy(
         update={"num_workers": num_workers, "val_bleu_sentences": 0, "early_stopping_patience": 1000}
     )
     trainer = build_trainer(
-        train_loop_config(config.model, train_config, data, epochs), train_config, name, str(storage)
+        train_loop_config(config.model, train_config, data, epochs),
+        train_config,
+        config.runtime,
+        name,
+        str(storage),
     )
     result = trainer.fit()
-    return load_training_state(result.checkpoint)["history"]
+    return read_checkpoint(result.checkpoint)["state"]["history"]
 
 
 def median(values: list[float]) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the whole DVC pipeline inside the job's copy of the project on a Ray cluster.
 #
-# The default entrypoint of `python -m pipeline submit` (see DEFAULT_ENTRYPOINT in pipeline/submit.py) and
+# The default entrypoint of `python -m pipeline submit` (see DEFAULT_ENTRYPOINT in pipeline/jobs/submit.py) and
 # of cluster/kuberay/rayjob.yaml. Extra arguments go to `dvc repro` (e.g. a stage name, or --force).
 #
 # Ray uploads the project without .git, and DVC refuses to run outside a git repository unless told

@@ -1,4 +1,4 @@
-"""`python -m pipeline <command>`: one subcommand per DVC stage, plus translate and submit.
+"""`python -m pipeline <command>`: one subcommand per DVC stage, plus translate, submit and set-params.
 
 Stage modules are imported lazily so `--help` and the light stages do not pay for torch/ray imports.
 """
@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -73,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             set_params(args.params, args.assignments)
             return 0
         if args.command == "translate":
-            from pipeline.translate_cli import run_translate
-
             return run_translate(args.sentences, args.model, args.beam_size)
-        from pipeline.submit import run_submit
+        from pipeline.jobs.submit import run_submit
 
         # Drop only the separator: a later "--" belongs to the entrypoint (`-- pytest -- -k x`).
         entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
@@ -84,6 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run_translate(sentences: Sequence[str], model: str, beam_size: int | None) -> int:
+    """Sentences from arguments or stdin, one translation per line on stdout. `model` is a model folder or
+    an MLflow registry URI (models:/name/version or models:/name@alias)."""
+    if beam_size is not None and beam_size < 1:
+        raise PipelineError(f"--beam-size must be at least 1, got {beam_size}")
+    if not sentences:
+        sentences = [line.rstrip("\r\n") for line in sys.stdin]
+    if model.startswith("models:/"):
+        from pipeline.tracking.registered_model import load_translator  # MLflow only when asked for
+
+        translator = load_translator(model)
+    else:
+        from pipeline.network.translator import Translator  # torch is imported here, not for `--help`
+
+        translator = Translator.from_dir(Path(model))
+    for translation in translator.translate(list(sentences), beam_size=beam_size):
+        # One line per input, always: a stray newline in an output would shift every later line.
+        print(" ".join(translation.splitlines()))
+    sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":

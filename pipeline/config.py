@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 SPLITS = ("train", "validation", "test")
+# The evaluate keys that say how a model is decoded: a model folder's decoding.json holds exactly these.
+DECODING_KEYS = ("beam_size", "length_penalty", "max_len_ratio")
 
 
 class _Section(BaseModel):
@@ -96,10 +97,16 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class RuntimeConfig(_Section):
+    """How a run is carried out, not what it computes: no DVC stage lists this section, so changing it
+    (e.g. the cluster's storage_path) re-runs nothing, and run names (content hashes) ignore it."""
+
+    storage_path: str = "runs/ray"
     max_failures: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
-    storage_path: str = "runs/ray"
-    seed: int = 0
 
 
 class SearchDimension(_Section):
@@ -171,6 +178,10 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(128, ge=1)
     n_samples: int = Field(20, ge=0)
 
+    def decoding(self) -> dict[str, Any]:
+        """The settings a model folder's decoding.json holds (`DECODING_KEYS`)."""
+        return self.model_dump(include=set(DECODING_KEYS))
+
 
 class RegisterConfig(_Section):
     model_name: str = Field("seq2seq-translator", min_length=1)
@@ -188,6 +199,7 @@ class PipelineConfig(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     # "register" would shadow pydantic's BaseModel.register, so the attribute is `registry`.
@@ -220,6 +232,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "params") -> PipelineCon
 
 
 def load_config(path: str | Path = DEFAULT_PARAMS_PATH) -> PipelineConfig:
+    import yaml  # here, not at the top: the network layer imports this module on boxes without PyYAML
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"parameters file not found: {path}")
@@ -249,7 +263,9 @@ def set_params(path: str | Path, assignments: list[str]) -> PipelineConfig:
     For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy). The
     file is rewritten by PyYAML, so its comments are lost: locally, prefer `dvc exp run -S`.
     """
-    from pipeline.atomic import atomic_file
+    import yaml
+
+    from pipeline.files import atomic_file
 
     path = Path(path)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pipeline.files import update_with_file
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -27,9 +29,7 @@ def directory_fingerprint(directory: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(directory)).encode() + b"\0")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        update_with_file(digest, path)
     return digest.hexdigest()[:12]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 PREPARED_DIR = Path("data/prepared")
 PREPARE_STATS = Path("reports/prepare_stats.json")
+PREPARE_METRICS = Path("reports/prepare_metrics.json")
 PROCESSED_DIR = Path("data/processed")
 MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")
@@ -14,6 +15,7 @@ BEST_PARAMS = REPORTS_DIR / "best_params.json"
 TUNE_TRIALS = REPORTS_DIR / "tune_trials.csv"
 TRAIN_HISTORY = REPORTS_DIR / "train_history.csv"
 TRAIN_RUN = REPORTS_DIR / "train_run.json"
+TRAIN_METRICS = REPORTS_DIR / "train_metrics.json"
 METRICS = REPORTS_DIR / "metrics.json"
 SAMPLES = REPORTS_DIR / "samples.jsonl"
 REGISTRY_REPORT = REPORTS_DIR / "registry.json"

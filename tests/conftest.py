@@ -64,6 +64,28 @@ def prepare_project(directory: Path, overrides: dict[str, Any] | None = None):
     return config
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """`count` intra-op torch threads for a while. For the tests' tiny models one thread is fastest: on two
+    cores shared with other processes, two threads spin against each other (a tiny GRU step went from
+    0.06 s to over 1 s)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
     """One real local Ray per module (start-up costs ~10 s). 4 logical CPUs on 2 cores: see ray_runtime."""
@@ -74,3 +96,15 @@ def ray_instance() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real `ray start --head` with token authentication, for job submission (tests/ray_head.py)."""
+    from tests.ray_head import started_ray_head
+
+    try:
+        with started_ray_head() as head:
+            yield head
+    except FileNotFoundError as error:
+        pytest.skip(str(error))

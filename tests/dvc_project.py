@@ -11,7 +11,7 @@ from typing import Any
 
 from tests.conftest import REPO_ROOT, write_params
 
-PROJECT_FILES = ("dvc.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = ("dvc.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots/offline.html")
 
 
 def project_env() -> dict[str, str]:
@@ -33,10 +33,9 @@ def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True) -> 
 
 
 def make_dvc_project(directory: Path, params: dict[str, Any]) -> Path:
-    """Copy the pipeline code and DVC config into `directory`, commit it to a fresh git repo."""
-    shutil.copytree(
-        REPO_ROOT / "pipeline", directory / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    """Copy the code, cluster files and DVC config into `directory`; commit them to a fresh git repo."""
+    for folder in ("pipeline", "cluster"):
+        shutil.copytree(REPO_ROOT / folder, directory / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in PROJECT_FILES:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / name, directory / name)

@@ -5,11 +5,10 @@ Training is cached per process: the decoding and model-io tests reuse what the m
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,28 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.data.batching import EncodedSplit, collate, source_tensor
-from pipeline.data.tokenization import PAD_ID
-from pipeline.decoding import greedy_decode
-from pipeline.model import Seq2Seq, build_model
+from pipeline.network.batching import collate, source_tensor
+from pipeline.network.decoding import greedy_decode
+from pipeline.network.encoded import EncodedSplit
+from pipeline.network.model import Seq2Seq, build_model
+from pipeline.network.tokenization import PAD_ID
+from tests.conftest import torch_threads
 
 Ids = Sequence[Sequence[int]]
 
 N_SYMBOLS = 10
 VOCAB_SIZE = 4 + N_SYMBOLS  # the four special ids, then symbols 4..13
 TINY = {"emb_dim": 32, "hidden_dim": 64, "n_layers": 1, "dropout": 0.0}
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: for models this small a second thread costs more in hand-offs than it saves,
-    and far more when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def reverse_pairs(n: int = 12, n_empty: int = 2, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
@@ -66,7 +55,7 @@ def train_until_memorised(
     split = EncodedSplit.from_lists(sources, targets)
     batch = collate(split, np.arange(len(split)))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    with one_thread():
+    with torch_threads(1):
         for step in range(1, max_steps + 1):
             model.train()
             logits = model(batch.src, batch.src_lengths, batch.tgt_in)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data.cleaning import carve_splits, clean_corpus, clean_text, length_percentiles
+from pipeline.data.cleaning import carve_splits, clean_corpus, length_percentiles
 from pipeline.data.sources import RawCorpus, RawSplit
 from pipeline.errors import PipelineError
+from pipeline.network.tokenization import clean_text
 
 
 def corpus_of(**splits: list[tuple[str, str]]) -> RawCorpus:

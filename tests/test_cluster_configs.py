@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.submit import ALWAYS_EXCLUDE, DEFAULT_ENTRYPOINT, PIPELINE_SCRIPT
+from pipeline.jobs.runtime_env import ALWAYS_EXCLUDE
+from pipeline.jobs.submit import DEFAULT_ENTRYPOINT, PIPELINE_SCRIPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = REPO_ROOT / "cluster"

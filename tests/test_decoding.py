@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-from pipeline.data.batching import source_tensor
-from pipeline.data.tokenization import BOS_ID, EOS_ID
-from pipeline.decoding import beam_search, decode_batch, greedy_decode, max_lengths
-from pipeline.model import Seq2Seq
-from tests.seq2seq_toys import one_thread, random_model, trained_reverser
+from pipeline.network.batching import source_tensor
+from pipeline.network.decoding import beam_search, decode_batch, greedy_decode, max_lengths
+from pipeline.network.model import Seq2Seq
+from pipeline.network.tokenization import BOS_ID, EOS_ID
+from tests.seq2seq_toys import random_model, trained_reverser
 
 ARCHS = ["gru", "gru_attention"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SOURCES = [[4, 5, 6, 7, 8, 9, 10], [11, 12], [13, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 4, 5, 6, 7]]

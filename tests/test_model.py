@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.data.batching import source_tensor
-from pipeline.data.tokenization import BOS_ID, PAD_ID
-from pipeline.model import AttentionMemory, ContextMemory, build_model, count_parameters
-from tests.seq2seq_toys import VOCAB_SIZE, greedy_accuracy, one_thread, random_model, trained_reverser
+from pipeline.network.batching import source_tensor
+from pipeline.network.model import AttentionMemory, ContextMemory, build_model, count_parameters
+from pipeline.network.tokenization import BOS_ID, PAD_ID
+from tests.seq2seq_toys import VOCAB_SIZE, greedy_accuracy, random_model, trained_reverser
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ARCHS = ["gru", "gru_attention"]

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig, PreprocessConfig
-from pipeline.data.batching import source_tensor
-from pipeline.data.tokenization import encode_texts, train_tokenizer
-from pipeline.decoding import beam_search, greedy_decode
 from pipeline.errors import PipelineError
-from pipeline.model import build_model
-from pipeline.model_io import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir
-from pipeline.translator import Translator
-from tests.seq2seq_toys import TINY, one_thread, train_until_memorised
+from pipeline.network.batching import source_tensor
+from pipeline.network.decoding import beam_search, greedy_decode
+from pipeline.network.model import build_model
+from pipeline.network.model_files import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir
+from pipeline.network.tokenization import encode_texts, train_tokenizer
+from pipeline.network.translator import Translator
+from tests.seq2seq_toys import TINY, train_until_memorised
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,9 @@
 
 One test run of every stage through DVC (real Ray Train with 2 gloo workers, real SQLite MLflow store):
 a small model must translate the built-in corpus well, the model must land in the registry as champion,
-and a second `dvc repro` must do nothing.
+and a second `dvc repro` must do nothing. Then the same project goes to a real local Ray head as a job
+with `submit`'s default entrypoint (cluster/run_pipeline.sh): with the outputs in a DVC remote, the
+cluster restores them instead of training again, even with its own `runtime.storage_path`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import sacrebleu
 
 from tests.dvc_project import make_dvc_project, run
+from tests.ray_head import RayHead, output, submit
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +92,37 @@ def test_translate_command_uses_the_champion(project: Path) -> None:
 def test_second_repro_runs_no_stage(project: Path) -> None:
     result = run(["dvc", "repro"], project)
     assert "Running stage" not in result.stdout, result.stdout
+
+
+def test_cluster_job_restores_the_cached_pipeline_instead_of_training_again(
+    project: Path, ray_head: RayHead, tmp_path: Path
+) -> None:
+    """The KubeRay RayJob's situation: the cluster overrides run-time settings (storage, failures) and
+    must still find every stage up to date, pulling outputs from the DVC remote."""
+    from mlflow.tracking import MlflowClient
+
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "--default", "local", str(remote)], project)
+    run(["dvc", "push"], project)
+    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+    versions_before = len(MlflowClient(tracking_uri).search_model_versions("name='seq2seq-translator'"))
+
+    result = submit(
+        project,
+        *("--address", ray_head.address, "--wait"),
+        RAY_AUTH_TOKEN=ray_head.token,
+        MLFLOW_TRACKING_URI=tracking_uri,
+        PIPELINE_SET=f"runtime.storage_path={tmp_path / 'cluster-ray'} runtime.max_failures=5",
+    )
+
+    assert result.returncode == 0, output(result)
+    assert "finished: SUCCEEDED" in result.stdout, output(result)
+    assert "Running stage" not in result.stdout, "the cluster must reuse the cached outputs:\n" + output(
+        result
+    )
+    for stage in ("prepare", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"'{stage}'" in result.stdout, output(result)  # DVC said each was up to date
+    assert not (tmp_path / "cluster-ray").exists(), "nothing trained on the cluster"
+    assert (
+        len(MlflowClient(tracking_uri).search_model_versions("name='seq2seq-translator'")) == versions_before
+    )

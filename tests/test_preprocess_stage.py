@@ -10,18 +10,18 @@ import datasets
 import pytest
 
 from pipeline.config import PipelineConfig, PreprocessConfig, config_from_dict
-from pipeline.data.cleaning import clean_text
-from pipeline.data.encoded import load_processed
-from pipeline.data.tokenization import (
+from pipeline.data.processed import load_processed
+from pipeline.errors import PipelineError
+from pipeline.network.tokenization import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
     UNK_ID,
+    clean_text,
     decode_ids,
     encode_texts,
     train_tokenizer,
 )
-from pipeline.errors import PipelineError
 from pipeline.paths import PREPARED_DIR, PROCESSED_DIR
 from pipeline.stages import prepare, preprocess
 

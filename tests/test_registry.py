@@ -17,7 +17,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import deep_merge, prepare_project, working_directory
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL_NAME = "test-translator"
 PARAMS: dict[str, Any] = {
@@ -50,10 +51,11 @@ def _train_snapshots(processed_dir: Path, target: Path) -> list[Path]:
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.data.batching import EncodedSplit, collate, token_budget_batches
-    from pipeline.data.encoded import load_processed
-    from pipeline.model import build_model
-    from pipeline.model_io import save_model_dir
+    from pipeline.data.processed import load_processed
+    from pipeline.network.batching import collate, token_budget_batches
+    from pipeline.network.encoded import EncodedSplit
+    from pipeline.network.model import build_model
+    from pipeline.network.model_files import save_model_dir
 
     data = load_processed(processed_dir, splits=("train",))
     train = EncodedSplit.from_lists(data.splits["train"].src_ids, data.splits["train"].tgt_ids)
@@ -86,24 +88,12 @@ def _bleu(model_dir: Path, processed_dir: Path) -> float:
     """Test BLEU as the evaluate stage and the registry's re-scoring compute it (with PARAMS' settings)."""
     import sacrebleu
 
-    from pipeline.data.encoded import load_processed
-    from pipeline.translator import Translator
+    from pipeline.data.processed import load_processed
+    from pipeline.network.translator import Translator
 
     test = load_processed(processed_dir, splits=("test",)).splits["test"]
     hypotheses = Translator.from_dir(model_dir).translate(test.src, beam_size=2, batch_size=128)
     return round(sacrebleu.corpus_bleu(hypotheses, [test.tgt], force=True).score, 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """On two cores shared with other processes, two torch threads spin against each other: a tiny GRU
-    step went from 0.06 s (one thread) to over 1 s (two)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +165,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workspace: Workspac
 
 
 def _sentences(processed: Path, n: int = 6) -> list[str]:
-    from pipeline.data.encoded import load_processed
+    from pipeline.data.processed import load_processed
 
     test = load_processed(processed, splits=("test",)).splits["test"]
     return list(test.src[:n]) + ["", "zzz unknown words qqq ."]
@@ -184,9 +174,9 @@ def _sentences(processed: Path, n: int = 6) -> list[str]:
 def test_first_version_becomes_champion_and_registering_it_again_adds_no_version(project: Project) -> None:
     from mlflow.artifacts import download_artifacts
 
-    from pipeline import tracking
+    from pipeline.tracking import lineage, store
 
-    run_id = tracking.get_or_create_run("seq2seq-pipeline", "train-test", "train-test", tags={}, params={})
+    run_id = store.get_or_create_run("seq2seq-pipeline", "train-test", "train-test", tags={}, params={})
     (project.root / "reports").mkdir(exist_ok=True)
     (project.root / "reports" / "train_run.json").write_text(
         json.dumps({"mlflow_run_id": run_id, "ray_run_name": "train-test", "best_epoch": 2})
@@ -210,7 +200,7 @@ def test_first_version_becomes_champion_and_registering_it_again_adds_no_version
     assert float(tags["test_bleu"]) == first["challenger_bleu"] and "test_chrf" in tags
     assert tags["model_content_sha256"] == first["content_hash"]
     assert tags["gate_decision"] == "promoted" and tags["train.ray_run_name"] == "train-test"
-    assert {tracking.TAG_GIT_COMMIT, tracking.TAG_DATA_HASH} <= set(tags)
+    assert {lineage.TAG_GIT_COMMIT, lineage.TAG_DATA_HASH} <= set(tags)
     assert "GRU encoder-decoder" in version.description
     assert f"BLEU {first['challenger_bleu']}" in version.description
 
@@ -218,7 +208,10 @@ def test_first_version_becomes_champion_and_registering_it_again_adds_no_version
     local = Path(download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(project.root / "download")))
     flavor = (local / "MLmodel").read_text()
     assert "model_code_path" in flavor and "python_model.pkl" not in flavor
-    assert not list(local.rglob("*.pkl")) and (local / "code" / "pipeline" / "translator.py").is_file()
+    assert (
+        not list(local.rglob("*.pkl"))
+        and (local / "code" / "pipeline" / "network" / "translator.py").is_file()
+    )
     assert any(line.startswith("torch==") for line in (local / "requirements.txt").read_text().splitlines())
 
 
@@ -270,21 +263,21 @@ def test_registry_translator_and_translate_command_match_the_local_translator(
 ) -> None:
     from pipeline.__main__ import main
     from pipeline.errors import PipelineError
-    from pipeline.tracking import load_translator_from_registry
-    from pipeline.translator import Translator
+    from pipeline.network.translator import Translator
+    from pipeline.tracking.registered_model import load_translator
 
     project.register("good")
     sentences = _sentences(project.workspace.processed)
     local = Translator.from_dir(project.workspace.models["good"]).translate(sentences)
 
     for uri in (f"models:/{MODEL_NAME}@champion", f"models:/{MODEL_NAME}/1"):
-        assert load_translator_from_registry(uri).translate(sentences) == local
+        assert load_translator(uri).translate(sentences) == local
 
     capsys.readouterr()
     assert main(["translate", "--model", f"models:/{MODEL_NAME}@champion", *sentences[:3]]) == 0
     assert capsys.readouterr().out.splitlines() == local[:3]
     with pytest.raises(PipelineError, match="cannot fetch"):
-        load_translator_from_registry(f"models:/{MODEL_NAME}@no-such-alias")
+        load_translator(f"models:/{MODEL_NAME}@no-such-alias")
 
 
 # Run with `python -S`: site-packages joins sys.path without its .pth files, so an editable install of this
@@ -310,7 +303,7 @@ print(json.dumps({
 def test_logged_model_loads_and_predicts_without_the_project_installed(project: Project) -> None:
     import site
 
-    from pipeline.translator import Translator
+    from pipeline.network.translator import Translator
 
     project.register("good")
     sentences = _sentences(project.workspace.processed)
@@ -360,7 +353,7 @@ def _wait_until_serving(server: subprocess.Popen, port: int, log: Path) -> None:
 
 @pytest.mark.slow
 def test_served_champion_answers_invocations_like_the_local_model(project: Project) -> None:
-    from pipeline.translator import Translator
+    from pipeline.network.translator import Translator
 
     project.register("good")
     sentences = _sentences(project.workspace.processed)

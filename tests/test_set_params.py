@@ -16,7 +16,7 @@ def test_assignments_are_typed_nested_and_validated(tmp_path: Path) -> None:
     path = write_params(tmp_path, {})
     config = set_params(path, ["train.use_gpu=true", "train.num_workers=4", "data.builtin.n_pairs=500"])
     assert (config.train.use_gpu, config.train.num_workers, config.data.builtin.n_pairs) == (True, 4, 500)
-    assert yaml.safe_load(path.read_text())["train"]["storage_path"] == "runs/ray", "other keys are kept"
+    assert yaml.safe_load(path.read_text())["runtime"]["storage_path"] == "runs/ray", "other keys are kept"
 
 
 def test_a_bad_value_names_the_key_and_leaves_the_file_untouched(tmp_path: Path) -> None:

@@ -1,51 +1,29 @@
 """`python -m pipeline submit` against a real local Ray head with token authentication on.
 
-One head serves the module (start-up ~12 s, each job ~10 s on 2 cores). It is started with
-`ray start --head --block` in its own process group and ended by killing that group, never with
-`ray stop`, which would also end the Ray instances other tests run at the same time.
+One head serves the module (tests/ray_head.py; start-up ~12 s, each job ~10 s on 2 cores). The default
+entrypoint (the whole pipeline as a job) is tested in test_pipeline_end_to_end.py, on the pipeline that
+test already ran, so the suite runs the full pipeline once.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import textwrap
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.submit import (
-    ALWAYS_EXCLUDE,
-    DEFAULT_ENTRYPOINT,
-    GIT_COMMIT_ENV,
-    auth_headers,
-    build_runtime_env,
-    entrypoint_command,
-    run_submit,
-    tracking_warnings,
-)
+from pipeline.jobs.runtime_env import ALWAYS_EXCLUDE, build_runtime_env, tracking_warnings
+from pipeline.jobs.submit import DEFAULT_ENTRYPOINT, auth_headers, entrypoint_command, run_submit
+from pipeline.tracking.lineage import GIT_COMMIT_ENV
+from tests.ray_head import REPO_ROOT, RayHead, copy_project, free_ports, output, submit
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 TRACKING_URI = "http://mlflow.invalid:5000"  # only checked for arrival; nothing connects to it
 
-# What the end-to-end job runs, in one place. For now a quick proof that the job runs the project's own
-# code from the uploaded copy, with the submitter's settings and without the excluded paths; the job
-# writes what it saw to $SUBMIT_TEST_MARKER. Once the stages are in, switch it to a short real run, e.g.
-#   JOB_ENTRYPOINT = ["python -m pipeline prepare && python -m pipeline preprocess && ..."]
-# with tests.conftest.write_params(project, TINY_PARAMS) in `project_copy`, and check the outputs instead.
+# A quick proof that the job runs the project's own code from the uploaded copy, with the submitter's
+# settings and without the excluded paths; the job writes what it saw to $SUBMIT_TEST_MARKER.
 JOB_CHECK = textwrap.dedent(
     """
     import json, os, pathlib, subprocess, sys
@@ -66,144 +44,9 @@ JOB_CHECK = textwrap.dedent(
 JOB_ENTRYPOINT = ["python", "-c", JOB_CHECK]
 
 
-@dataclass(frozen=True)
-class RayHead:
-    address: str
-    token: str
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment with the venv first on PATH and no Ray address or token of its own."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("RAY_AUTH_", "MLFLOW_", "PIPELINE_SUBMIT_"))
-        and name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-    }
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def _stop_process_group(process: subprocess.Popen, grace_s: float = 2.0) -> None:
-    # SIGTERM alone leaves gcs_server and the monitor running; SIGKILL after a grace period ends them.
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        if sig == signal.SIGTERM:
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.2)
-    process.wait(timeout=10)
-
-
-def _wait_for_jobs_api(address: str, token: str, head: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            pytest.fail(f"ray start --head exited with {head.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            response = requests.get(
-                f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=2
-            )
-            if response.status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the jobs API at {address} did not come up in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
-    if not (VENV_BIN / "ray").exists():
-        pytest.skip("the `ray` command is not installed next to this Python")
-    # Short: Ray's socket paths under --temp-dir must stay within the 107-byte AF_UNIX limit.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
-    token = secrets.token_hex(32)
-    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    command = [
-        str(VENV_BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
-        # Fixed by default (10001, 52365): another Ray on this machine would collide.
-        f"--ray-client-server-port={client_port}",
-        f"--dashboard-agent-listen-port={agent_port}",
-        "--num-cpus=4",
-        f"--temp-dir={temp_dir / 'ray'}",
-    ]
-    log = temp_dir / "head.log"
-    # The job's entrypoint inherits the head's environment: venv first on PATH, the token to rejoin.
-    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    with log.open("wb") as log_file:
-        head = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_for_jobs_api(address, token, head, log, timeout_s=90)
-        yield RayHead(address=address, token=token)
-    finally:
-        _stop_process_group(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _copy_project(destination: Path) -> Path:
-    """The repository's files as a clone would have them (tracked + untracked, minus .gitignore'd)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for relative in filter(None, listed.split("\0")):
-        source = REPO_ROOT / relative
-        if source.is_file():  # others edit this tree right now: a listed file may be gone
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    return destination
-
-
-def _submit(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "submit", *args],
-        cwd=cwd,
-        env=_clean_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def _output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def project_copy(tmp_path_factory) -> Path:
-    project = _copy_project(tmp_path_factory.mktemp("submit-project"))
+    project = copy_project(tmp_path_factory.mktemp("submit-project"))
     # Present locally, never uploaded.
     (project / "data").mkdir(exist_ok=True)
     (project / "data" / "planted.txt").write_text("local only")
@@ -222,7 +65,7 @@ def test_submit_wait_runs_project_code_in_uploaded_copy_with_shell_settings(
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
 
-    result = _submit(
+    result = submit(
         project_copy,
         *("--address", ray_head.address, "--wait", "--runtime-env", str(env_file), "--", *JOB_ENTRYPOINT),
         # The token as most users have it: no RAY_AUTH_MODE, which Ray's own client would need.
@@ -230,9 +73,9 @@ def test_submit_wait_runs_project_code_in_uploaded_copy_with_shell_settings(
         MLFLOW_TRACKING_URI=TRACKING_URI,
     )
 
-    assert result.returncode == 0, _output(result)
-    assert "finished: SUCCEEDED" in result.stdout, _output(result)
-    assert "job check done" in result.stdout, _output(result)  # the logs were streamed
+    assert result.returncode == 0, output(result)
+    assert "finished: SUCCEEDED" in result.stdout, output(result)
+    assert "job check done" in result.stdout, output(result)  # the logs were streamed
     seen = json.loads(marker.read_text())
     assert seen["cwd"] != str(project_copy), "the job must run in Ray's uploaded copy"
     assert Path(seen["pipeline_file"]).is_relative_to(seen["cwd"]), seen
@@ -245,48 +88,15 @@ def test_submit_wait_runs_project_code_in_uploaded_copy_with_shell_settings(
 def test_submit_wait_exits_nonzero_and_prints_failed_for_a_failing_job(
     ray_head: RayHead, project_copy: Path
 ) -> None:
-    result = _submit(
+    result = submit(
         project_copy,
         *("--address", ray_head.address, "--wait", "--", "python", "-c", "import sys; sys.exit(3)"),
         RAY_AUTH_TOKEN=ray_head.token,
     )
 
-    assert result.returncode == 1, _output(result)
-    assert "finished: FAILED" in result.stdout, _output(result)
-    assert "exit code 3" in result.stdout, _output(result)
-
-
-@pytest.mark.slow
-def test_default_entrypoint_runs_the_whole_pipeline_on_the_cluster(ray_head: RayHead, tmp_path: Path) -> None:
-    """`submit --wait` with no command: `dvc repro` of every stage in the uploaded copy (no .git there),
-    training on the cluster, ending with a registered model in the (shared) MLflow store."""
-    from mlflow.tracking import MlflowClient
-
-    from tests.conftest import TINY_PARAMS, deep_merge, write_params
-
-    project = _copy_project(tmp_path / "project")
-    write_params(project, deep_merge(TINY_PARAMS, {"train": {"storage_path": str(tmp_path / "ray-storage")}}))
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # one machine: a local path is shared storage
-
-    result = _submit(
-        project,
-        "--address",
-        ray_head.address,
-        "--wait",
-        RAY_AUTH_TOKEN=ray_head.token,
-        MLFLOW_TRACKING_URI=tracking_uri,
-    )
-
-    assert result.returncode == 0, _output(result)
-    assert f"entrypoint: {DEFAULT_ENTRYPOINT}" in result.stderr, _output(result)
-    assert "finished: SUCCEEDED" in result.stdout, _output(result)
-    for stage in ("prepare", "preprocess", "tune", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in result.stdout, _output(result)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    champion = client.get_model_version_by_alias("seq2seq-translator", "champion")
-    train_run = client.get_run(champion.run_id)
-    assert "test_bleu" in train_run.data.metrics and "val_loss" in train_run.data.metrics
-    assert any((tmp_path / "ray-storage").iterdir()), "checkpoints go to train.storage_path"
+    assert result.returncode == 1, output(result)
+    assert "finished: FAILED" in result.stdout, output(result)
+    assert "exit code 3" in result.stdout, output(result)
 
 
 @pytest.mark.slow
@@ -295,12 +105,12 @@ def test_submit_without_wait_prints_job_id_and_how_to_follow_it(
 ) -> None:
     import requests
 
-    result = _submit(project_copy, "--address", ray_head.address, "--", "true", RAY_AUTH_TOKEN=ray_head.token)
+    result = submit(project_copy, "--address", ray_head.address, "--", "true", RAY_AUTH_TOKEN=ray_head.token)
 
-    assert result.returncode == 0, _output(result)
+    assert result.returncode == 0, output(result)
     job_id = result.stdout.split("submitted job ", 1)[1].split()[0]
     hint = f"RAY_ADDRESS={ray_head.address} RAY_AUTH_MODE=token ray job logs -f {job_id}"
-    assert hint in result.stdout, _output(result)
+    assert hint in result.stdout, output(result)
     # Known to the cluster; not waited for, the head goes at the end of the module anyway. (That the
     # printed RAY_AUTH_MODE=token is what `ray job ...` needs was checked by hand: the CLI costs seconds.)
     bearer = {"Authorization": f"Bearer {ray_head.token}"}
@@ -313,11 +123,11 @@ def test_submit_without_token_fails_with_401_naming_address_and_fix(
     ray_head: RayHead, project_copy: Path, tmp_path: Path
 ) -> None:
     # HOME without ~/.ray/auth_token: nothing to send.
-    result = _submit(project_copy, "--address", ray_head.address, "--", "true", HOME=str(tmp_path))
+    result = submit(project_copy, "--address", ray_head.address, "--", "true", HOME=str(tmp_path))
 
-    assert result.returncode == 2, _output(result)
+    assert result.returncode == 2, output(result)
     assert ray_head.address in result.stderr
-    assert "HTTP 401" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr, _output(result)
+    assert "HTTP 401" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr, output(result)
 
 
 @pytest.mark.slow
@@ -325,17 +135,17 @@ def test_submit_with_wrong_token_fails_with_403_naming_its_source(
     ray_head: RayHead, project_copy: Path
 ) -> None:
     args = ("--address", ray_head.address, "--", "true")
-    result = _submit(project_copy, *args, RAY_AUTH_TOKEN="not-the-token")
+    result = submit(project_copy, *args, RAY_AUTH_TOKEN="not-the-token")
 
-    assert result.returncode == 2, _output(result)
-    assert "HTTP 403" in result.stderr and "from RAY_AUTH_TOKEN" in result.stderr, _output(result)
+    assert result.returncode == 2, output(result)
+    assert "HTTP 403" in result.stderr and "from RAY_AUTH_TOKEN" in result.stderr, output(result)
 
 
 # Fast: no cluster.
 
 
 def test_unreachable_address_fails_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(PipelineError, match=rf"127\.0\.0\.1:{port}.*--address or RAY_ADDRESS"):
@@ -393,7 +203,7 @@ def test_entrypoint_default_single_command_line_and_quoted_words() -> None:
 
 
 def test_cli_drops_only_the_leading_separator(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.submit
+    import pipeline.jobs.submit
     from pipeline.__main__ import main
 
     seen: list[list[str]] = []
@@ -402,7 +212,7 @@ def test_cli_drops_only_the_leading_separator(monkeypatch: pytest.MonkeyPatch) -
         seen.append(entrypoint)
         return 0
 
-    monkeypatch.setattr(pipeline.submit, "run_submit", fake_run_submit)
+    monkeypatch.setattr(pipeline.jobs.submit, "run_submit", fake_run_submit)
     assert main(["submit", "--wait", "--", "pytest", "--", "-k", "x"]) == 0
     assert main(["submit"]) == 0
     assert seen == [["pytest", "--", "-k", "x"], []]

@@ -78,17 +78,23 @@ def _kill_one_train_worker_after_a_registered_checkpoint(
 
 def test_killed_worker_resumes_from_latest_checkpoint_not_epoch_zero(project: Path, tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.data.encoded import load_processed
-    from pipeline.training import build_trainer, load_training_state, put_training_data, train_loop_config
+    from pipeline.data.processed import load_processed
+    from pipeline.training.state import read_checkpoint
+    from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
 
     with working_directory(project):
         config = load_config("params.yaml")
         processed = load_processed()
     data = put_training_data(processed)
-    train_config = config.train.model_copy(update={"max_failures": 2, "early_stopping_patience": 50})
+    train_config = config.train.model_copy(update={"early_stopping_patience": 50})
+    runtime = config.runtime.model_copy(update={"max_failures": 2})
     epochs = 8
     trainer = build_trainer(
-        train_loop_config(config.model, train_config, data, epochs), train_config, "kill-test", str(tmp_path)
+        train_loop_config(config.model, train_config, data, epochs),
+        train_config,
+        runtime,
+        "kill-test",
+        str(tmp_path),
     )
     killed: list[int] = []
     killer = threading.Thread(
@@ -102,7 +108,7 @@ def test_killed_worker_resumes_from_latest_checkpoint_not_epoch_zero(project: Pa
 
     assert killed, "no Ray Train worker was found to kill"
     assert result.error is None
-    history = load_training_state(result.checkpoint)["history"]
+    history = read_checkpoint(result.checkpoint)["state"]["history"]
     epochs_seen = [row["epoch"] for row in history]
     assert epochs_seen == list(range(epochs)), "each epoch must appear once: no restart from epoch 0"
     resumed = [row["resumed_from_epoch"] for row in history if row["resumed_from_epoch"] >= 0]

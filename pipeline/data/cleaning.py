@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,25 +25,10 @@ from dataclasses import dataclass
 from pipeline.config import SPLITS, DataConfig
 from pipeline.data.sources import Pair, RawCorpus
 from pipeline.errors import PipelineError
+from pipeline.network.tokenization import clean_text
 
 DROP_REASONS = ("empty", "too_long", "length_ratio", "duplicate", "in_eval_split")
 EVAL_DROP_REASONS = ("empty",)  # the only filter evaluation splits get (see above)
-
-# C0/C1 control characters that are not whitespace (whitespace ones such as \t become a space below),
-# plus the byte-order mark, which some editors leave at the start of lines.
-_CONTROL_CHARS = re.compile(
-    "["
-    + "".join(re.escape(chr(c)) for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace())
-    + "\ufeff]"
-)
-
-
-def clean_text(text: str) -> str:
-    """NFC, no control characters, single spaces, no leading/trailing space."""
-    text = _CONTROL_CHARS.sub("", text)
-    # str.split() with no argument splits on every Unicode whitespace (tabs, NBSP, U+3000, ...).
-    text = " ".join(text.split())
-    return unicodedata.normalize("NFC", text)
 
 
 def n_tokens(text: str) -> int:

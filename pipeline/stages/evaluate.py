@@ -12,13 +12,15 @@ import logging
 import torch
 
 from pipeline import paths
-from pipeline.atomic import atomic_file, write_json
 from pipeline.config import PipelineConfig
-from pipeline.data.batching import EncodedSplit, token_budget_batches
-from pipeline.data.encoded import load_processed
+from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
-from pipeline.model_io import load_model_dir
-from pipeline.scoring import teacher_forced_loss, translate_and_score
+from pipeline.files import atomic_file, read_json_object, write_json
+from pipeline.network.batching import token_budget_batches
+from pipeline.network.encoded import EncodedSplit
+from pipeline.network.model_files import load_model_dir
+from pipeline.network.scoring import teacher_forced_loss
+from pipeline.network.translator import translate_and_score
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,11 @@ def _log_to_train_run(metrics: dict[str, float]) -> None:
     """The evaluate metrics belong to the run that trained the model (reports/train_run.json)."""
     if not paths.TRAIN_RUN.is_file():
         return
-    run_id = json.loads(paths.TRAIN_RUN.read_text(encoding="utf-8")).get("mlflow_run_id")
+    run_id = read_json_object(paths.TRAIN_RUN).get("mlflow_run_id")
     if run_id:
-        from pipeline import tracking
+        from pipeline.tracking import store
 
-        tracking.log_metrics(
+        store.log_metrics(
             run_id, {f"test_{k}" if not k.startswith("test") else k: v for k, v in metrics.items()}
         )
-        tracking.log_artifact(run_id, paths.SAMPLES)
+        store.log_artifact(run_id, paths.SAMPLES)

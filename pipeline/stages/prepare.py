@@ -1,25 +1,24 @@
-"""Stage `prepare`: corpus -> cleaned train/validation/test pairs (data/prepared, reports/prepare_stats.json).
+"""Stage `prepare`: corpus -> cleaned train/validation/test pairs.
 
-Everything is loaded and checked in memory first; nothing is written unless the whole corpus passed.
-data/prepared is a `datasets.DatasetDict` (splits train/validation/test, string columns `src`, `tgt`) saved
-with `save_to_disk`, plus `corpus.json` naming the source and languages so the next stage can tell when
-data/prepared was made for another language pair.
+Writes data/prepared (`pipeline.data.prepared`), reports/prepare_stats.json (everything: pairs loaded and
+kept, drops by reason, length percentiles) and reports/prepare_metrics.json (the headline figures that
+`dvc metrics show` and `dvc exp show` list). Everything is loaded and checked in memory first; nothing is
+written unless the whole corpus passed.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from typing import Any
 
 from pipeline import paths
-from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import PipelineConfig
 from pipeline.data.cleaning import PreparedCorpus, clean_corpus, prepare_stats
+from pipeline.data.prepared import save_prepared
 from pipeline.data.sources import RawCorpus, load_corpus
+from pipeline.files import write_json
 
 logger = logging.getLogger(__name__)
-
-CORPUS_INFO = "corpus.json"
 
 
 def run(config: PipelineConfig) -> None:
@@ -28,30 +27,13 @@ def run(config: PipelineConfig) -> None:
     stats = prepare_stats(corpus, prepared)
     save_prepared(prepared, corpus, paths.PREPARED_DIR)
     write_json(paths.PREPARE_STATS, stats)
+    write_json(paths.PREPARE_METRICS, headline_metrics(stats))
     logger.info(_summary(corpus, prepared))
 
 
-def save_prepared(prepared: PreparedCorpus, corpus: RawCorpus, target: Path) -> None:
-    import datasets
-
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    splits = {
-        name: datasets.Dataset.from_dict(
-            {"src": [src for src, _ in pairs], "tgt": [tgt for _, tgt in pairs]}, features=features
-        )
-        for name, pairs in prepared.splits.items()
-    }
-    with atomic_dir(target) as tmp:
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        write_json(
-            tmp / CORPUS_INFO,
-            {
-                "source": corpus.source,
-                "src_lang": corpus.src_lang,
-                "tgt_lang": corpus.tgt_lang,
-                "pairs": {name: len(pairs) for name, pairs in prepared.splits.items()},
-            },
-        )
+def headline_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """Pairs per split and pairs dropped: the columns worth comparing across experiments."""
+    return {"pairs": stats["pairs"], "dropped_total": stats["dropped_total"]}
 
 
 def _summary(corpus: RawCorpus, prepared: PreparedCorpus) -> str:

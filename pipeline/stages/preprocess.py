@@ -7,22 +7,17 @@ data/prepared, which DVC tracks as the previous stage's output.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from pipeline import paths
-from pipeline.config import SPLITS, DataConfig, PipelineConfig, PreprocessConfig
-from pipeline.data.encoded import ProcessedSplit, encode_split, save_processed, unk_rate
-from pipeline.data.tokenization import train_tokenizer
-from pipeline.errors import PipelineError
-from pipeline.stages.prepare import CORPUS_INFO
+from pipeline.config import SPLITS, PipelineConfig, PreprocessConfig
+from pipeline.data.prepared import load_prepared
+from pipeline.data.processed import ProcessedSplit, encode_split, save_processed, unk_rate
+from pipeline.network.tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
-
-Texts = dict[str, tuple[list[str], list[str]]]  # split -> (source sentences, target sentences)
 
 
 def run(config: PipelineConfig) -> None:
@@ -51,38 +46,6 @@ def run(config: PipelineConfig) -> None:
         100 * meta["unk_rate"]["test"]["src"],
         100 * meta["unk_rate"]["test"]["tgt"],
     )
-
-
-def load_prepared(path: Path, data: DataConfig) -> Texts:
-    """The prepare stage's output as lists of text; PipelineError when missing or made for other languages."""
-    import datasets
-
-    path = Path(path)
-    info_path = path / CORPUS_INFO
-    if not path.is_dir():
-        raise PipelineError(f"{path} not found: run `python -m pipeline prepare` first")
-    if not info_path.is_file():
-        raise PipelineError(
-            f"{path} is incomplete (no {CORPUS_INFO}): run `python -m pipeline prepare` again"
-        )
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    if (info.get("src_lang"), info.get("tgt_lang")) != (data.src_lang, data.tgt_lang):
-        raise PipelineError(
-            f"{path} holds {info.get('src_lang')}->{info.get('tgt_lang')} but params say "
-            f"{data.src_lang}->{data.tgt_lang}: run `python -m pipeline prepare` again"
-        )
-    dataset = datasets.load_from_disk(str(path))
-    texts: Texts = {}
-    for name in SPLITS:
-        if name not in dataset or {"src", "tgt"} - set(dataset[name].column_names):
-            raise PipelineError(
-                f"{path} has no {name} split with src/tgt columns: run `python -m pipeline prepare`"
-            )
-        columns = dataset[name].to_dict()
-        texts[name] = (columns["src"], columns["tgt"])
-    if not texts["train"][0]:
-        raise PipelineError(f"{path}: the train split is empty: run `python -m pipeline prepare` again")
-    return texts
 
 
 def train_tokenizers(src: list[str], tgt: list[str], config: PreprocessConfig) -> tuple[Tokenizer, Tokenizer]:

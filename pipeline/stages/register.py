@@ -1,22 +1,49 @@
 """Stage `register`: models/ -> a registered model version, the champion gate, reports/registry.json.
 
-The logic (idempotency, the gate, re-scoring, tags) lives in `pipeline.registry`; see its docstring.
+- Idempotent: a version is tagged with a content hash of the model files (weights, config, tokenizers,
+  decoding settings). Registering the same files again finds that version instead of adding one; a version
+  whose gate never finished (no decision tag) is finished instead.
+- Every new version takes the alias `challenger`; `champion` moves as `tracking.gate` decides. BLEU is only
+  comparable on the same test sentences, so each version carries a hash of the test split it was scored
+  on; when the champion's differs, the champion is downloaded and re-scored on the current split first
+  (with the evaluate settings the candidate's BLEU was measured with), and the re-score kept as a tag.
+- Lineage: tags on the version say which commit, data, config and run produced it, and why the gate
+  decided what it did; reports/registry.json repeats the decision for DVC.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
 from pipeline.config import PipelineConfig
+from pipeline.files import write_json
+from pipeline.tracking import candidate as candidates
+from pipeline.tracking import gate, lineage, store
+from pipeline.tracking.candidate import Candidate
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 
+CHAMPION, CHALLENGER = "champion", "challenger"
+TAG_DECISION = "gate_decision"
+TAG_REASON = "gate_reason"
+TAG_GATE_CHAMPION = "gate_champion_version"
+TAG_GATE_CHAMPION_BLEU = "gate_champion_bleu"
+RESCORED_TAG_PREFIX = "bleu_on_test_"  # + test hash prefix: a champion's re-score, kept so it runs once
+REGISTERED_MODEL_DESCRIPTION = "Encoder-decoder translation models from the seq2seq pipeline"
+
 
 def run(config: PipelineConfig) -> None:
-    from pipeline.registry import register_model  # mlflow and torch only once the stage runs
-
-    report = register_model(config)
+    with tempfile.TemporaryDirectory() as staging:
+        model_dir = candidates.stage_model_dir(paths.MODELS_DIR, config.evaluate, Path(staging))
+        report = register(config, candidates.load_candidate(model_dir))
+    write_json(paths.REGISTRY_REPORT, report)
     logger.info(
         "%s version %s: %s (%s); aliases %s -> %s",
         report["model_name"],
@@ -26,3 +53,141 @@ def run(config: PipelineConfig) -> None:
         ", ".join(report["aliases"]) or "none",
         paths.REGISTRY_REPORT,
     )
+
+
+def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
+    """Register the candidate (at most once), run the gate; returns the report."""
+    name = config.registry.model_name
+    existing = store.find_model_version(name, candidates.TAG_CONTENT_HASH, candidate.content_hash)
+    if existing is not None and TAG_DECISION in existing.tags:
+        reason = (
+            f"version {existing.version} already holds these model files (content hash "
+            f"{candidate.content_hash[:12]}); its gate decision was: {existing.tags[TAG_DECISION]}, "
+            f"{existing.tags.get(TAG_REASON, '')}"
+        )
+        return _report(name, existing.version, candidate, "unchanged", gate.Decision(False, reason), False)
+    version = existing or _create_version(config, candidate)
+    champion = _champion_score(config, name, str(version.version), candidate)
+    decision = gate.decide(str(version.version), candidate.bleu, champion, config.registry.min_improvement)
+    _apply(name, str(version.version), decision)
+    outcome = "promoted" if decision.promote else "rejected"
+    return _report(name, version.version, candidate, outcome, decision, existing is None)
+
+
+def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersion:
+    """Log the model into its run and register it; the gate's tags come later, once it has decided."""
+    run_id = _run_for_model(config, candidate)
+    from pipeline.tracking.pyfunc_model import BEAM_SIZE_PARAM
+
+    with tempfile.TemporaryDirectory() as code_dir:
+        info = store.log_pyfunc_model(
+            run_id,
+            candidates.LOGGED_MODEL_NAME,
+            signature=store.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
+            **candidates.pyfunc_parts(candidate, Path(code_dir)),
+        )
+    name = config.registry.model_name
+    store.ensure_registered_model(name, REGISTERED_MODEL_DESCRIPTION)
+    version = store.create_model_version(
+        name,
+        info,
+        run_id,
+        tags=candidates.version_tags(config, candidate),
+        description=candidates.version_description(config, candidate),
+    )
+    store.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
+    return version
+
+
+def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
+    """The train run from reports/train_run.json if this store has it, else a register run of its own."""
+    run_id = candidate.train_run.get("mlflow_run_id")
+    if run_id:
+        if store.existing_run(run_id):
+            return run_id
+        logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
+    run_key = f"register-{candidate.content_hash[:16]}"
+    return store.get_or_create_run(
+        config.tracking.experiment,
+        run_key=run_key,
+        run_name=run_key,
+        tags=lineage.lineage_tags("register"),
+        params=lineage.config_params(config, ("data", "preprocess", "model")),
+    )
+
+
+def _champion_score(
+    config: PipelineConfig, name: str, version: str, candidate: Candidate
+) -> gate.ChampionScore | None:
+    """The champion's BLEU on the candidate's test split: its own tag if scored there, else a re-score."""
+    number = store.model_aliases(name).get(CHAMPION)
+    if number is None:
+        return None
+    if number == version:  # an interrupted gate had already moved the alias: nothing to compare
+        return gate.ChampionScore(number, candidate.bleu, rescored=False)
+    champion = store.get_model_version(name, number)
+    if champion.tags.get(candidates.TAG_TEST_HASH) == candidate.test_hash and (
+        candidates.TAG_TEST_BLEU in champion.tags
+    ):
+        return gate.ChampionScore(number, float(champion.tags[candidates.TAG_TEST_BLEU]), rescored=False)
+    cache_tag = RESCORED_TAG_PREFIX + candidate.test_hash[:16]
+    if cache_tag not in champion.tags:
+        bleu = _rescore(config, name, number, candidate)
+        store.set_version_tags(name, number, {cache_tag: str(bleu)})
+        return gate.ChampionScore(number, bleu, rescored=True)
+    return gate.ChampionScore(number, float(champion.tags[cache_tag]), rescored=True)
+
+
+def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candidate) -> float:
+    """Download a registered version and compute its sacreBLEU on the candidate's test split."""
+    from pipeline.network.model_files import load_model_dir
+    from pipeline.network.translator import translate_and_score
+
+    test = candidate.test
+    logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, len(test))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = store.download_model_dir(
+            f"models:/{name}/{version}", Path(tmp), candidates.MODEL_DIR_ARTIFACT
+        )
+        loaded = load_model_dir(folder)
+    return translate_and_score(loaded, test.src, test.tgt, config.evaluate)[1]["bleu"]
+
+
+def _apply(name: str, version: str, decision: gate.Decision) -> None:
+    """Aliases first, decision tags last: a version without a decision tag is one the gate never finished."""
+    store.set_alias(name, CHALLENGER, version)
+    if decision.promote:
+        store.set_alias(name, CHAMPION, version)
+    tags = {TAG_DECISION: "promoted" if decision.promote else "rejected", TAG_REASON: decision.reason}
+    if decision.champion_version is not None:
+        tags[TAG_GATE_CHAMPION] = decision.champion_version
+        tags[TAG_GATE_CHAMPION_BLEU] = str(decision.champion_bleu)
+    store.set_version_tags(name, version, tags)
+
+
+def _report(
+    name: str,
+    version: int | str,
+    candidate: Candidate,
+    outcome: str,
+    decision: gate.Decision,
+    new_version: bool,
+) -> dict[str, Any]:
+    aliases = store.model_aliases(name)
+    compared_with = decision.champion_version
+    return {
+        "model_name": name,
+        "version": int(version),
+        "model_uri": f"models:/{name}/{version}",
+        "aliases": sorted(alias for alias, number in aliases.items() if number == str(version)),
+        "champion_version": int(aliases[CHAMPION]) if CHAMPION in aliases else None,
+        "decision": outcome,
+        "reason": decision.reason,
+        "new_version": new_version,
+        "challenger_bleu": candidate.bleu,
+        "champion_bleu": decision.champion_bleu,
+        "champion_rescored": decision.rescored,
+        "compared_with_version": None if compared_with is None else int(compared_with),
+        "content_hash": candidate.content_hash,
+        "test_data_hash": candidate.test_hash,
+    }

@@ -1,19 +1,27 @@
-"""Stage `tune`: search model sizes and dropout -> reports/best_params.json, reports/tune_trials.csv."""
+"""Stage `tune`: search model sizes and dropout -> reports/best_params.json, reports/tune_trials.csv.
+
+tune_trials.csv has one row per trial: its values, `best_value` (the best `tune.metric` it reported,
+named in the `metric` column, so the DVC plot works whatever the metric), epochs run, whether it stopped
+early and its status.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
+from typing import Any
 
 from pipeline import paths
-from pipeline.atomic import atomic_file, write_json
 from pipeline.config import PipelineConfig
-from pipeline.data.encoded import load_processed
+from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_file, write_json
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
 
 logger = logging.getLogger(__name__)
+
+TRIAL_COLUMNS = ("trial_id", "metric", "best_value", "epochs_run", "stopped_early", "status")
 
 
 def run(config: PipelineConfig) -> None:
@@ -30,17 +38,17 @@ def run(config: PipelineConfig) -> None:
         config.model, config.train, settings, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
 
-    from pipeline import tracking
-    from pipeline.ray_runtime import ray_session, resolve_storage_path
-    from pipeline.training import put_training_data
-    from pipeline.tuning import build_tuner, cluster_resources_if_remote, plan_resources, to_dotted_key
+    from pipeline.tracking import lineage, store
+    from pipeline.training.resources import SPARE_LOCAL_CPUS, plan_tune
+    from pipeline.training.runtime import joined_cluster_resources, ray_session, resolve_storage_path
+    from pipeline.training.trainer import put_training_data
+    from pipeline.training.tuning import build_tuner, trial_overrides
 
-    plan = plan_resources(config, None)
-    # One spare logical CPU: with an exact fit the Train worker group was seen never to start.
-    with ray_session(math.ceil(plan.logical_cpus_needed) + 1):
-        cluster = cluster_resources_if_remote()
+    plan = plan_tune(config, None)
+    with ray_session(math.ceil(plan.logical_cpus_needed) + SPARE_LOCAL_CPUS):
+        cluster = joined_cluster_resources()
         if cluster is not None:
-            plan = plan_resources(config, cluster)
+            plan = plan_tune(config, cluster)
         logger.info(
             "Tune plan: %s; %d samples, %d epochs each",
             plan.describe(),
@@ -48,68 +56,51 @@ def run(config: PipelineConfig) -> None:
             settings.max_epochs,
         )
         data = put_training_data(processed, settings.max_examples)
-        uri = tracking.tracking_uri()
-        lineage = tracking.lineage_tags("tune")
-        parent_run_id = tracking.get_or_create_run(
+        uri = store.tracking_uri()
+        tags = lineage.lineage_tags("tune")
+        parent_run_id = store.get_or_create_run(
             config.tracking.experiment,
             run_key=experiment_name,
             run_name=experiment_name,
-            tags=lineage,
-            params=tracking.config_params(config, ("model", "train", "tune")),
+            tags=tags,
+            params=lineage.config_params(config, ("model", "train", "tune")),
             uri=uri,
         )
-        tuner = build_tuner(
-            config,
-            data,
-            plan,
-            experiment_name,
-            resolve_storage_path(config.train.storage_path),
-            {"parent_run_id": parent_run_id, "tracking_uri": uri, "lineage_tags": lineage},
-        )
-        with tracking.failed_on_error(parent_run_id, uri):
+        trial_runs = store.TrialRuns(config.tracking.experiment, parent_run_id, uri, tags)
+        storage_path = resolve_storage_path(config.runtime.storage_path)
+        tuner = build_tuner(config, data, plan, experiment_name, storage_path, trial_runs)
+        with store.failed_on_error(parent_run_id, uri):
             results = tuner.fit()
 
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        metric_values = history[settings.metric] if history is not None and settings.metric in history else []
-        best_value = (min if settings.mode == "min" else max)(metric_values) if len(metric_values) else None
-        epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
-        rows.append(
-            {
-                "trial_id": (result.metrics or {}).get("trial_id", result.path.rsplit("/", 1)[-1]),
-                **{to_dotted_key(k): v for k, v in (result.config or {}).items()},
-                f"best_{settings.metric}": best_value,
-                "epochs_run": epochs,
-                "stopped_early": result.error is None and epochs < settings.max_epochs,
-                "status": "ERROR" if result.error else "TERMINATED",
-            }
-        )
-    if not any(row["status"] != "ERROR" and row[f"best_{settings.metric}"] is not None for row in rows):
+    # One row per trial with its best value of the metric over all its epochs (Tune's own summary).
+    best_rows = results.get_dataframe(filter_metric=settings.metric, filter_mode=settings.mode)
+    best_by_trial = dict(zip(best_rows.get("trial_id", []), best_rows.get(settings.metric, []), strict=True))
+    rows = [_trial_row(result, best_by_trial, config, trial_overrides) for result in results]
+    if not any(row["status"] != "ERROR" and row["best_value"] is not None for row in rows):
         first_error = next((r.error for r in results if r.error), "no trial reported a metric")
         raise PipelineError(f"every Tune trial failed; first error: {first_error}")
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
-    overrides = {to_dotted_key(k): v for k, v in best.config.items()}
+    overrides = trial_overrides(best.config)
     best_row = next(row for row in rows if row["trial_id"] == best.metrics["trial_id"])
     payload = {
         "search": settings.search_alg,
         "metric": settings.metric,
         "mode": settings.mode,
-        "best_value": best_row[f"best_{settings.metric}"],
+        "best_value": best_row["best_value"],
         "best_trial_id": best_row["trial_id"],
         "overrides": overrides,
         "n_trials": len(rows),
         "mlflow_parent_run_id": parent_run_id,
     }
-    tracking.finish_trial_runs(
+    store.finish_trial_runs(
         config.tracking.experiment, parent_run_id, {row["trial_id"]: _mlflow_status(row) for row in rows}
     )
     _write_trials(rows)
     write_json(paths.BEST_PARAMS, payload)
-    tracking.log_metrics(parent_run_id, {f"best_{settings.metric}": payload["best_value"]})
-    tracking.set_tags(parent_run_id, {f"best.{k}": str(v) for k, v in overrides.items()})
-    tracking.log_artifact(parent_run_id, paths.TUNE_TRIALS)
-    tracking.finish_run(parent_run_id)
+    store.log_metrics(parent_run_id, {f"best_{settings.metric}": payload["best_value"]})
+    store.set_tags(parent_run_id, {f"best.{k}": str(v) for k, v in overrides.items()})
+    store.log_artifact(parent_run_id, paths.TUNE_TRIALS)
+    store.finish_run(parent_run_id)
     logger.info(
         "best trial %s: %s=%.4f with %s",
         best_row["trial_id"],
@@ -119,6 +110,22 @@ def run(config: PipelineConfig) -> None:
     )
 
 
+def _trial_row(result: Any, best_by_trial: dict, config: PipelineConfig, to_overrides: Any) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id", result.path.rsplit("/", 1)[-1])
+    epochs = int(metrics.get("training_iteration", 0))
+    best_value = best_by_trial.get(trial_id)
+    return {
+        "trial_id": trial_id,
+        **to_overrides(result.config or {}),
+        "metric": config.tune.metric,
+        "best_value": None if best_value is None or math.isnan(best_value) else float(best_value),
+        "epochs_run": epochs,
+        "stopped_early": result.error is None and epochs < config.tune.max_epochs,
+        "status": "ERROR" if result.error else "TERMINATED",
+    }
+
+
 def _mlflow_status(row: dict) -> str:
     if row["status"] == "ERROR":
         return "FAILED"
@@ -126,7 +133,7 @@ def _mlflow_status(row: dict) -> str:
 
 
 def _write_trials(rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or list(TRIAL_COLUMNS)
     with atomic_file(paths.TUNE_TRIALS) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -134,8 +141,7 @@ def _write_trials(rows: list[dict]) -> None:
 
 
 def _write_passthrough(config: PipelineConfig) -> None:
-    """Search off: train uses params.yaml's model section as it is."""
+    """Search off: train uses params.yaml's model section as it is; the trials table is empty."""
     logger.info("tune.num_samples is 0: no search, params.yaml's model section passes through")
     write_json(paths.BEST_PARAMS, {"search": "off", "overrides": {}, "model": config.model.model_dump()})
-    with atomic_file(paths.TUNE_TRIALS) as handle:
-        handle.write("trial_id\n")
+    _write_trials([])

@@ -20,10 +20,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import SPLITS
-from pipeline.data.tokenization import UNK_ID, encode_texts, load_tokenizer
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_dir, read_json_object, write_json
+from pipeline.network.tokenization import UNK_ID, encode_texts, load_tokenizer
 from pipeline.paths import PROCESSED_DIR
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,6 @@ def save_processed(
 
 def load_processed(path: Path = PROCESSED_DIR, splits: Sequence[str] = SPLITS) -> ProcessedData:
     """Tokenizers, meta and the requested splits as Python lists; PipelineError when path is not complete."""
-    import json
-
     import datasets
 
     path = Path(path)
@@ -130,7 +128,7 @@ def load_processed(path: Path = PROCESSED_DIR, splits: Sequence[str] = SPLITS) -
         raise PipelineError(
             f"{path} is incomplete (missing {', '.join(missing)}): run `python -m pipeline preprocess` again"
         )
-    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    meta = read_json_object(path / META)
     encoded = datasets.load_from_disk(str(path / ENCODED_DIR))
     absent = [name for name in splits if name not in encoded]
     if absent:

@@ -1,4 +1,8 @@
-"""Subword (BPE) or word-level tokenizers from Hugging Face `tokenizers`, trained on training text only.
+"""Text normalisation and subword (BPE) or word-level tokenizers from Hugging Face `tokenizers`, trained on
+training text only.
+
+`clean_text` is the one normalisation every text goes through: the prepare stage's corpus and every
+sentence a `Translator` is given, so what users type is what the model was trained on.
 
 Both kinds split on a metaspace ("▁" marks a preceding space) and isolate punctuation, so decoding is the
 exact inverse of encoding for whitespace-normalised text: evaluation scores detokenized output against
@@ -7,6 +11,8 @@ untouched references.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +24,22 @@ from pipeline.errors import PipelineError
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+
+# C0/C1 control characters that are not whitespace (whitespace ones such as \t become a space below),
+# plus the byte-order mark, which some editors leave at the start of lines.
+_CONTROL_CHARS = re.compile(
+    "["
+    + "".join(re.escape(chr(c)) for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace())
+    + "\ufeff]"
+)
+
+
+def clean_text(text: str) -> str:
+    """NFC, no control characters, single spaces, no leading/trailing space."""
+    text = _CONTROL_CHARS.sub("", text)
+    # str.split() with no argument splits on every Unicode whitespace (tabs, NBSP, U+3000, ...).
+    text = " ".join(text.split())
+    return unicodedata.normalize("NFC", text)
 
 
 def _new_tokenizer(config: PreprocessConfig) -> tuple[Tokenizer, trainers.Trainer]:

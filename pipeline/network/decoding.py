@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.tokenization import BOS_ID, EOS_ID
-from pipeline.model import Seq2Seq, select_rows
+from pipeline.network.model import Seq2Seq, select_rows
+from pipeline.network.tokenization import BOS_ID, EOS_ID
 
 
 def max_lengths(

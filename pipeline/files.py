@@ -1,8 +1,10 @@
-"""Outputs appear complete or not at all: write to a temporary sibling, rename into place."""
+"""The pipeline's files: outputs that appear complete or not at all (written to a temporary sibling, then
+renamed into place), JSON read and written one way, and content hashes read in chunks."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import PipelineError
 
 
 def _umask() -> int:
@@ -61,6 +65,36 @@ def atomic_file(target: Path, mode: str = "w") -> Iterator[Any]:
 
 
 def write_json(target: Path, payload: Any) -> None:
+    """Indented, sorted keys, one trailing newline: stable text that diffs well under git and DVC."""
     with atomic_file(target) as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def read_json_object(path: Path, hint: str = "") -> dict[str, Any]:
+    """The JSON object in `path`; a PipelineError naming the file (and `hint`: what to run) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found" + (f": {hint}" if hint else ""))
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PipelineError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise PipelineError(f"{path}: expected a JSON object")
+    return payload
+
+
+def update_with_file(digest: Any, path: Path) -> None:
+    """Feed a file to a hashlib digest in 1 MiB chunks: bounded memory whatever the file's size."""
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
+    return digest.digest()

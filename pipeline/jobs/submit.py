@@ -1,10 +1,14 @@
 """`python -m pipeline submit`: run the pipeline (or any command) as a Ray job on a cluster.
 
 A job, rather than `ray.init(address=...)` from a laptop: the driver runs on the cluster, next to the GPUs
-and the shared storage, and keeps running when the laptop sleeps. What travels with the job: the project
-directory as its `working_dir` (minus what `cluster/runtime_env.yaml` excludes) and the MLflow, Hugging
-Face and AWS settings of this shell (`PASSTHROUGH_ENV`). Nothing comes back through this command except
-the logs: the model arrives in the MLflow registry, the stage outputs in the DVC remote.
+and the shared storage, and keeps running when the laptop sleeps. What travels with the job is
+`runtime_env.py`'s business: the project directory as its `working_dir` (minus what
+`cluster/runtime_env.yaml` excludes) and the MLflow, Hugging Face and AWS settings of this shell.
+Nothing comes back through this command except the logs: the model arrives in the MLflow registry, the
+stage outputs in the DVC remote.
+
+Ray's token is looked for here, in Ray's own order (`auth_headers`), because Ray's client sends one only
+when RAY_AUTH_MODE=token is set in the client's shell, and so that a 401/403 can name the token's source.
 """
 
 from __future__ import annotations
@@ -22,48 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import yaml
-
 from pipeline.errors import PipelineError
-from pipeline.tracking import read_git_commit
+from pipeline.jobs.runtime_env import build_runtime_env, tracking_warnings
+from pipeline.tracking.lineage import GIT_COMMIT_ENV
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 
 # What "run the whole pipeline on the cluster" means, in one place: cluster/kuberay/rayjob.yaml runs the
 # same script. It switches DVC to no-SCM mode, since Ray uploads the project without .git.
 PIPELINE_SCRIPT = Path("cluster/run_pipeline.sh")
 DEFAULT_ENTRYPOINT = f"bash {PIPELINE_SCRIPT.as_posix()}"
-
-# Never uploaded, whatever the runtime env file says: history, local environments, local credentials.
-ALWAYS_EXCLUDE = ("/.git", ".venv", "/.dvc/config.local", "/.dvc/cache", ".env")
-
-# Settings the stages need on the cluster, passed on when set in this shell. Some are secrets: they go to
-# the cluster inside the job's runtime env (never into a file), where anyone who can read the cluster's
-# job list (the dashboard, `ray job list`) can see them. AWS access keys are deliberately absent: the
-# nodes should reach S3 with their own IAM role; name them in PIPELINE_SUBMIT_ENV to send them anyway.
-PASSTHROUGH_ENV = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_EXPERIMENT_NAME",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "HF_TOKEN",
-    "HF_ENDPOINT",
-    "PIPELINE_SET",  # params.yaml overrides applied by cluster/run_pipeline.sh
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
-EXTRA_ENV_NAMES = "PIPELINE_SUBMIT_ENV"  # comma-separated names of further variables to pass
-# The uploaded copy has no .git, so the stages cannot ask git which commit they run; this tells them.
-GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
 
 _TOKEN_HELP = (
     "Give this shell the cluster's token: RAY_AUTH_TOKEN=<token>, RAY_AUTH_TOKEN_PATH=<file>, or the file "
@@ -153,79 +128,6 @@ def entrypoint_command(entrypoint: list[str]) -> str:
     if len(entrypoint) == 1:
         return entrypoint[0]
     return shlex.join(entrypoint)
-
-
-def build_runtime_env(
-    runtime_env_path: Path | None, project_root: Path, environ: Mapping[str, str]
-) -> tuple[dict[str, Any], list[str]]:
-    """The runtime env file, plus the working dir, this shell's settings and the mandatory excludes.
-
-    Returns the runtime env and the names of the variables taken from `environ` (values stay out of logs).
-    """
-    runtime_env = load_runtime_env_file(runtime_env_path)
-    runtime_env.setdefault("working_dir", str(project_root))
-
-    excludes = list(runtime_env.get("excludes") or [])
-    excludes += [pattern for pattern in ALWAYS_EXCLUDE if pattern not in excludes]
-    runtime_env["excludes"] = excludes
-
-    env_vars = dict(runtime_env.get("env_vars") or {})
-    extra = [name.strip() for name in environ.get(EXTRA_ENV_NAMES, "").split(",") if name.strip()]
-    missing = [name for name in extra if not environ.get(name)]
-    if missing:
-        raise PipelineError(f"{EXTRA_ENV_NAMES} names {', '.join(missing)}, which this shell does not set")
-    passed = [name for name in dict.fromkeys((*PASSTHROUGH_ENV, *extra)) if environ.get(name)]
-    env_vars.update({name: environ[name] for name in passed})
-    commit = read_git_commit(project_root)
-    if commit:
-        env_vars.setdefault(GIT_COMMIT_ENV, commit)
-    runtime_env["env_vars"] = env_vars
-    return runtime_env, passed
-
-
-def load_runtime_env_file(path: Path | None) -> dict[str, Any]:
-    """`path`, else cluster/runtime_env.yaml if present; checked so mistakes fail here, not on the cluster."""
-    if path is None:
-        if not DEFAULT_RUNTIME_ENV.is_file():
-            return {}
-        path = DEFAULT_RUNTIME_ENV
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PipelineError(f"cannot read the runtime env file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {error}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise PipelineError(f"{path} must be a mapping of runtime env keys (env_vars, excludes, ...)")
-    env_vars = loaded.get("env_vars") or {}
-    if not isinstance(env_vars, dict):
-        raise PipelineError(f"{path}: env_vars must be a mapping of names to strings")
-    for name, value in env_vars.items():
-        if not isinstance(value, str):
-            raise PipelineError(f'{path}: env_vars.{name} must be a string; quote it ({name}: "{value}")')
-    excludes = loaded.get("excludes") or []
-    if not isinstance(excludes, list) or not all(isinstance(pattern, str) for pattern in excludes):
-        raise PipelineError(f"{path}: excludes must be a list of gitignore-style patterns")
-    return loaded
-
-
-def tracking_warnings(env_vars: Mapping[str, str]) -> list[str]:
-    """The job logs to MLflow on the cluster; a store local to the job's copy of the project is lost."""
-    uri = env_vars.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return [
-            "MLFLOW_TRACKING_URI is not set: the job will log to an SQLite store inside its temporary copy "
-            "of the project on the cluster, and the registered model goes when Ray evicts it. Set it to "
-            "your tracking server (http://...)."
-        ]
-    if urlparse(uri).scheme in ("", "file", "sqlite"):
-        return [
-            f"MLFLOW_TRACKING_URI={uri} is a local store: the job writes it on the cluster's node, which "
-            "only works when the cluster runs on this machine. Use a tracking server (http://...) otherwise."
-        ]
-    return []
 
 
 def auth_headers(environ: Mapping[str, str]) -> tuple[dict[str, str], str | None]:

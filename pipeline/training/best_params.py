@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from pipeline import paths
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.errors import PipelineError
+from pipeline.files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -17,12 +17,11 @@ def read_overrides() -> dict[str, Any]:
     if not paths.BEST_PARAMS.is_file():
         logger.info("%s not found: training with params.yaml as it is", paths.BEST_PARAMS)
         return {}
-    try:
-        overrides = json.loads(paths.BEST_PARAMS.read_text(encoding="utf-8"))["overrides"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    overrides = read_json_object(paths.BEST_PARAMS, "re-run `dvc repro tune`").get("overrides")
+    if not isinstance(overrides, dict):
         raise PipelineError(
-            f"{paths.BEST_PARAMS} is not a tune result ({error}); re-run `dvc repro tune`"
-        ) from None
+            f"{paths.BEST_PARAMS} is not a tune result (no 'overrides'); re-run `dvc repro tune`"
+        )
     return overrides
 
 

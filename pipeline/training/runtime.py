@@ -1,6 +1,7 @@
 """Join the Ray cluster named by RAY_ADDRESS, or start a local instance sized for the job.
 
-Same code on a laptop and on a cluster: only the environment differs.
+Same code on a laptop and on a cluster: only the environment differs. `cluster_address` is the one place
+that reads RAY_ADDRESS.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 
+def cluster_address() -> str | None:
+    """The Ray cluster this process joins ($RAY_ADDRESS), or None: it starts a local instance itself."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 @contextlib.contextmanager
 def ray_session(logical_cpus: float = 0.0) -> Iterator[None]:
     """Ray for the duration of a stage; shut down only if this stage started it (tests share one)."""
@@ -35,12 +41,12 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
     `logical_cpus` CPUs.
 
     Ray does not enforce CPU counts; they are scheduling tokens. Advertising a few more than the cores
-    lets a Tune trial (1 CPU) and its Train workers be placed together on a 2-core laptop, which the
-    exact count does not (the worker group never starts).
+    lets a Tune trial and its Train workers be placed together on a 2-core laptop, which the exact count
+    does not (the worker group never starts).
     """
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
+    address = cluster_address()
     # Train V2's driver-side logs are what users read; keep Ray's own start-up chatter out.
     common = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
     if address:
@@ -57,31 +63,9 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
     return True
 
 
-def check_fits(cpus_per_worker: float, num_workers: int, use_gpu: bool) -> None:
-    """Refuse a job the cluster can never place, instead of letting Ray wait forever.
-
-    On a cluster with an autoscaler the resources may appear later; then this only warns.
-    """
-    total = ray.cluster_resources()
-    need_cpu = cpus_per_worker * num_workers
-    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    problems = []
-    if need_cpu > have_cpu + 1e-9:
-        problems.append(
-            f"needs {need_cpu:g} CPUs (train.num_workers={num_workers} x train.cpus_per_worker="
-            f"{cpus_per_worker:g}), the cluster has {have_cpu:g}"
-        )
-    if use_gpu and num_workers > have_gpu:
-        problems.append(
-            f"train.use_gpu is true: needs {num_workers} GPUs (one per worker), the cluster has {have_gpu:g}"
-        )
-    if not problems:
-        return
-    message = "the Ray cluster cannot run this job: " + "; ".join(problems)
-    if os.environ.get("RAY_ADDRESS"):
-        logger.warning("%s (waiting in case an autoscaler adds nodes)", message)
-        return
-    raise PipelineError(message)
+def joined_cluster_resources() -> dict[str, float] | None:
+    """The resources of a cluster this process joined; None for a local Ray it started (sized to plan)."""
+    return dict(ray.cluster_resources()) if cluster_address() else None
 
 
 def resolve_storage_path(value: str) -> str:
@@ -95,7 +79,7 @@ def resolve_storage_path(value: str) -> str:
     alive_nodes = sum(node["Alive"] for node in ray.nodes()) if ray.is_initialized() else 1
     if alive_nodes > 1:
         logger.warning(
-            "train.storage_path=%s is a local path on a %d-node cluster: use shared storage "
+            "runtime.storage_path=%s is a local path on a %d-node cluster: use shared storage "
             "(s3://..., gs://..., or an NFS path mounted on every node)",
             value,
             alive_nodes,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.config import ModelConfig
-from pipeline.data.tokenization import PAD_ID
+from pipeline.network.tokenization import PAD_ID
 
 # ---------------------------------------------------------------------------------------------------------
 # Encoder: h_s = GRU(E x_s, h_{s-1}), one direction (gru) or both (gru_attention)

@@ -1,9 +1,10 @@
 """The translation model as an MLflow pyfunc, logged as "models from code": nothing in it is pickled.
 
-`pipeline.registry_candidate` passes this file's *path* as `python_model`. MLflow copies the file into the
-logged model and, when the model is loaded (`mlflow.pyfunc.load_model`, `mlflow models serve`), runs it as a
-module; the `mlflow.models.set_model(...)` call at the bottom hands MLflow the instance. The alternative,
-passing a `PythonModel` object, would store it with cloudpickle, and loading a pickle runs arbitrary code.
+The register stage passes this file's *path* as `python_model` (`candidate.pyfunc_parts`). MLflow copies
+the file into the logged model and, when the model is loaded (`mlflow.pyfunc.load_model`, `mlflow models
+serve`), runs it as a module; the `mlflow.models.set_model(...)` call at the bottom hands MLflow the
+instance. The alternative, passing a `PythonModel` object, would store it with cloudpickle, and loading a
+pickle runs arbitrary code.
 
 The network comes back through `load_model_dir` from the files of `models/`, logged as the artifact
 `model_dir`: safetensors weights, JSON config, tokenizer JSON and decoding settings. The `pipeline` package
@@ -19,7 +20,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-MODEL_DIR_ARTIFACT = "model_dir"
+from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
+
 TEXT_COLUMN = "text"
 BEAM_SIZE_PARAM = "beam_size"
 BATCH_SIZE = 64
@@ -56,7 +58,7 @@ class TranslatorModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         # Imported here, not at the top: MLflow also runs this file when it logs the model, where only the
         # instance is needed. At load time `pipeline` is the copy in the model's code/ folder.
-        from pipeline.translator import Translator
+        from pipeline.network.translator import Translator
 
         self.translator = Translator.from_dir(context.artifacts[MODEL_DIR_ARTIFACT])
 

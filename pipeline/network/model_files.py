@@ -11,7 +11,6 @@ The folder is written to a temporary sibling and renamed into place, so a reader
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from pipeline.atomic import atomic_dir
-from pipeline.config import ModelConfig
-from pipeline.data.tokenization import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from pipeline.config import DECODING_KEYS, ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import Seq2Seq, build_model
+from pipeline.files import atomic_dir, read_json_object, write_json
+from pipeline.network.model import Seq2Seq, build_model
+from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -37,7 +36,6 @@ TGT_TOKENIZER_FILE = "tgt_tokenizer.json"
 DECODING_FILE = "decoding.json"
 MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE, DECODING_FILE)
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
-DECODING_KEYS = ("beam_size", "length_penalty", "max_len_ratio")
 # What DistributedDataParallel and torch.compile put in front of every state-dict key.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -112,24 +110,10 @@ def save_model_dir(
     }
     with atomic_dir(Path(path)) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, config)
+        write_json(tmp / CONFIG_FILE, config)
         src_tokenizer.save(str(tmp / SRC_TOKENIZER_FILE))
         tgt_tokenizer.save(str(tmp / TGT_TOKENIZER_FILE))
-        _write_json(tmp / DECODING_FILE, decoding)
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"cannot read {path}: {error}") from None
-    if not isinstance(payload, dict):
-        raise PipelineError(f"{path}: expected a JSON object")
-    return payload
+        write_json(tmp / DECODING_FILE, decoding)
 
 
 def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -142,7 +126,7 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
         raise PipelineError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
 
     config_path = path / CONFIG_FILE
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     version, special_ids = config.get("format_version"), config.get("special_ids")
     if version != FORMAT_VERSION:
         raise PipelineError(f"{config_path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
@@ -153,7 +137,7 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
         src_vocab_size, tgt_vocab_size = int(config["src_vocab_size"]), int(config["tgt_vocab_size"])
     except (ValidationError, KeyError, TypeError, ValueError) as error:
         raise PipelineError(f"{config_path}: invalid model configuration: {error}") from None
-    decoding = _check_decoding(_read_json(path / DECODING_FILE), str(path / DECODING_FILE))
+    decoding = _check_decoding(read_json_object(path / DECODING_FILE), str(path / DECODING_FILE))
 
     weights_path = path / WEIGHTS_FILE
     try:

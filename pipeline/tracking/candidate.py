@@ -1,39 +1,37 @@
-"""What the register stage registers: models/ as a candidate version, read and checked before MLflow.
+"""What the register stage registers: models/ as a candidate version, read and checked. No MLflow here.
 
 - The model folder is staged with params.yaml's evaluate decoding settings (`stage_model_dir`), then read
   with its test metrics and the test split, and hashed (`load_candidate`): the content hash makes
   registering idempotent, the test split hash says which BLEU scores are comparable.
 - Tags and a description on the version say how it was made (`version_tags`, `version_description`).
-- It is logged as a models-from-code pyfunc with pinned requirements and a signature (`log_pyfunc_model`).
+- What its models-from-code pyfunc is made of: the code file, the model folder, a copy of the package and
+  pinned requirements (`pyfunc_parts`).
 
-`pipeline.registry` creates the version from it and runs the champion gate.
+`pipeline.stages.register` registers it through `pipeline.tracking.store` and asks `gate` about the alias.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import paths, tracking
+from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.data.encoded import ProcessedSplit, load_processed
 from pipeline.errors import PipelineError
-from pipeline.model_io import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+from pipeline.files import file_sha256, read_json_object, write_json
+from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+from pipeline.tracking import lineage
 
 if TYPE_CHECKING:
-    from mlflow.models import ModelSignature
-    from mlflow.models.model import ModelInfo
+    from pipeline.data.processed import ProcessedSplit
 
 LOGGED_MODEL_NAME = "model"
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the model folder
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 TAG_CONTENT_HASH = "model_content_sha256"
 TAG_TEST_HASH = "test_data_sha256"
@@ -65,7 +63,7 @@ class Candidate:
     model_config: dict[str, Any]  # model_config.json
     decoding: dict[str, Any]  # decoding.json
     metrics: dict[str, Any]  # reports/metrics.json
-    train_run: dict[str, Any]  # reports/train_run.json, {} when absent
+    train_run: dict[str, Any]  # reports/train_run.json + best_epoch from train_metrics.json; {} when absent
     test: ProcessedSplit
     test_hash: str
 
@@ -79,31 +77,11 @@ class Candidate:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, hint: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: {hint}")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise PipelineError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise PipelineError(f"{path}: expected a JSON object")
-    return payload
-
-
-def _sha256_file(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.digest()
-
-
 def model_content_hash(model_dir: Path) -> str:
     """sha256 over every file of the model folder, in a fixed order: equal hash, equal translations."""
     digest = hashlib.sha256()
     for name in MODEL_FILES:
-        digest.update(name.encode() + b"\0" + _sha256_file(model_dir / name))
+        digest.update(name.encode() + b"\0" + file_sha256(model_dir / name))
     return digest.hexdigest()
 
 
@@ -118,10 +96,13 @@ def test_split_hash(test: ProcessedSplit) -> str:
 
 
 def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
+    # Here, not at the top: the served pyfunc model imports this module for its constants, without `datasets`.
+    from pipeline.data.processed import load_processed
+
     missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
     if missing:
         raise PipelineError(f"{model_dir} lacks {', '.join(missing)}: run `python -m pipeline train` first")
-    metrics = _read_json(paths.METRICS, "run `python -m pipeline evaluate` first")
+    metrics = read_json_object(paths.METRICS, "run `python -m pipeline evaluate` first")
     if not isinstance(metrics.get("bleu"), int | float):
         raise PipelineError(f"{paths.METRICS} has no numeric 'bleu': run `python -m pipeline evaluate` again")
     test = load_processed(splits=("test",)).splits["test"]
@@ -130,12 +111,14 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
             f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
             f"{len(test)}: it is stale, run `python -m pipeline evaluate` again"
         )
-    train_run = _read_json(paths.TRAIN_RUN, "") if paths.TRAIN_RUN.is_file() else {}
+    train_run = read_json_object(paths.TRAIN_RUN) if paths.TRAIN_RUN.is_file() else {}
+    if train_run and paths.TRAIN_METRICS.is_file():
+        train_run["best_epoch"] = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
     return Candidate(
         model_dir=model_dir,
         content_hash=model_content_hash(model_dir),
-        model_config=_read_json(model_dir / CONFIG_FILE, "run `python -m pipeline train` first"),
-        decoding=_read_json(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
+        model_config=read_json_object(model_dir / CONFIG_FILE, "run `python -m pipeline train` first"),
+        decoding=read_json_object(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
         metrics=metrics,
         train_run=train_run,
         test=test,
@@ -150,10 +133,7 @@ def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Pa
         raise PipelineError(f"{source} not found: run `python -m pipeline train` first")
     target = staging / source.name
     shutil.copytree(source, target)
-    decoding = settings.model_dump(include={"beam_size", "length_penalty", "max_len_ratio"})
-    (target / DECODING_FILE).write_text(
-        json.dumps(decoding, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    write_json(target / DECODING_FILE, settings.decoding())
     return target
 
 
@@ -170,8 +150,8 @@ def _metric_tag(key: str) -> str:
 def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
     model = candidate.model_config
     tags = {
-        tracking.TAG_GIT_COMMIT: tracking.git_commit(),
-        tracking.TAG_DATA_HASH: tracking.processed_data_hash(),
+        lineage.TAG_GIT_COMMIT: lineage.git_commit(),
+        lineage.TAG_DATA_HASH: lineage.processed_data_hash(),
         "data.source": config.data.source,
         "data.src_lang": config.data.src_lang,
         "data.tgt_lang": config.data.tgt_lang,
@@ -209,7 +189,7 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
     metrics, data = candidate.metrics, config.data
     return (
         f"{arch}: {sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
-        f"(data/processed md5 {tracking.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
+        f"(data/processed md5 {lineage.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
         f"chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
     )
 
@@ -229,57 +209,18 @@ def pinned_requirements() -> list[str]:
 
 def _copy_package_source(target: Path) -> Path:
     """A copy of the `pipeline` package without bytecode caches: what `code_paths` ships with the model."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     shutil.copytree(package, target / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return target / package.name
 
 
-def model_signature(default_beam_size: int) -> ModelSignature:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from pipeline.pyfunc_model import BEAM_SIZE_PARAM
-
-    # Unnamed string columns: a plain JSON list ({"inputs": [...]}) then maps onto the input without a
-    # column name, and a one-column DataFrame (dataframe_split/records, CSV) works whatever its name.
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec(BEAM_SIZE_PARAM, "long", default_beam_size)]),
-    )
-
-
-@contextlib.contextmanager
-def _fluent_tracking_uri() -> Iterator[None]:
-    """Point MLflow's global URI (all `log_model` knows) at our store for a while, then restore it.
-
-    Setting it also exports MLFLOW_TRACKING_URI, which `tracking.ensure_experiment` reads to decide where
-    new experiments keep their artifacts, so the variable must not outlive the call either.
-    """
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
-
-
-def log_pyfunc_model(run_id: str, candidate: Candidate) -> ModelInfo:
-    """Log models/ as a models-from-code pyfunc into `run_id`; returns MLflow's ModelInfo."""
-    import mlflow
-
-    from pipeline.pyfunc_model import MODEL_DIR_ARTIFACT
-
-    example = list(candidate.test.src[:2]) or ["A sentence to translate."]
-    with _fluent_tracking_uri(), tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
-            name=LOGGED_MODEL_NAME,
-            python_model=str(PYFUNC_FILE),  # a path: models from code, nothing pickled
-            artifacts={MODEL_DIR_ARTIFACT: str(candidate.model_dir.resolve())},
-            code_paths=[str(_copy_package_source(Path(tmp)))],
-            signature=model_signature(int(candidate.decoding["beam_size"])),
-            input_example=example,
-            pip_requirements=pinned_requirements(),
-        )
+def pyfunc_parts(candidate: Candidate, code_dir: Path) -> dict[str, Any]:
+    """The arguments of `mlflow.pyfunc.log_model` that say what the model is made of (all but its name and
+    signature): this package copied into `code_dir` travels with the model as `code_paths`."""
+    return {
+        "python_model": str(PYFUNC_FILE),  # a path: models from code, nothing pickled
+        "artifacts": {MODEL_DIR_ARTIFACT: str(candidate.model_dir.resolve())},
+        "code_paths": [str(_copy_package_source(code_dir))],
+        "input_example": list(candidate.test.src[:2]) or ["A sentence to translate."],
+        "pip_requirements": pinned_requirements(),
+    }

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.batching import source_tensor
-from pipeline.data.cleaning import clean_text
-from pipeline.data.tokenization import decode_ids, encode_texts
-from pipeline.decoding import decode_batch
+from pipeline.config import EvaluateConfig
 from pipeline.errors import PipelineError
-from pipeline.model_io import LoadedModel, load_model_dir
+from pipeline.network.batching import source_tensor
+from pipeline.network.decoding import decode_batch
+from pipeline.network.model_files import LoadedModel, load_model_dir
+from pipeline.network.scoring import corpus_scores
+from pipeline.network.tokenization import clean_text, decode_ids, encode_texts
 
 
 class Translator:
@@ -71,3 +72,16 @@ class Translator:
             for index, text in zip(indices, decode_ids(self.loaded.tgt_tokenizer, hypotheses), strict=True):
                 translations[index] = text
         return translations
+
+
+def translate_and_score(
+    loaded: LoadedModel, sources: Sequence[str], references: Sequence[str], settings: EvaluateConfig
+) -> tuple[list[str], dict[str, float]]:
+    """Beam search with the evaluate settings, then BLEU and chrF: what evaluate and the gate both use."""
+    translator = Translator(
+        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
+    )
+    hypotheses = translator.translate(
+        list(sources), beam_size=settings.beam_size, batch_size=settings.batch_size
+    )
+    return hypotheses, corpus_scores(hypotheses, references)

@@ -1,0 +1,1 @@
+"""The cluster layer: the pipeline (or any command) submitted as a Ray job."""

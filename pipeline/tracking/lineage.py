@@ -1,0 +1,80 @@
+"""Where a result came from: the git commit of the code and the DVC hash of the encoded data, and the
+config as flat key/value pairs. No MLflow here: these are what runs and versions get tagged with."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import PipelineConfig
+
+TAG_GIT_COMMIT = "git_commit"
+TAG_DATA_HASH = "dvc_data_processed_md5"
+TAG_STAGE = "pipeline_stage"
+# The uploaded copy of a Ray job has no .git, so `submit` passes the commit in this variable.
+GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
+
+
+def read_git_commit(project_root: Path = Path(".")) -> str | None:
+    """`<sha>` or `<sha>-dirty`; None outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        # --no-optional-locks: only read the index, even when git would like to refresh it.
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = commit.stdout.strip()
+    return f"{sha}-dirty" if dirty else sha
+
+
+def git_commit() -> str:
+    """The commit the code came from: the one `submit` passed, else git's answer, else "unknown"."""
+    return os.environ.get(GIT_COMMIT_ENV) or read_git_commit() or "unknown"
+
+
+def processed_data_hash() -> str:
+    """The md5 DVC recorded for data/processed in dvc.lock: ties a run to the exact encoded data."""
+    import yaml
+
+    if not paths.DVC_LOCK.is_file():
+        return "unknown"
+    lock = yaml.safe_load(paths.DVC_LOCK.read_text(encoding="utf-8")) or {}
+    for out in lock.get("stages", {}).get("preprocess", {}).get("outs", []):
+        if Path(out.get("path", "")) == paths.PROCESSED_DIR:
+            return str(out.get("md5", "unknown"))
+    return "unknown"
+
+
+def lineage_tags(stage: str) -> dict[str, str]:
+    return {TAG_GIT_COMMIT: git_commit(), TAG_DATA_HASH: processed_data_hash(), TAG_STAGE: stage}
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"model": {"emb_dim": 8}} -> {"model.emb_dim": 8}: MLflow params are flat strings."""
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, inner in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return flat
+    return {prefix: value}
+
+
+def config_params(config: PipelineConfig, sections: tuple[str, ...]) -> dict[str, str]:
+    dumped = config.model_dump(mode="json", by_alias=True)
+    params = {}
+    for section in sections:
+        params.update(flatten(section, dumped[section]))
+    return {key: str(value)[:6000] for key, value in params.items()}

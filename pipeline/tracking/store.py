@@ -1,0 +1,336 @@
+"""Every call to MLflow, in one module: experiments and runs, per-epoch and per-trial logging, the model
+registry, and logging or fetching a pyfunc model. The rest of the pipeline calls these functions, never
+MLflow's client itself.
+
+Tracking URI: $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the project root (the model
+registry needs a database), with artifacts in `mlartifacts/` beside it. Runs are found again by a key
+tag (the Ray run name, the Tune trial id), so a restarted worker group or driver logs into the same run
+instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+from pipeline.tracking.lineage import config_params, lineage_tags
+
+if TYPE_CHECKING:  # MLflow and torch are imported where they are used: stages import this module cheaply
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
+    from mlflow.models.model import ModelInfo
+
+
+logger = logging.getLogger(__name__)
+
+TAG_RUN_KEY = "pipeline_run_key"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+TAG_TRIAL_ID = "tune_trial_id"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiments and runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Beside the default SQLite store, not in whatever directory the process happens to run in.
+        artifact_location = (Path("mlartifacts").resolve()).as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def get_or_create_run(
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """The run tagged `run_key` in the experiment, created (with params) if there is none yet."""
+    client = _client(uri)
+    experiment_id = ensure_experiment(experiment, uri)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.{TAG_RUN_KEY} = '{run_key}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {**tags, TAG_RUN_KEY: run_key}
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    from mlflow.entities import Param
+
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def log_metrics(
+    run_id: str, metrics: dict[str, float], step: int | None = None, uri: str | None = None
+) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+    _client(uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_artifact(run_id: str, path: Path, uri: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path))
+
+
+def finish_trial_runs(experiment: str, parent_run_id: str, statuses: dict[str, str]) -> None:
+    """Close each trial's child run with its outcome. Tune ends trials by stopping their process (ASHA,
+    the end of the search), so a trial cannot always close its own run."""
+    client = _client()
+    experiment_id = ensure_experiment(experiment)
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"
+    ):
+        status = statuses.get(run.data.tags.get(TAG_TRIAL_ID, ""))
+        if status and run.info.status != status:
+            client.set_terminated(run.info.run_id, status=status)
+
+
+@contextlib.contextmanager
+def failed_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """Mark the run FAILED if the block raises, instead of leaving it RUNNING forever in the UI."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            finish_run(run_id, status="FAILED", uri=uri)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging from the training layer (these objects travel to Ray workers and Tune trials)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochMetricsLogger:
+    """Rank 0's per-epoch metrics into one run; the URI travels explicitly, not through global state."""
+
+    tracking_uri: str
+    run_id: str
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        try:
+            log_metrics(self.run_id, metrics, step=step, uri=self.tracking_uri)
+        except Exception as error:  # tracking must never kill a training run
+            logger.warning("could not log metrics to MLflow run %s: %s", self.run_id, error)
+
+    def finish(self) -> None:
+        finish_run(self.run_id, uri=self.tracking_uri)
+
+
+@dataclass(frozen=True)
+class TrialRuns:
+    """One child run per Tune trial under the search's parent run, found again when a trial restarts."""
+
+    experiment: str
+    parent_run_id: str
+    tracking_uri: str
+    lineage_tags: dict[str, str]
+
+    def open(self, trial_id: str, run_key: str, config: PipelineConfig) -> EpochMetricsLogger:
+        run_id = get_or_create_run(
+            self.experiment,
+            run_key=run_key,
+            run_name=f"trial-{trial_id}",
+            tags={**self.lineage_tags, TAG_TRIAL_ID: trial_id},
+            params={**config_params(config, ("model", "train")), "tune.trial_id": trial_id},
+            parent_run_id=self.parent_run_id,
+            uri=self.tracking_uri,
+        )
+        return EpochMetricsLogger(self.tracking_uri, run_id)
+
+
+def start_train_run(config: PipelineConfig, ray_run_name: str) -> EpochMetricsLogger:
+    """One MLflow run per Ray Train run name: a resumed driver logs into the same run."""
+    uri = tracking_uri()
+    run_id = get_or_create_run(
+        config.tracking.experiment,
+        run_key=ray_run_name,
+        run_name=ray_run_name,
+        tags=lineage_tags("train"),
+        params=config_params(config, ("data", "preprocess", "model", "train")),
+        uri=uri,
+    )
+    logger.info("MLflow run %s at %s", run_id, uri)
+    return EpochMetricsLogger(uri, run_id)
+
+
+def finish_train_run(run: EpochMetricsLogger, best_epoch: int, history_csv: Path) -> None:
+    set_tags(run.run_id, {"best_epoch": str(best_epoch)}, uri=run.tracking_uri)
+    log_artifact(run.run_id, history_csv, uri=run.tracking_uri)
+    run.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model registry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def existing_run(run_id: str) -> str | None:
+    """`run_id` if this store has that run, else None (reports/train_run.json may come from elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_run(run_id).info.run_id
+    except MlflowException:
+        return None
+
+
+def ensure_registered_model(name: str, description: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().create_registered_model(name, description=description)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def create_model_version(
+    name: str, info: ModelInfo, run_id: str, tags: dict[str, str], description: str
+) -> ModelVersion:
+    return _client().create_model_version(
+        name, source=info.model_uri, run_id=run_id, model_id=info.model_id, tags=tags, description=description
+    )
+
+
+def find_model_version(name: str, tag: str, value: str) -> ModelVersion | None:
+    """The version of `name` whose tag `tag` is `value`, if any."""
+    for version in _client().search_model_versions(f"name='{name}'"):
+        if version.tags.get(tag) == value:
+            return version
+    return None
+
+
+def model_aliases(name: str) -> dict[str, str]:
+    """alias -> version number (as a string) of a registered model."""
+    return {alias: str(number) for alias, number in _client().get_registered_model(name).aliases.items()}
+
+
+def get_model_version(name: str, version: str) -> ModelVersion:
+    return _client().get_model_version(name, str(version))
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _client().set_registered_model_alias(name, alias, str(version))
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    client = _client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def model_signature(default_beam_size: int, beam_size_param: str) -> ModelSignature:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    # Unnamed string columns: a plain JSON list ({"inputs": [...]}) then maps onto the input without a
+    # column name, and a one-column DataFrame (dataframe_split/records, CSV) works whatever its name.
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(beam_size_param, "long", default_beam_size)]),
+    )
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri() -> Iterator[None]:
+    """Point MLflow's global URI (all `log_model` knows) at our store for a while, then restore it.
+
+    Setting it also exports MLFLOW_TRACKING_URI, which `ensure_experiment` reads to decide where new
+    experiments keep their artifacts, so the variable must not outlive the call either.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both the global and the variable
+
+
+def log_pyfunc_model(run_id: str, name: str, **log_model_kwargs: Any) -> ModelInfo:
+    """`mlflow.pyfunc.log_model(name=..., **log_model_kwargs)` into the run `run_id`."""
+    import mlflow
+
+    with _fluent_tracking_uri(), mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(name=name, **log_model_kwargs)
+
+
+def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
+    """Download a registered pyfunc model into `dst`; returns its artifact `artifact` (the model folder).
+
+    Only files come back (safetensors, JSON): nothing is unpickled, and no model code is run to get them.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    uri = tracking_uri()
+    try:
+        local = Path(
+            download_artifacts(
+                artifact_uri=model_uri,
+                dst_path=str(dst),
+                tracking_uri=uri,
+                registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri,
+            )
+        )
+    except MlflowException as error:
+        raise PipelineError(f"cannot fetch {model_uri} from {uri}: {error.message}") from None
+    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    relative = artifacts.get(artifact, {}).get("path")
+    if not relative:
+        raise PipelineError(
+            f"{model_uri} has no '{artifact}' artifact: not a model logged by the register stage"
+        )
+    return local / relative

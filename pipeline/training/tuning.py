@@ -1,0 +1,143 @@
+"""Ray Tune over Ray Train (V2): each trial is a function that fits a TorchTrainer.
+
+The trial function builds the same trainer as the train stage (`trainer.build_trainer`), adds
+`TuneReportCallback` so rank 0's per-epoch reports reach Tune (and ASHA), and names the Train run after
+the trial id so a restarted trial resumes its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from ray import tune
+
+from pipeline.config import PipelineConfig, SearchDimension, TuneConfig, with_overrides
+from pipeline.training.resources import TRIAL_CPUS, TunePlan
+from pipeline.training.trainer import EpochLogger, TrainingData, build_trainer, train_loop_config
+
+logger = logging.getLogger(__name__)
+
+# Tune flattens nested config keys with "/", and some searchers dislike dots: "model.emb_dim" travels
+# as "model__emb_dim".
+_KEY_SEPARATOR = "__"
+
+
+class TrialLogger(EpochLogger, Protocol):
+    def finish(self) -> None: ...
+
+
+class TrialRuns(Protocol):
+    """Opens one tracked run per trial (the tracking layer's MLflow child runs; this layer knows only
+    the shape). It must pickle: Tune ships it to every trial."""
+
+    def open(self, trial_id: str, run_key: str, config: PipelineConfig) -> TrialLogger: ...
+
+
+def to_tune_key(dotted: str) -> str:
+    return dotted.replace(".", _KEY_SEPARATOR)
+
+
+def to_dotted_key(tune_key: str) -> str:
+    return tune_key.replace(_KEY_SEPARATOR, ".")
+
+
+def search_space(dimensions: dict[str, SearchDimension]) -> dict[str, Any]:
+    space: dict[str, Any] = {}
+    for dotted, dimension in dimensions.items():
+        if dimension.choice is not None:
+            domain = tune.choice(dimension.choice)
+        elif dimension.uniform is not None:
+            domain = tune.uniform(*dimension.uniform)
+        elif dimension.loguniform is not None:
+            domain = tune.loguniform(*dimension.loguniform)
+        else:
+            low, high = dimension.randint
+            domain = tune.randint(low, high + 1)  # params.yaml bounds are inclusive, Tune's upper is not
+        space[to_tune_key(dotted)] = domain
+    return space
+
+
+def trial_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
+    return {to_dotted_key(key): value for key, value in trial_config.items()}
+
+
+def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
+    """The Tune function trainable: one Ray Train run with this trial's values."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config: PipelineConfig = base["config"]
+    effective = with_overrides(config, trial_overrides(trial_config))
+    trial_id = tune.get_context().get_trial_id()
+    train_run_name = f"{base['experiment_name']}-{trial_id}"
+    trial_runs: TrialRuns | None = base.get("trial_runs")
+    trial_logger = trial_runs.open(trial_id, train_run_name, effective) if trial_runs else None
+    loop_config = train_loop_config(
+        effective.model, effective.train, base["data"], config.tune.max_epochs, trial_logger
+    )
+    # A trial's best checkpoint is only read for its metrics: keep one.
+    runtime = config.runtime.model_copy(update={"checkpoints_to_keep": 1})
+    trainer = build_trainer(
+        loop_config,
+        effective.train,
+        runtime,
+        train_run_name,
+        base["storage_path"],
+        callbacks=[TuneReportCallback()],
+    )
+    try:
+        trainer.fit()
+    finally:
+        if trial_logger is not None:
+            trial_logger.finish()
+
+
+def build_tuner(
+    config: PipelineConfig,
+    data: TrainingData,
+    plan: TunePlan,
+    experiment_name: str,
+    storage_path: str,
+    trial_runs: TrialRuns | None,
+) -> tune.Tuner:
+    settings: TuneConfig = config.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if settings.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=config.train.seed)
+    else:
+        search_alg = None  # Tune's default: random sampling of the space
+    base = {
+        "config": config,
+        "data": data,
+        "experiment_name": experiment_name,
+        "storage_path": storage_path,
+        "trial_runs": trial_runs,
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_CPUS})
+    experiment_path = f"{storage_path.rstrip('/')}/{experiment_name}"
+    if tune.Tuner.can_restore(experiment_path):
+        # Same inputs as an earlier search (the name hashes them): finish it rather than start over. A
+        # finished search returns its results at once; its trials keep their MLflow runs.
+        logger.info("resuming the Tune experiment at %s", experiment_path)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(settings.search_space),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=plan.concurrent_trials,
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=settings.max_epochs,
+                grace_period=min(settings.grace_period, settings.max_epochs),
+                reduction_factor=settings.reduction_factor,
+            ),
+        ),
+        run_config=tune.RunConfig(name=experiment_name, storage_path=storage_path, verbose=1),
+    )

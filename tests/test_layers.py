@@ -1,0 +1,91 @@
+"""The package's layers, checked from the source (ast): imports point down only, and the network layer runs
+where only PyTorch and a few libraries are installed (checked by importing it with the rest made absent).
+
+    __main__ > stages > jobs > tracking > training > data > network > core (config, errors, paths, files,
+    fingerprint)
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.import_graph import REPO_ROOT, imported_modules, module_name, package_files
+
+LAYERS = ("core", "network", "data", "training", "tracking", "jobs", "stages", "cli")
+SUBPACKAGE_LAYERS = {"network", "data", "training", "tracking", "jobs", "stages"}
+# What a GPU box with only PyTorch lacks; the network layer must import without any of them.
+NOT_ON_A_TORCH_ONLY_BOX = ("ray", "mlflow", "dvc", "datasets", "pandas", "yaml", "optuna")
+
+
+def layer_of(path: Path) -> str:
+    parts = Path(path).parts  # ("pipeline", "network", "model.py") or ("pipeline", "config.py")
+    if len(parts) > 2 and parts[1] in SUBPACKAGE_LAYERS:
+        return parts[1]
+    return "cli" if parts[-1] == "__main__.py" else "core"
+
+
+def test_every_subpackage_is_a_known_layer() -> None:
+    folders = {path.parts[1] for path in package_files() if len(path.parts) > 2}
+    assert folders == SUBPACKAGE_LAYERS, "a new subpackage needs a place in LAYERS"
+
+
+def test_imports_point_down_only() -> None:
+    upward = []
+    for path in package_files():
+        own = LAYERS.index(layer_of(path))
+        for module in imported_modules(path):
+            target = layer_of(Path(*module.split(".")).with_suffix(".py"))
+            if LAYERS.index(target) > own:
+                upward.append(f"{path} ({layer_of(path)}) imports {module} ({target})")
+    assert not upward, "imports must point down the layers:\n" + "\n".join(upward)
+
+
+def test_network_layer_imports_no_ray_mlflow_dvc_or_datasets() -> None:
+    offenders = []
+    for path in package_files():
+        if layer_of(path) != "network":
+            continue
+        tree = ast.parse((REPO_ROOT / path).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path}: {name}" for name in names if name.split(".")[0] in NOT_ON_A_TORCH_ONLY_BOX
+            ]
+    assert not offenders, offenders
+
+
+def test_network_layer_imports_on_a_box_without_ray_mlflow_dvc_or_datasets() -> None:
+    modules = sorted(module_name(path) for path in package_files() if layer_of(path) == "network")
+    script = textwrap.dedent(
+        f"""
+        import importlib, sys
+
+        class Absent:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {NOT_ON_A_TORCH_ONLY_BOX!r}:
+                    raise ImportError(f"{{name}} is not installed on this box")
+                return None
+
+        sys.meta_path.insert(0, Absent())
+        for module in {modules!r}:
+            importlib.import_module(module)
+        leaked = sorted({{m.split(".")[0] for m in sys.modules}} & set({NOT_ON_A_TORCH_ONLY_BOX!r}))
+        assert not leaked, leaked
+        print("imported", len({modules!r}), "modules")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"imported {len(modules)} modules" in result.stdout
