@@ -75,7 +75,9 @@ def run(config: PipelineConfig) -> None:
     # One row per trial with its best value of the metric over all its epochs (Tune's own summary).
     best_rows = results.get_dataframe(filter_metric=settings.metric, filter_mode=settings.mode)
     best_by_trial = dict(zip(best_rows.get("trial_id", []), best_rows.get(settings.metric, []), strict=True))
-    rows = [_trial_row(result, best_by_trial, config, trial_overrides) for result in results]
+    rows = [
+        _trial_row(result, trial_overrides(result.config or {}), best_by_trial, config) for result in results
+    ]
     if not any(row["status"] != "ERROR" and row["best_value"] is not None for row in rows):
         first_error = next((r.error for r in results if r.error), "no trial reported a metric")
         raise PipelineError(f"every Tune trial failed; first error: {first_error}")
@@ -110,14 +112,17 @@ def run(config: PipelineConfig) -> None:
     )
 
 
-def _trial_row(result: Any, best_by_trial: dict, config: PipelineConfig, to_overrides: Any) -> dict[str, Any]:
+def _trial_row(
+    result: Any, overrides: dict[str, Any], best_by_trial: dict[str, float], config: PipelineConfig
+) -> dict[str, Any]:
+    """One row of tune_trials.csv: the trial's values, its best metric value, how far it got."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id", result.path.rsplit("/", 1)[-1])
     epochs = int(metrics.get("training_iteration", 0))
     best_value = best_by_trial.get(trial_id)
     return {
         "trial_id": trial_id,
-        **to_overrides(result.config or {}),
+        **overrides,
         "metric": config.tune.metric,
         "best_value": None if best_value is None or math.isnan(best_value) else float(best_value),
         "epochs_run": epochs,
