@@ -35,15 +35,17 @@ def run(config: PipelineConfig) -> None:
     from pipeline.network.model_files import save_model_dir
     from pipeline.tracking import store
     from pipeline.training.resources import check_training_fits, training_cpus
-    from pipeline.training.runtime import joined_cluster_resources, ray_session, resolve_storage_path
+    from pipeline.training.runtime import (
+        cluster_address,
+        cluster_resources,
+        ray_session,
+        resolve_storage_path,
+    )
     from pipeline.training.state import read_checkpoint
     from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
 
     with ray_session(training_cpus(config.train)):
-        import ray
-
-        joined = joined_cluster_resources()
-        check_training_fits(config.train, joined or dict(ray.cluster_resources()), joined is not None)
+        check_training_fits(config.train, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
         mlflow_run = store.start_train_run(config, run_name)

@@ -63,9 +63,14 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
     return True
 
 
+def cluster_resources() -> dict[str, float]:
+    """What the connected Ray instance has in all (CPU, GPU, memory, ...)."""
+    return dict(ray.cluster_resources())
+
+
 def joined_cluster_resources() -> dict[str, float] | None:
     """The resources of a cluster this process joined; None for a local Ray it started (sized to plan)."""
-    return dict(ray.cluster_resources()) if cluster_address() else None
+    return cluster_resources() if cluster_address() else None
 
 
 def resolve_storage_path(value: str) -> str:
