@@ -93,7 +93,7 @@ def wait_for_jobs_api(address: str, token: str, head: subprocess.Popen, log: Pat
 @contextlib.contextmanager
 def started_ray_head() -> Iterator[RayHead]:
     if not (VENV_BIN / "ray").exists():
-        raise RuntimeError("the `ray` command is not installed next to this Python")
+        raise FileNotFoundError("the `ray` command is not installed next to this Python")
     # Short: Ray's socket paths under --temp-dir must stay within the 107-byte AF_UNIX limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
     token = secrets.token_hex(32)

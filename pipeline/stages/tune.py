@@ -74,7 +74,11 @@ def run(config: PipelineConfig) -> None:
 
     # One row per trial with its best value of the metric over all its epochs (Tune's own summary).
     best_rows = results.get_dataframe(filter_metric=settings.metric, filter_mode=settings.mode)
-    best_by_trial = dict(zip(best_rows.get("trial_id", []), best_rows.get(settings.metric, []), strict=True))
+    # Trials that errored before their first report leave the metric column out (or the frame empty).
+    has_values = {"trial_id", settings.metric} <= set(best_rows.columns)
+    best_by_trial = (
+        dict(zip(best_rows["trial_id"], best_rows[settings.metric], strict=True)) if has_values else {}
+    )
     rows = [
         _trial_row(result, trial_overrides(result.config or {}), best_by_trial, config) for result in results
     ]
