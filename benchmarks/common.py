@@ -42,11 +42,7 @@ def prepared_builtin_corpus(overrides: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def training_splits(processed: Any) -> tuple[EncodedSplit, EncodedSplit]:
-    train, validation = processed.splits["train"], processed.splits["validation"]
-    return (
-        EncodedSplit.from_lists(train.src_ids, train.tgt_ids),
-        EncodedSplit.from_lists(validation.src_ids, validation.tgt_ids),
-    )
+    return processed.encoded("train"), processed.encoded("validation")
 
 
 def bare_loop_tokens_per_sec(
@@ -56,11 +52,13 @@ def bare_loop_tokens_per_sec(
     vocab: tuple[int, int],
     epochs: int,
     device: str = "cpu",
+    max_batches: int | None = None,
 ) -> tuple[list[float], float]:
     """The baseline: one process, no Ray, no DDP; the same model, batches, threads and the very same
     `train_step` (optimizer and scheduler included) that every Ray Train worker runs.
 
-    Returns per-epoch target tokens/s and peak GPU memory in MiB (0 on CPU).
+    Returns per-epoch target tokens/s and peak GPU memory in MiB (0 on CPU); `max_batches` cuts each epoch
+    short (a sample of a large corpus).
     """
     torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
     torch.manual_seed(train_config.seed)
@@ -74,6 +72,7 @@ def bare_loop_tokens_per_sec(
     rates = []
     for epoch in range(epochs):
         batches = token_budget_batches(split, train_config.batch_size, seed=train_config.seed * 1000 + epoch)
+        batches = batches[:max_batches]
         if on_gpu:
             torch.cuda.synchronize()
         started, tokens = time.perf_counter(), 0

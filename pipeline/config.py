@@ -6,8 +6,11 @@ depends on. Unknown keys are refused (a typo must not silently fall back to a de
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +29,8 @@ class _Section(BaseModel):
 class BuiltinCorpusConfig(_Section):
     n_pairs: int = Field(20_000, ge=10, le=5_000_000)
     seed: int = 13
+    # Sentences joined into one pair: 3 gives news-like lengths (mean ~36 tokens) for scale tests.
+    sentences_per_pair: int = Field(1, ge=1, le=8)
 
 
 class DataConfig(_Section):
@@ -73,14 +78,34 @@ class PreprocessConfig(_Section):
     min_frequency: int = Field(1, ge=1)
     joint_vocab: bool = False
     lowercase: bool = False
+    # Train the tokenizers on a seeded random sample of this many training pairs (null: all of them).
+    tokenizer_sample: int | None = Field(None, ge=1)
 
 
 class ModelConfig(_Section):
-    arch: Literal["gru", "gru_attention"] = "gru_attention"
+    """For arch transformer, emb_dim is the model width d and n_layers the depth of the encoder and of the
+    decoder each; hidden_dim is not used. The GRU archs ignore the transformer-only keys below."""
+
+    arch: Literal["gru", "gru_attention", "transformer"] = "gru_attention"
     emb_dim: int = Field(128, ge=1, le=8192)
     hidden_dim: int = Field(256, ge=1, le=16384)
     n_layers: int = Field(1, ge=1, le=8)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Transformer only.
+    n_heads: int = Field(4, ge=1, le=128, description="attention heads; must divide emb_dim")
+    ff_dim: int = Field(512, ge=1, le=65536, description="feed-forward inner width")
+    ff_activation: Literal["relu", "gelu"] = "relu"
+    tie_embeddings: bool = Field(True, description="output projection = target embedding matrix")
+    share_embeddings: bool = Field(False, description="one embedding matrix for both sides (joint vocab)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.arch == "transformer" and self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}):"
+                " each head gets emb_dim / n_heads dimensions"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -100,6 +125,32 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class CheckpointInterval(NamedTuple):
+    """How often to checkpoint inside an epoch: exactly one of the two is set."""
+
+    steps: int | None = None  # optimizer steps
+    seconds: float | None = None
+
+
+_MINUTES = re.compile(r"\s*(\d+(?:\.\d+)?)\s*m(?:in)?\s*")
+
+
+def parse_checkpoint_every(value: Any) -> CheckpointInterval | None:
+    """`runtime.checkpoint_every`: None (epoch ends only), a positive int (optimizer steps) or minutes as
+    "10min", "2.5min" or "10m"."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return CheckpointInterval(steps=value)
+    minutes = _MINUTES.fullmatch(value) if isinstance(value, str) else None
+    if minutes and float(minutes[1]) > 0:
+        return CheckpointInterval(seconds=float(minutes[1]) * 60)
+    raise ValueError(
+        "expected null (epoch ends only), a positive whole number of optimizer steps, "
+        "or minutes such as '10min', '2.5min' or '10m'"
+    )
+
+
 class RuntimeConfig(_Section):
     """How a run is carried out, not what it computes: no DVC stage lists this section, so changing it
     (e.g. the cluster's storage_path) re-runs nothing, and run names (content hashes) ignore it."""
@@ -107,6 +158,17 @@ class RuntimeConfig(_Section):
     storage_path: str = "runs/ray"
     max_failures: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
+    # Mid-epoch checkpoints of the train stage: null (epoch ends only), N optimizer steps or "10min".
+    checkpoint_every: int | str | None = None
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_interval(cls, value: Any) -> Any:
+        parse_checkpoint_every(value)  # raises with the accepted forms
+        return value
+
+    def checkpoint_interval(self) -> CheckpointInterval | None:
+        return parse_checkpoint_every(self.checkpoint_every)
 
 
 class SearchDimension(_Section):
@@ -139,6 +201,9 @@ TUNABLE_KEYS = (
     "model.hidden_dim",
     "model.n_layers",
     "model.dropout",
+    "model.n_heads",
+    "model.ff_dim",
+    "model.ff_activation",
     "train.lr",
 )
 
@@ -205,6 +270,54 @@ class PipelineConfig(_Section):
     # "register" would shadow pydantic's BaseModel.register, so the attribute is `registry`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _shared_embeddings_need_a_joint_vocabulary(self) -> PipelineConfig:
+        _check_shared_embeddings(self.model, self.preprocess)
+        return self
+
+    @model_validator(mode="after")
+    def _search_draws_valid_models(self) -> PipelineConfig:
+        """Refuse a search space that can draw an invalid model now, not in a trial hours into a search."""
+        space = self.tune.search_space
+        if self.tune.num_samples == 0:
+            return self
+        # Only choices list every value; of a range, only the ends are checked below.
+        ranged = [key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice]
+        base = self.model.model_dump()
+        for drawn in _model_draws(space):
+            try:
+                values = {key.removeprefix("model."): value for key, value in drawn.items()}
+                model = ModelConfig.model_validate({**base, **values})
+                _check_shared_embeddings(model, self.preprocess)
+            except ValueError as error:  # pydantic's ValidationError is one too
+                reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+                reason = reason.removeprefix("Value error, ")
+                raise ValueError(f"tune.search_space can draw {drawn}: {reason}") from None
+            if model.arch == "transformer" and ranged:
+                raise ValueError(
+                    f"tune.search_space can draw a transformer: give {' and '.join(ranged)} as a choice of"
+                    " values, so that every model.emb_dim drawn is divisible by every model.n_heads"
+                )
+        return self
+
+
+def _check_shared_embeddings(model: ModelConfig, preprocess: PreprocessConfig) -> None:
+    if model.arch == "transformer" and model.share_embeddings and not preprocess.joint_vocab:
+        raise ValueError(
+            "model.share_embeddings needs preprocess.joint_vocab: true (one vocabulary, two sides)"
+        )
+
+
+def _model_draws(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
+    """Every combination of the model values a search can draw: all choices, and the ends of ranges."""
+    dimensions = {key: dim for key, dim in space.items() if key.startswith("model.")}
+    options = [
+        dim.choice if dim.choice is not None else list(dim.uniform or dim.loguniform or dim.randint or ())
+        for dim in dimensions.values()
+    ]
+    for values in itertools.product(*options):
+        yield dict(zip(dimensions, values, strict=True))
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -27,7 +27,8 @@ Ids = Sequence[Sequence[int]]
 
 N_SYMBOLS = 10
 VOCAB_SIZE = 4 + N_SYMBOLS  # the four special ids, then symbols 4..13
-TINY = {"emb_dim": 32, "hidden_dim": 64, "n_layers": 1, "dropout": 0.0}
+# Each arch reads its own sizes: hidden_dim the GRUs, n_heads and ff_dim the Transformer.
+TINY = {"emb_dim": 32, "hidden_dim": 64, "n_layers": 1, "dropout": 0.0, "n_heads": 4, "ff_dim": 64}
 
 
 def reverse_pairs(n: int = 12, n_empty: int = 2, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:

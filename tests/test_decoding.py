@@ -13,7 +13,7 @@ from pipeline.network.model import Seq2Seq
 from pipeline.network.tokenization import BOS_ID, EOS_ID
 from tests.seq2seq_toys import random_model, trained_reverser
 
-ARCHS = ["gru", "gru_attention"]
+ARCHS = ["gru", "gru_attention", "transformer"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -127,3 +127,13 @@ def test_decoding_restores_the_callers_training_mode() -> None:
     greedy_decode(model, src, lengths)
     beam_search(model, src, lengths, beam_size=2)
     assert model.training
+
+
+def test_corpus_scores_add_lowercase_bleu_beside_cased_bleu_and_chrf():
+    from pipeline.network.scoring import corpus_scores
+
+    references = ["Two dogs play in the snow .", "A man rides a red bike ."]
+    hypotheses = ["two Dogs play in the Snow .", "a man rides a red bike ."]
+    scores = corpus_scores(hypotheses, references)
+    assert set(scores) == {"bleu", "bleu_lc", "chrf"}
+    assert scores["bleu_lc"] == 100.0 and scores["bleu"] < 100.0

@@ -161,6 +161,7 @@ def test_runtime_and_tracking_settings_rerun_nothing_but_train_keys_do(project: 
     set_param(project, "runtime", "storage_path", "s3://bucket/seq2seq/ray")
     set_param(project, "runtime", "max_failures", 5)
     set_param(project, "runtime", "checkpoints_to_keep", 1)
+    set_param(project, "runtime", "checkpoint_every", "10min")
     set_param(project, "tracking", "experiment", "elsewhere")
     assert status(project) == {}, "where checkpoints go and failures tolerated must not re-run training"
 

@@ -14,7 +14,8 @@ from tests.seq2seq_toys import VOCAB_SIZE, greedy_accuracy, random_model, traine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-ARCHS = ["gru", "gru_attention"]
+GRU_ARCHS = ["gru", "gru_attention"]
+ARCHS = [*GRU_ARCHS, "transformer"]
 
 
 def _target_batch(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _target_batch(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", GRU_ARCHS)
 def test_forward_gives_logits_per_target_position(arch: str, n_layers: int) -> None:
     model = random_model(arch, n_layers=n_layers).train()
     src, lengths = source_tensor([[4, 5, 6], [7, 8, 9, 10, 11, 12], [13]])
@@ -39,7 +40,7 @@ def test_forward_gives_logits_per_target_position(arch: str, n_layers: int) -> N
     assert step_logits.shape == (3, VOCAB_SIZE) and next_state.shape == state.shape
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", GRU_ARCHS)
 def test_parameter_count_grows_with_hidden_dim(arch: str) -> None:
     counts = [
         count_parameters(build_model(ModelConfig(arch=arch, emb_dim=16, hidden_dim=h), 50, 60))
@@ -130,8 +131,9 @@ def test_no_teacher_forcing_feeds_back_the_models_own_argmax(arch: str) -> None:
     torch.testing.assert_close(free_running, torch.stack(steps, dim=1), atol=1e-5, rtol=1e-5)
 
 
-def test_scheduled_sampling_is_repeatable_with_a_generator() -> None:
-    model = random_model("gru_attention")
+@pytest.mark.parametrize("arch", ["gru_attention", "transformer"])
+def test_scheduled_sampling_is_repeatable_with_a_generator(arch: str) -> None:
+    model = random_model(arch)
     src, lengths = source_tensor([[4, 5, 6], [7, 8, 9, 10, 11]] * 4)
     tgt_in = _target_batch(8, 7)
     with torch.inference_mode():
@@ -143,10 +145,9 @@ def test_scheduled_sampling_is_repeatable_with_a_generator() -> None:
     assert not torch.allclose(first, forced)  # later steps saw some of the model's own tokens
 
 
-def test_dropout_acts_in_training_mode_only() -> None:
-    model = build_model(
-        ModelConfig(arch="gru_attention", emb_dim=16, hidden_dim=16, n_layers=2, dropout=0.5), 20, 20
-    )
+@pytest.mark.parametrize("arch", ["gru_attention", "transformer"])
+def test_dropout_acts_in_training_mode_only(arch: str) -> None:
+    model = build_model(ModelConfig(arch=arch, emb_dim=16, hidden_dim=16, n_layers=2, dropout=0.5), 20, 20)
     src, lengths = source_tensor([[4, 5, 6, 7]])
     tgt_in = _target_batch(1, 4)
     model.train()

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.network.batching import source_tensor
 from pipeline.network.decoding import beam_search, greedy_decode
 from pipeline.network.model import build_model
-from pipeline.network.model_files import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir
+from pipeline.network.model_files import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir, tied_names
 from pipeline.network.tokenization import encode_texts, train_tokenizer
 from pipeline.network.translator import Translator
 from tests.seq2seq_toys import TINY, train_until_memorised
@@ -60,20 +60,36 @@ def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     return path, pairs
 
 
-def _random_model_dir(tmp_path: Path, arch: str, n_layers: int = 1) -> tuple[Path, torch.nn.Module]:
-    config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers})
+def _random_model_dir(
+    tmp_path: Path, arch: str, n_layers: int = 1, **settings: object
+) -> tuple[Path, torch.nn.Module]:
+    config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers, **settings})
     texts = [s for s, _ in _word_pairs()]
     tokenizer = train_tokenizer(texts, PreprocessConfig(tokenizer="word", vocab_size=100))
     torch.manual_seed(1)
-    model = build_model(config, tokenizer.get_vocab_size() + 3, tokenizer.get_vocab_size() + 5).eval()
+    # Unequal vocabularies catch a swapped side, unless the embeddings are shared (one vocabulary).
+    tgt_extra = 3 if config.share_embeddings else 5
+    model = build_model(config, tokenizer.get_vocab_size() + 3, tokenizer.get_vocab_size() + tgt_extra).eval()
     path = tmp_path / "models"
     save_model_dir(path, model, config, tokenizer, tokenizer, DECODING)
     return path, model
 
 
-@pytest.mark.parametrize(("arch", "n_layers"), [("gru", 1), ("gru_attention", 2)])
-def test_round_trip_gives_identical_logits_and_translations(tmp_path: Path, arch: str, n_layers: int) -> None:
-    path, model = _random_model_dir(tmp_path, arch, n_layers)
+@pytest.mark.parametrize(
+    ("arch", "n_layers", "settings"),
+    [
+        ("gru", 1, {}),
+        ("gru_attention", 2, {}),
+        ("transformer", 2, {"tie_embeddings": False}),
+        ("transformer", 2, {"tie_embeddings": True}),
+        ("transformer", 1, {"tie_embeddings": True, "share_embeddings": True, "ff_activation": "gelu"}),
+    ],
+    ids=["gru", "gru_attention", "transformer-untied", "transformer-tied", "transformer-shared-gelu"],
+)
+def test_round_trip_gives_identical_logits_and_translations(
+    tmp_path: Path, arch: str, n_layers: int, settings: dict
+) -> None:
+    path, model = _random_model_dir(tmp_path, arch, n_layers, **settings)
     loaded = load_model_dir(path)
     assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
     assert loaded.model_config == model.config and loaded.decoding == DECODING
@@ -96,6 +112,21 @@ def test_weights_are_safetensors_not_a_pickle(tmp_path: Path) -> None:
     assert set(header) - {"__metadata__"} == set(model.state_dict())
     assert all(entry["dtype"] == "F32" for key, entry in header.items() if key != "__metadata__")
     assert b"torch" not in raw[: 8 + header_size]  # no class references in the header
+
+
+def test_a_tied_weight_is_stored_once_and_comes_back_tied(tmp_path: Path) -> None:
+    path, model = _random_model_dir(tmp_path, "transformer", tie_embeddings=True, share_embeddings=True)
+    assert tied_names(model) == {
+        "decoder.embedding.weight": "encoder.embedding.weight",
+        "decoder.W_o.weight": "encoder.embedding.weight",
+    }
+    stored = load_file(str(path / WEIGHTS_FILE))
+    assert set(stored) == set(model.state_dict()) - set(tied_names(model))
+    config = json.loads((path / "model_config.json").read_text())["model"]
+    assert (config["arch"], config["share_embeddings"], config["n_heads"]) == ("transformer", True, 4)
+    loaded = load_model_dir(path).model
+    assert loaded.decoder.W_o.weight is loaded.decoder.embedding.weight is loaded.encoder.embedding.weight
+    assert torch.equal(loaded.decoder.W_o.weight, model.encoder.embedding.weight)
 
 
 @pytest.mark.parametrize("missing", MODEL_FILES)

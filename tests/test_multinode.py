@@ -38,3 +38,5 @@ def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
     assert int(history[0]["n_nodes"]) == 2
     assert int(history[0]["n_workers"]) == 2
     assert int(history[0]["replica_divergence"]) == 0
+    # The worker on the second node reads the object-store replica; the one beside the driver maps files.
+    assert int(history[0]["object_store_readers"]) == 1

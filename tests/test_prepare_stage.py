@@ -13,6 +13,7 @@ import datasets
 import pytest
 
 from pipeline.config import PipelineConfig, config_from_dict
+from pipeline.data.arrow_text import read_texts
 from pipeline.data.cleaning import DROP_REASONS
 from pipeline.errors import PipelineError
 from pipeline.paths import PREPARE_STATS, PREPARED_DIR
@@ -69,8 +70,8 @@ def write_hf_columns(folder: Path) -> str:
 
 
 def read_prepared() -> dict[str, list[tuple[str, str]]]:
-    dataset = datasets.load_from_disk(str(PREPARED_DIR))
-    return {name: list(zip(dataset[name]["src"], dataset[name]["tgt"], strict=True)) for name in dataset}
+    files = {path.stem: path for path in PREPARED_DIR.glob("*.arrow")}
+    return {name: list(zip(*read_texts(path), strict=True)) for name, path in files.items()}
 
 
 def assert_no_outputs() -> None:
@@ -81,12 +82,14 @@ def assert_no_outputs() -> None:
 
 def test_builtin_corpus_is_prepared_into_three_string_splits_with_stats():
     prepare.run(config_from_dict({"data": {"builtin": {"n_pairs": 200}}}))
-    dataset = datasets.load_from_disk(str(PREPARED_DIR))
-    assert sorted(dataset) == ["test", "train", "validation"]
-    for split in dataset.values():
+    assert sorted(read_prepared()) == ["test", "train", "validation"]
+    for name in ("train", "validation", "test"):
+        # Arrow stream files in the format `datasets` writes: it opens them as they are.
+        split = datasets.Dataset.from_file(str(PREPARED_DIR / f"{name}.arrow"))
         assert split.features == datasets.Features(
             {"src": datasets.Value("string"), "tgt": datasets.Value("string")}
         )
+    assert not (PREPARED_DIR / ".train-cleaned.arrow").exists()
     stats = json.loads(PREPARE_STATS.read_text())
     assert stats["pairs"] == {"train": 180, "validation": 10, "test": 10}
     assert stats["carved"] == {"validation": True, "test": True}

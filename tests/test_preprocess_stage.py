@@ -6,11 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-import datasets
+import numpy as np
 import pytest
 
 from pipeline.config import PipelineConfig, PreprocessConfig, config_from_dict
-from pipeline.data.processed import load_processed
+from pipeline.data import arrow_text
+from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.network.tokenization import (
     BOS_ID,
@@ -61,21 +62,29 @@ def prepare_and_preprocess(cfg: PipelineConfig) -> None:
     preprocess.run(cfg)
 
 
+def ids_of(processed: ProcessedData, split: str, side: str) -> list[list[int]]:
+    encoded = processed.encoded(split)
+    return [getattr(encoded, side)(i).tolist() for i in range(len(encoded))]
+
+
 @pytest.mark.parametrize("kind", ["bpe", "word"])
 def test_every_split_is_encoded_without_special_tokens_and_decodes_back(tmp_path, kind):
     prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus"), tokenizer=kind))
     processed = load_processed()
-    assert sorted(processed.splits) == ["test", "train", "validation"]
-    train = processed.splits["train"]
-    assert len(train) == 90
-    for split in processed.splits.values():
-        for ids in (*split.src_ids, *split.tgt_ids):
+    assert len(processed.encoded("train")) == processed.pairs("train") == 90
+    for name in ("train", "validation", "test"):
+        for ids in (*ids_of(processed, name, "src"), *ids_of(processed, name, "tgt")):
             assert ids and not {PAD_ID, BOS_ID, EOS_ID} & set(ids)
-    assert decode_ids(processed.src_tokenizer, train.src_ids) == train.src
-    assert decode_ids(processed.tgt_tokenizer, train.tgt_ids) == train.tgt
-    encoded = datasets.load_from_disk(str(PROCESSED_DIR / "encoded"))
-    assert encoded["train"].features["src_ids"] == datasets.List(datasets.Value("int32"))
-    assert encoded["train"].column_names == ["src", "tgt", "src_ids", "tgt_ids"]
+    train_src, train_tgt = arrow_text.read_texts(PREPARED_DIR / "train.arrow")
+    assert decode_ids(processed.src_tokenizer, ids_of(processed, "train", "src")) == train_src
+    assert decode_ids(processed.tgt_tokenizer, ids_of(processed, "train", "tgt")) == train_tgt
+    sources, references = processed.texts("test")
+    assert decode_ids(processed.tgt_tokenizer, ids_of(processed, "test", "tgt")) == references
+    assert len(sources) == processed.pairs("test") == 1
+    # Flat, memory-mapped arrays in the narrowest dtype the vocabulary allows.
+    encoded = processed.encoded("train")
+    assert isinstance(encoded.src_ids, np.memmap) and encoded.src_ids.dtype == np.uint16
+    assert processed.meta["id_dtype"] == "uint16"
 
 
 def test_meta_records_languages_vocab_sizes_pairs_and_unk_rates(tmp_path):
@@ -97,7 +106,7 @@ def test_tokenizers_see_training_text_only(tmp_path):
     meta = processed.meta
     assert meta["unk_rate"]["train"] == {"src": 0.0, "tgt": 0.0}
     assert meta["unk_rate"]["test"]["src"] > 0 and meta["unk_rate"]["test"]["tgt"] > 0
-    assert UNK_ID in processed.splits["test"].src_ids[0]
+    assert UNK_ID in ids_of(processed, "test", "src")[0]
 
 
 def test_joint_vocabulary_saves_one_tokenizer_under_both_names(tmp_path):
@@ -137,7 +146,7 @@ def test_prepared_data_for_other_languages_is_refused_and_earlier_output_kept(tm
     with pytest.raises(PipelineError, match=r"holds en->art but params say de->en"):
         preprocess.run(config(tsv_corpus(tmp_path / "corpus")))
     assert (PROCESSED_DIR / "meta.json").read_text() == meta_before
-    assert len(load_processed().splits["train"]) == 90
+    assert load_processed().pairs("train") == 90
 
 
 def test_load_processed_reports_missing_and_incomplete_output(tmp_path):
@@ -149,3 +158,27 @@ def test_load_processed_reports_missing_and_incomplete_output(tmp_path):
     with pytest.raises(PipelineError, match=r"incomplete \(missing encoded\)"):
         load_processed()
     assert PREPARED_DIR.is_dir()
+
+
+def test_tokenizer_sample_trains_on_a_seeded_subset_of_training_pairs(tmp_path):
+    corpus = tsv_corpus(tmp_path / "corpus")
+    prepare_and_preprocess(config(corpus, tokenizer="word", tokenizer_sample=2))
+    sampled = load_processed()
+    first_vocab = sampled.src_tokenizer.get_vocab()
+    assert sampled.meta["tokenizer_sample"] == 2
+    # Two pairs cannot show every training word: the rest of train is now partly unknown.
+    assert sampled.meta["unk_rate"]["train"]["src"] > 0
+    preprocess.run(config(corpus, tokenizer="word", tokenizer_sample=2))
+    assert load_processed().src_tokenizer.get_vocab() == first_vocab, "the sample is seeded"
+    preprocess.run(config(corpus, tokenizer="word", tokenizer_sample=10_000))  # more than train: all of it
+    assert load_processed().meta["unk_rate"]["train"] == {"src": 0.0, "tgt": 0.0}
+
+
+def test_encoding_does_not_depend_on_the_batch_size(tmp_path, monkeypatch):
+    """Batches bound memory; the encoded arrays are the same bytes whatever their size."""
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus")))
+    whole = {path.name: path.read_bytes() for path in (PROCESSED_DIR / "encoded" / "train").iterdir()}
+    monkeypatch.setattr(arrow_text, "BATCH_ROWS", 7)
+    prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus")))
+    batched = {path.name: path.read_bytes() for path in (PROCESSED_DIR / "encoded" / "train").iterdir()}
+    assert batched == whole

@@ -53,12 +53,11 @@ def _train_snapshots(processed_dir: Path, target: Path) -> list[Path]:
     from pipeline.config import ModelConfig
     from pipeline.data.processed import load_processed
     from pipeline.network.batching import collate, token_budget_batches
-    from pipeline.network.encoded import EncodedSplit
     from pipeline.network.model import build_model
     from pipeline.network.model_files import save_model_dir
 
     data = load_processed(processed_dir, splits=("train",))
-    train = EncodedSplit.from_lists(data.splits["train"].src_ids, data.splits["train"].tgt_ids)
+    train = data.encoded("train")
     config = ModelConfig(arch="gru", emb_dim=16, hidden_dim=32, dropout=0.0)
     torch.manual_seed(0)
     model = build_model(config, data.src_vocab_size, data.tgt_vocab_size)
@@ -91,9 +90,9 @@ def _bleu(model_dir: Path, processed_dir: Path) -> float:
     from pipeline.data.processed import load_processed
     from pipeline.network.translator import Translator
 
-    test = load_processed(processed_dir, splits=("test",)).splits["test"]
-    hypotheses = Translator.from_dir(model_dir).translate(test.src, beam_size=2, batch_size=128)
-    return round(sacrebleu.corpus_bleu(hypotheses, [test.tgt], force=True).score, 2)
+    sources, references = load_processed(processed_dir, splits=("test",)).texts("test")
+    hypotheses = Translator.from_dir(model_dir).translate(sources, beam_size=2, batch_size=128)
+    return round(sacrebleu.corpus_bleu(hypotheses, [references], force=True).score, 2)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +166,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workspace: Workspac
 def _sentences(processed: Path, n: int = 6) -> list[str]:
     from pipeline.data.processed import load_processed
 
-    test = load_processed(processed, splits=("test",)).splits["test"]
-    return list(test.src[:n]) + ["", "zzz unknown words qqq ."]
+    sources, _ = load_processed(processed, splits=("test",)).texts("test")
+    return sources[:n] + ["", "zzz unknown words qqq ."]
 
 
 def test_first_version_becomes_champion_and_registering_it_again_adds_no_version(project: Project) -> None:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.data.builtin_corpus import generate_corpus
 from pipeline.data.hf_source import parse_hf_source
-from pipeline.data.sources import load_corpus
+from pipeline.data.sources import RawCorpus, RawSplit, load_corpus
 from pipeline.errors import PipelineError
 
 PAIRS = [("ein Haus", "a house"), ("zwei Hunde", "two dogs"), ("Guten Tag !", "Good day !")]
@@ -43,6 +43,13 @@ def data_config(source: str | Path, **overrides) -> DataConfig:
     )
 
 
+def read_corpus(config: DataConfig) -> RawCorpus:
+    """`load_corpus` with every split's stream read to the end, as prepare reads it (errors included)."""
+    corpus = load_corpus(config)
+    splits = {name: RawSplit(list(split.pairs), split.origin) for name, split in corpus.splits.items()}
+    return RawCorpus(corpus.source, corpus.src_lang, corpus.tgt_lang, splits)
+
+
 def pairs_of(corpus, split: str) -> list[tuple[str, str]]:
     return corpus.splits[split].pairs
 
@@ -51,13 +58,13 @@ def pairs_of(corpus, split: str) -> list[tuple[str, str]]:
 
 
 def test_builtin_source_gives_generated_training_pairs_only():
-    corpus = load_corpus(DataConfig(builtin={"n_pairs": 40, "seed": 5}))
+    corpus = read_corpus(DataConfig(builtin={"n_pairs": 40, "seed": 5}))
     assert list(corpus.splits) == ["train"]
     assert pairs_of(corpus, "train") == generate_corpus(40, 5)
 
 
 def test_builtin_max_examples_keeps_the_first_pairs():
-    corpus = load_corpus(DataConfig(builtin={"n_pairs": 40, "seed": 5}, max_examples=7))
+    corpus = read_corpus(DataConfig(builtin={"n_pairs": 40, "seed": 5}, max_examples=7))
     assert pairs_of(corpus, "train") == generate_corpus(40, 5)[:7]
 
 
@@ -75,7 +82,7 @@ def test_hf_saved_dataset_with_translation_column_loads_every_split(tmp_path):
             "test": datasets.Dataset.from_dict(rows(PAIRS[1:])),
         }
     ).save_to_disk(str(tmp_path / "wmt"))
-    corpus = load_corpus(data_config(f"hf:{tmp_path / 'wmt'}"))
+    corpus = read_corpus(data_config(f"hf:{tmp_path / 'wmt'}"))
     assert pairs_of(corpus, "train") == PAIRS
     assert pairs_of(corpus, "validation") == PAIRS[:1]
     assert pairs_of(corpus, "test") == PAIRS[1:]
@@ -92,7 +99,7 @@ def test_hf_saved_dataset_with_one_column_per_language_and_valid_split_name(tmp_
             "valid": datasets.Dataset.from_dict(columns(PAIRS[:2])),
         }
     ).save_to_disk(str(tmp_path / "m30k"))
-    corpus = load_corpus(data_config(f"hf:{tmp_path / 'm30k'}", max_examples=2))
+    corpus = read_corpus(data_config(f"hf:{tmp_path / 'm30k'}", max_examples=2))
     assert pairs_of(corpus, "train") == PAIRS[:2]
     assert pairs_of(corpus, "validation") == PAIRS[:2]
     assert "test" not in corpus.splits
@@ -106,7 +113,7 @@ def test_hf_data_files_folder_goes_through_load_dataset(tmp_path, monkeypatch):
     table = {"de": [s for s, _ in PAIRS], "en": [t for _, t in PAIRS]}
     datasets.Dataset.from_dict(table).to_parquet(str(folder / "train.parquet"))
     datasets.Dataset.from_dict(table).to_parquet(str(folder / "test.parquet"))
-    corpus = load_corpus(data_config(f"hf:{folder}"))
+    corpus = read_corpus(data_config(f"hf:{folder}"))
     assert pairs_of(corpus, "train") == PAIRS
     assert pairs_of(corpus, "test") == PAIRS
 
@@ -117,7 +124,7 @@ def test_hf_split_names_map_nonstandard_split_names(tmp_path):
         {name: datasets.Dataset.from_dict(table) for name in ("training", "newstest2013", "newstest2014")}
     ).save_to_disk(str(tmp_path / "news"))
     names = {"train": "training", "validation": "newstest2013", "test": "newstest2014"}
-    corpus = load_corpus(data_config(f"hf:{tmp_path / 'news'}", split_names=names))
+    corpus = read_corpus(data_config(f"hf:{tmp_path / 'news'}", split_names=names))
     assert set(corpus.splits) == {"train", "validation", "test"}
 
 
@@ -125,22 +132,22 @@ def test_hf_missing_language_columns_names_the_columns_found(tmp_path):
     table = datasets.Dataset.from_dict({"source": ["a"], "target": ["b"]})
     datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "odd"))
     with pytest.raises(PipelineError, match=r"columns found: source, target"):
-        load_corpus(data_config(f"hf:{tmp_path / 'odd'}"))
+        read_corpus(data_config(f"hf:{tmp_path / 'odd'}"))
 
 
 def test_hf_translation_column_without_the_languages_names_the_languages_found(tmp_path):
     rows = {"translation": [{"fr": "maison", "en": "house"}]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "fr"))
-    with pytest.raises(PipelineError, match=r"row 0.*languages found: .*fr"):
-        load_corpus(data_config(f"hf:{tmp_path / 'fr'}"))
+    with pytest.raises(PipelineError, match=r"column has no 'de'/'en' \(languages found: fr, en"):
+        read_corpus(data_config(f"hf:{tmp_path / 'fr'}"))
 
 
 def test_hf_dataset_that_cannot_be_loaded_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match=r"could not load Hugging Face dataset .*empty"):
-        load_corpus(data_config(f"hf:{tmp_path / 'empty'}"))
+        read_corpus(data_config(f"hf:{tmp_path / 'empty'}"))
     with pytest.raises(PipelineError, match=r"nowhere.*no such folder"):
-        load_corpus(data_config(f"hf:{tmp_path / 'nowhere'}"))
+        read_corpus(data_config(f"hf:{tmp_path / 'nowhere'}"))
 
 
 def test_hf_source_parses_dataset_and_config():
@@ -157,7 +164,7 @@ def test_text_folder_reads_parallel_files_and_detects_splits(tmp_path, gz):
     write_text_split(tmp_path, "dev", PAIRS[:1], gz=gz)
     write_text_split(tmp_path, "test_2016_flickr", PAIRS[1:], gz=gz)
     (tmp_path / "README.md").write_text("not a split\n")
-    corpus = load_corpus(data_config(tmp_path))
+    corpus = read_corpus(data_config(tmp_path))
     assert pairs_of(corpus, "train") == PAIRS
     assert pairs_of(corpus, "validation") == PAIRS[:1]
     assert pairs_of(corpus, "test") == PAIRS[1:]
@@ -170,7 +177,7 @@ def test_text_folder_keeps_line_alignment_with_crlf_bom_and_unicode_line_separat
     # \u2028 and \x85 are line breaks for str.splitlines but not for a parallel corpus.
     (tmp_path / "train.de").write_bytes("\ufeffeins\r\nzwei\u2028drei\x85\r\nvier\n".encode())
     (tmp_path / "train.en").write_bytes(b"one\ntwo three\nfour\n")
-    corpus = load_corpus(data_config(tmp_path))
+    corpus = read_corpus(data_config(tmp_path))
     expected = [("eins", "one"), ("zwei\u2028drei\x85", "two three"), ("vier", "four")]
     assert pairs_of(corpus, "train") == expected
 
@@ -178,7 +185,7 @@ def test_text_folder_keeps_line_alignment_with_crlf_bom_and_unicode_line_separat
 def test_tsv_folder_uses_header_language_columns(tmp_path):
     (tmp_path / "train.tsv").write_text("id\ten\tde\n1\ta house\tein Haus\n\n2\ttwo dogs\tzwei Hunde\n")
     (tmp_path / "valid.tsv").write_text("de\ten\nGuten Tag !\tGood day !\n")
-    corpus = load_corpus(data_config(tmp_path))
+    corpus = read_corpus(data_config(tmp_path))
     assert pairs_of(corpus, "train") == PAIRS[:2]
     assert pairs_of(corpus, "validation") == PAIRS[2:]
 
@@ -187,14 +194,14 @@ def test_jsonl_folder_reads_language_keys_and_translation_objects(tmp_path):
     lines = [json.dumps({"de": s, "en": t}) for s, t in PAIRS[:2]]
     lines.append(json.dumps({"translation": {"de": PAIRS[2][0], "en": PAIRS[2][1]}}))
     write_lines(tmp_path / "train.jsonl", lines, gz=True)
-    corpus = load_corpus(data_config(tmp_path))
+    corpus = read_corpus(data_config(tmp_path))
     assert pairs_of(corpus, "train") == PAIRS
 
 
 def test_max_examples_caps_training_pairs_but_not_evaluation_splits(tmp_path):
     write_text_split(tmp_path, "train", PAIRS)
     write_text_split(tmp_path, "test", PAIRS)
-    corpus = load_corpus(data_config(tmp_path, max_examples=2))
+    corpus = read_corpus(data_config(tmp_path, max_examples=2))
     assert pairs_of(corpus, "train") == PAIRS[:2]
     assert pairs_of(corpus, "test") == PAIRS
 
@@ -204,7 +211,7 @@ def test_other_language_pair_in_multi30k_layout_needs_only_source_and_languages(
     for stem in ("train", "val", "test_2016_flickr"):
         write_text_split(tmp_path, stem, fr_cs, src="fr", tgt="cs", gz=True)
         write_lines(tmp_path / f"{stem}.en", ["ignored", "ignored", "extra"], gz=True)
-    corpus = load_corpus(DataConfig(source=str(tmp_path), src_lang="fr", tgt_lang="cs"))
+    corpus = read_corpus(DataConfig(source=str(tmp_path), src_lang="fr", tgt_lang="cs"))
     assert {name: pairs_of(corpus, name) for name in corpus.splits} == dict.fromkeys(
         ("train", "validation", "test"), fr_cs
     )
@@ -217,7 +224,7 @@ def test_different_line_counts_name_both_files_and_counts(tmp_path):
     write_lines(tmp_path / "train.de", ["a", "b", "c"])
     write_lines(tmp_path / "train.en", ["a", "b", "c", "d", "e"], gz=True)
     with pytest.raises(PipelineError) as error:
-        load_corpus(data_config(tmp_path, max_examples=1))
+        read_corpus(data_config(tmp_path, max_examples=1))
     message = str(error.value)
     assert f"{tmp_path / 'train.de'} has 3 lines" in message
     assert f"{tmp_path / 'train.en.gz'} has 5" in message
@@ -230,13 +237,13 @@ def test_invalid_utf8_names_file_and_line(tmp_path, gz):
     path = tmp_path / ("train.de.gz" if gz else "train.de")
     path.write_bytes(gzip.compress(data) if gz else data)
     with pytest.raises(PipelineError, match=rf"{path}:3: invalid UTF-8"):
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
 
 
 def test_missing_training_files_name_the_expected_paths(tmp_path):
     write_text_split(tmp_path, "val", PAIRS)
     with pytest.raises(PipelineError) as error:
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
     message = str(error.value)
     assert f"{tmp_path}/train.de and {tmp_path}/train.en" in message
     assert "splits found: val" in message
@@ -246,7 +253,7 @@ def test_one_sided_split_names_the_missing_parallel_file(tmp_path):
     write_text_split(tmp_path, "train", PAIRS)
     write_lines(tmp_path / "test.de", ["x"])
     with pytest.raises(PipelineError, match=r"test\.de has no parallel file test\.en"):
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
 
 
 def test_several_test_candidates_are_refused_with_their_names(tmp_path):
@@ -254,15 +261,15 @@ def test_several_test_candidates_are_refused_with_their_names(tmp_path):
         write_text_split(tmp_path, stem, PAIRS)
     expected = r"test_2016_flickr, test_2017_mscoco; choose one with data.split_names.test"
     with pytest.raises(PipelineError, match=expected):
-        load_corpus(data_config(tmp_path))
-    corpus = load_corpus(data_config(tmp_path, split_names={"test": "test_2017_mscoco"}))
+        read_corpus(data_config(tmp_path))
+    corpus = read_corpus(data_config(tmp_path, split_names={"test": "test_2017_mscoco"}))
     assert "test_2017_mscoco" in corpus.splits["test"].origin
 
 
 def test_split_name_that_does_not_exist_is_refused(tmp_path):
     write_text_split(tmp_path, "train", PAIRS)
     with pytest.raises(PipelineError, match=r"data.split_names.validation is 'dev2010'.*found: train"):
-        load_corpus(data_config(tmp_path, split_names={"validation": "dev2010"}))
+        read_corpus(data_config(tmp_path, split_names={"validation": "dev2010"}))
 
 
 @pytest.mark.parametrize(
@@ -279,26 +286,42 @@ def test_split_name_that_does_not_exist_is_refused(tmp_path):
 def test_malformed_tsv_and_jsonl_lines_name_file_and_line(tmp_path, filename, content, expected):
     (tmp_path / filename).write_text(content)
     with pytest.raises(PipelineError, match=expected):
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
 
 
 def test_missing_folder_and_file_source_are_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"no such folder"):
-        load_corpus(data_config(tmp_path / "absent"))
+        read_corpus(data_config(tmp_path / "absent"))
     write_lines(tmp_path / "train.de", ["a"])
     with pytest.raises(PipelineError, match=r"is a file"):
-        load_corpus(data_config(tmp_path / "train.de"))
+        read_corpus(data_config(tmp_path / "train.de"))
 
 
 def test_corrupt_gzip_is_reported_with_its_path(tmp_path):
     (tmp_path / "train.de.gz").write_bytes(b"this is not gzip")
     write_lines(tmp_path / "train.en", ["a"])
     with pytest.raises(PipelineError, match=rf"cannot read {tmp_path / 'train.de.gz'}"):
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
 
 
 def test_split_stored_in_two_formats_is_ambiguous(tmp_path):
     write_text_split(tmp_path, "train", PAIRS)
     (tmp_path / "train.tsv").write_text("de\ten\na\tb\n")
     with pytest.raises(PipelineError, match=r"stored more than once"):
-        load_corpus(data_config(tmp_path))
+        read_corpus(data_config(tmp_path))
+
+
+def test_hf_rows_come_in_dataset_order_from_cache_files_or_through_an_index_mapping(tmp_path):
+    from pipeline.data.hf_source import _hf_pairs
+
+    table = {"de": [f"satz {i}" for i in range(50)], "en": [f"sentence {i}" for i in range(50)]}
+    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "saved"))
+    saved = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert saved.cache_files, "read straight from its Arrow file"
+    expected = list(zip(table["de"], table["en"], strict=True))
+    assert list(_hf_pairs(saved, "de", "en", "saved", None)) == expected
+    assert list(_hf_pairs(saved, "de", "en", "saved", 7)) == expected[:7]
+    shuffled = saved.shuffle(seed=0)  # an index mapping over the same file: datasets resolves the order
+    assert list(_hf_pairs(shuffled, "de", "en", "shuffled", None)) == list(
+        zip(shuffled["de"], shuffled["en"], strict=True)
+    )

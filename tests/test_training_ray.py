@@ -8,7 +8,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,35 +19,55 @@ from tests.conftest import prepare_project, working_directory
 pytestmark = pytest.mark.slow
 
 
+# 600 target tokens a batch make 18 batches per rank and epoch on the tiny corpus, so a checkpoint every
+# 6 steps lands at batches 6 and 12 of each epoch. No more: a report waits until Ray Train's controller
+# has taken the previous one, and it takes one per poll (every 2 s). The model is the Transformer (with
+# dropout, so every rank's RNG state matters on resume); the GRU models train under Ray in
+# test_pipeline_end_to_end, test_multinode and the driver-kill test below.
+MID_EPOCH_CHECKPOINTS = {
+    "model": {"arch": "transformer", "emb_dim": 32, "n_heads": 4, "ff_dim": 64, "dropout": 0.1},
+    "train": {"epochs": 2, "batch_size": 600, "early_stopping_patience": 50, "lr": 0.002},
+    "runtime": {"checkpoint_every": 6},
+}
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, ray_instance) -> Path:
-    directory = tmp_path_factory.mktemp("train-project")
-    prepare_project(directory, {"train": {"epochs": 3}})
-    return directory
-
-
-def test_train_stage_ddp_replicas_stay_identical_and_loss_falls(project: Path) -> None:
+def trained_project(tmp_path_factory, ray_instance) -> Path:
+    """A tiny project after one uninterrupted train stage, with mid-epoch checkpoints (the reference
+    that the killed run below must match, so the module trains it only once)."""
     from pipeline.config import load_config
     from pipeline.stages import train
 
-    with working_directory(project):
+    directory = tmp_path_factory.mktemp("train-project")
+    prepare_project(directory, MID_EPOCH_CHECKPOINTS)
+    with working_directory(directory):
         train.run(load_config("params.yaml"))
+    return directory
+
+
+def test_train_stage_ddp_replicas_stay_identical_and_loss_falls(trained_project: Path) -> None:
+    with working_directory(trained_project):
         history = list(csv.DictReader(Path("reports/train_history.csv").read_text().splitlines()))
         run_info = json.loads(Path("reports/train_run.json").read_text())
+        train_metrics = json.loads(Path("reports/train_metrics.json").read_text())
         model_files = sorted(p.name for p in Path("models").iterdir())
 
-    assert [int(row["epoch"]) for row in history] == [0, 1, 2]
+    assert [int(row["epoch"]) for row in history] == [0, 1], "one row per finished epoch, none mid-epoch"
+    assert "mid_epoch" not in history[0] and train_metrics["best_epoch"] in (0, 1)
     assert all(int(row["replica_divergence"]) == 0 for row in history), "replicas differ bit for bit"
     assert all(int(row["n_workers"]) == 2 for row in history)
     assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
     assert float(history[-1]["val_loss"]) < float(history[0]["val_loss"])
     assert all(float(row["tokens_per_sec"]) > 0 for row in history)
+    assert all(float(row["peak_rss_mib"]) > 0 for row in history)
+    assert all(int(row["resumed_from_step"]) == -1 for row in history), "nothing was resumed"
     assert "model.safetensors" in model_files and "model_config.json" in model_files
     assert run_info["mlflow_run_id"]
 
 
-def registered_checkpoint_epoch(run_dir: Path) -> int | None:
-    """The epoch of the latest checkpoint Ray Train has registered (its snapshot file), if any.
+def latest_registered_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of the latest checkpoint Ray Train has registered (its snapshot file), if any: `epoch`,
+    and for a mid-epoch checkpoint `mid_epoch` and `step` (the batches of that epoch already done).
 
     A checkpoint folder appears before the controller registers it; only a registered one is resumed.
     """
@@ -54,67 +76,97 @@ def registered_checkpoint_epoch(run_dir: Path) -> int | None:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return None
-    return None if latest is None else int(latest["metrics"]["epoch"])
+    return None if latest is None else latest["metrics"]
 
 
-def _kill_one_train_worker_after_a_registered_checkpoint(
-    run_dir: Path, killed: list[int], deadline: float
+def _kill_one_train_worker_early_in_epoch_1(
+    run_dir: Path, killed: list[dict[str, Any]], deadline: float
 ) -> None:
+    """SIGKILL a Ray Train worker once the latest registered checkpoint is a mid-epoch one of epoch 1 (the
+    first of that epoch is early in it: its epoch-end checkpoint cannot register before the kill)."""
+    import ray
     from ray.util.state import list_actors
 
-    while time.time() < deadline and registered_checkpoint_epoch(run_dir) is None:
-        time.sleep(0.1)
-    import ray
+    def wait_for(condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        while time.time() < deadline:
+            metrics = latest_registered_checkpoint(run_dir)
+            if metrics is not None and condition(metrics):
+                return metrics
+            time.sleep(0.05)
+        return None
 
+    if wait_for(lambda metrics: True) is None:
+        return
+    # Found now, while the first checkpoint says the workers are up, so the kill itself is immediate.
     # Name this Ray instance explicitly: the state API refuses to guess when several run on the machine.
     workers = list_actors(
         address=ray.get_runtime_context().gcs_address,
         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
     )
-    if workers:
+    seen = wait_for(lambda metrics: metrics.get("mid_epoch") == 1 and metrics["epoch"] >= 1)
+    if workers and seen is not None:
         os.kill(workers[-1].pid, signal.SIGKILL)
-        killed.append(workers[-1].pid)
+        killed.append(seen)
 
 
-def test_killed_worker_resumes_from_latest_checkpoint_not_epoch_zero(project: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupted_run(
+    trained_project: Path, tmp_path: Path
+) -> None:
+    """The train stage's run again with its very config, a worker killed inside an epoch: the restarted
+    group goes on at the checkpoint's batch with every rank's RNG state and partial sums, so weights and
+    losses come out identical to the uninterrupted run's."""
+    import ray.train
+    import torch
+
     from pipeline.config import load_config
     from pipeline.data.processed import load_processed
     from pipeline.training.state import read_checkpoint
     from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
 
-    with working_directory(project):
+    with working_directory(trained_project):
         config = load_config("params.yaml")
-        processed = load_processed()
-    data = put_training_data(processed)
-    train_config = config.train.model_copy(update={"early_stopping_patience": 50})
-    runtime = config.runtime.model_copy(update={"max_failures": 2})
-    epochs = 8
-    trainer = build_trainer(
-        train_loop_config(config.model, train_config, data, epochs),
-        train_config,
-        runtime,
-        "kill-test",
-        str(tmp_path),
+        data = put_training_data(load_processed())
+        run_name = json.loads(Path("reports/train_run.json").read_text())["ray_run_name"]
+        uninterrupted = ray.train.Result.from_path(Path("runs/ray", run_name).resolve())
+    reference = read_checkpoint(uninterrupted.checkpoint)
+    assert config.model.dropout > 0, "dropout draws random numbers: the RNG restore must matter"
+    loop_config = train_loop_config(
+        config.model,
+        config.train,
+        data,
+        config.train.epochs,
+        checkpoint_every=config.runtime.checkpoint_interval(),
     )
-    killed: list[int] = []
+    killed: list[dict[str, Any]] = []
     killer = threading.Thread(
-        target=_kill_one_train_worker_after_a_registered_checkpoint,
-        args=(tmp_path / "kill-test", killed, time.time() + 120),
+        target=_kill_one_train_worker_early_in_epoch_1,
+        args=(tmp_path / "killed", killed, time.time() + 120),
         daemon=True,
     )
     killer.start()
-    result = trainer.fit()
+    result = build_trainer(loop_config, config.train, config.runtime, "killed", str(tmp_path)).fit()
     killer.join(timeout=5)
 
-    assert killed, "no Ray Train worker was found to kill"
+    assert killed, "no Ray Train worker was killed after a mid-epoch checkpoint"
+    assert isinstance(killed[0]["val_loss"], float), "Ray's JSON snapshot must keep a number (inf is null)"
     assert result.error is None
-    history = read_checkpoint(result.checkpoint)["state"]["history"]
-    epochs_seen = [row["epoch"] for row in history]
-    assert epochs_seen == list(range(epochs)), "each epoch must appear once: no restart from epoch 0"
-    resumed = [row["resumed_from_epoch"] for row in history if row["resumed_from_epoch"] >= 0]
-    assert resumed, "after the kill the worker group must resume from a checkpoint"
-    first_resumed = next(row for row in history if row["resumed_from_epoch"] >= 0)
-    assert first_resumed["epoch"] == first_resumed["resumed_from_epoch"] + 1, "it continues where it stopped"
+    final = read_checkpoint(result.checkpoint)
+    history = final["state"]["history"]
+    assert [row["epoch"] for row in history] == list(range(config.train.epochs)), "each epoch exactly once"
+    first_resumed = next(row for row in history if row["resumed_from_step"] >= 0)
+    assert first_resumed["resumed_from_step"] > 0, "it resumes inside the epoch, not at its start"
+    assert first_resumed["epoch"] == first_resumed["resumed_from_epoch"] + 1 == killed[0]["epoch"]
+
+    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    best_metrics = next(metrics for kept, metrics in result.best_checkpoints if kept.path == best.path)
+    assert "mid_epoch" not in best_metrics, "a mid-epoch checkpoint must never be the best"
+
+    assert reference["model"].keys() == final["model"].keys()
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, final["model"][name]), f"{name} differs from the uninterrupted run"
+    reference_history = reference["state"]["history"]
+    for key in ("train_loss", "val_loss"):
+        assert [row[key] for row in history] == [row[key] for row in reference_history], key
 
 
 def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path: Path) -> None:
@@ -141,7 +193,7 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
     deadline = time.time() + 180
     while time.time() < deadline and driver.poll() is None:
         run_dirs = list(runs_root.glob("train-*")) if runs_root.is_dir() else []
-        if run_dirs and registered_checkpoint_epoch(run_dirs[0]) is not None:
+        if run_dirs and latest_registered_checkpoint(run_dirs[0]) is not None:
             break
         time.sleep(0.1)
     assert driver.poll() is None, "the driver ended before it could be killed"

@@ -12,23 +12,37 @@ Policy, and why:
   train, never from the evaluation split: otherwise the model is scored on sentences it memorised.
 * A split the source lacks is carved from the cleaned, de-duplicated training pairs with a shuffle seeded
   by `data.seed`, so carved splits never share a pair with train and the same input gives the same split.
+
+Memory is bounded by a batch, not by the corpus: pairs stream from the source through the policy into
+Arrow files. What must see the whole corpus (de-duplication, the overlap filter, carving, length
+percentiles) keeps 8 bytes of pair digest and 8 bytes of lengths per pair, in numpy arrays. Training pairs
+go to a temporary file on the first pass; the second pass reads it back batch by batch and writes each
+pair to its final split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from pipeline.config import SPLITS, DataConfig
+from pipeline.data.arrow_text import BATCH_ROWS, TextPairWriter, iter_batches
+from pipeline.data.prepared import SPLIT_FILE
 from pipeline.data.sources import Pair, RawCorpus
 from pipeline.errors import PipelineError
 from pipeline.network.tokenization import clean_text
 
 DROP_REASONS = ("empty", "too_long", "length_ratio", "duplicate", "in_eval_split")
 EVAL_DROP_REASONS = ("empty",)  # the only filter evaluation splits get (see above)
+_CLEANED_TRAIN = ".train-cleaned.arrow"  # first-pass training pairs, removed once the splits are written
 
 
 def n_tokens(text: str) -> int:
@@ -36,57 +50,120 @@ def n_tokens(text: str) -> int:
     return len(text.split()) if text else 0
 
 
+def pair_digest(src: str, tgt: str) -> int:
+    """8 bytes that stand for a cleaned pair in de-duplication (collisions: ~1 in 10^8 at 10^6 pairs)."""
+    # Cleaned text has no control characters, so "\0" cannot occur inside either side.
+    data = f"{src}\0{tgt}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 @dataclass(frozen=True)
 class PreparedCorpus:
-    """Cleaned pairs for train, validation and test, and what happened on the way."""
+    """Where the cleaned splits were written and what happened on the way."""
 
-    splits: dict[str, list[Pair]]
+    pairs: dict[str, int]  # pairs per split written
     loaded: dict[str, int]  # pairs per split as the source gave them (carved splits: absent)
     # split -> reason -> pairs dropped; every reason that applies to the split, zeros included
     dropped: dict[str, dict[str, int]]
     carved: tuple[str, ...]  # splits carved out of train because the source had none
+    lengths: dict[str, dict[str, dict[str, int]]]  # split -> "src"/"tgt" -> length percentiles
 
 
-def clean_corpus(corpus: RawCorpus, config: DataConfig) -> PreparedCorpus:
-    """Apply the policy in the module docstring; PipelineError when a split ends up empty."""
+@dataclass
+class _CleanedSplit:
+    """First-pass bookkeeping for one split: per-pair digests and lengths, in growing numpy chunks."""
+
+    loaded: int = 0
+    written: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    digests: list[np.ndarray] = field(default_factory=list)
+    src_len: list[np.ndarray] = field(default_factory=list)
+    tgt_len: list[np.ndarray] = field(default_factory=list)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            np.concatenate(self.digests) if self.digests else np.zeros(0, np.uint64),
+            np.concatenate(self.src_len) if self.src_len else np.zeros(0, np.int32),
+            np.concatenate(self.tgt_len) if self.tgt_len else np.zeros(0, np.int32),
+        )
+
+
+def clean_corpus(corpus: RawCorpus, config: DataConfig, folder: Path) -> PreparedCorpus:
+    """Apply the policy in the module docstring, writing folder/{split}.arrow for every canonical split.
+
+    PipelineError (before anything is final: the caller writes into a temporary folder) when the source
+    is bad or a split ends up empty.
+    """
     dropped = {
         name: dict.fromkeys(DROP_REASONS if name == "train" else EVAL_DROP_REASONS, 0) for name in SPLITS
     }
-    splits: dict[str, list[Pair]] = {}
+    cleaned: dict[str, _CleanedSplit] = {}
     for name, raw in corpus.splits.items():
-        kept, reasons = clean_pairs(raw.pairs, config if name == "train" else None)
-        dropped[name].update(reasons)
-        splits[name] = kept
+        target = folder / (_CLEANED_TRAIN if name == "train" else SPLIT_FILE.format(split=name))
+        cleaned[name] = _clean_into(raw.pairs, config if name == "train" else None, target)
+        dropped[name].update(cleaned[name].reasons)
+        if name != "train" and not cleaned[name].written:
+            raise PipelineError(_empty_split_message(name, corpus, cleaned[name], dropped[name]))
 
-    eval_pairs = [pair for name in ("validation", "test") for pair in splits.get(name, [])]
-    splits["train"], reasons = dedupe_training_pairs(splits["train"], eval_pairs)
+    digests, src_len, tgt_len = cleaned["train"].arrays()
+    eval_digests = [cleaned[name].arrays()[0] for name in ("validation", "test") if name in cleaned]
+    keep, reasons = dedupe_mask(digests, np.concatenate(eval_digests) if eval_digests else digests[:0])
     dropped["train"].update(reasons)
-    for name in corpus.splits:
-        if not splits[name]:
-            raise PipelineError(_empty_split_message(name, corpus, dropped[name]))
+    if not keep.any():
+        raise PipelineError(_empty_split_message("train", corpus, cleaned["train"], dropped["train"]))
 
-    carved = tuple(name for name in ("validation", "test") if name not in splits)
-    if carved:
-        splits.update(carve_splits(splits.pop("train"), carved, config))
-    loaded = {name: len(raw.pairs) for name, raw in corpus.splits.items()}
-    return PreparedCorpus({name: splits[name] for name in SPLITS}, loaded, dropped, carved)
-
-
-def clean_pairs(pairs: Iterable[Pair], filters: DataConfig | None) -> tuple[list[Pair], Counter[str]]:
-    """Normalise both sides; drop empty pairs, and too long / badly proportioned ones when `filters` given."""
-    kept: list[Pair] = []
-    reasons: Counter[str] = Counter()
-    for src, tgt in pairs:
-        pair = (clean_text(src), clean_text(tgt))
-        reason = _drop_reason(pair, filters)
-        if reason is None:
-            kept.append(pair)
+    carved = tuple(name for name in ("validation", "test") if name not in corpus.splits)
+    labels = np.full(len(keep), -1, dtype=np.int8)  # per first-pass pair: index into SPLITS, -1 dropped
+    labels[keep] = carve_assignment(int(keep.sum()), carved, config)
+    pairs = _write_train_and_carved(folder, labels)
+    lengths = {}
+    for index, name in enumerate(SPLITS):
+        if name in carved or name == "train":
+            chosen = labels == index
+            lengths[name] = {
+                "src": length_percentiles(src_len[chosen]),
+                "tgt": length_percentiles(tgt_len[chosen]),
+            }
         else:
-            reasons[reason] += 1
-    return kept, reasons
+            _, src, tgt = cleaned[name].arrays()
+            lengths[name] = {"src": length_percentiles(src), "tgt": length_percentiles(tgt)}
+            pairs[name] = cleaned[name].written
+    loaded = {name: split.loaded for name, split in cleaned.items()}
+    return PreparedCorpus({name: pairs[name] for name in SPLITS}, loaded, dropped, carved, lengths)
 
 
-def _drop_reason(pair: Pair, filters: DataConfig | None) -> str | None:
+def _clean_into(pairs: Iterable[Pair], filters: DataConfig | None, target: Path) -> _CleanedSplit:
+    """First pass over one split: normalise, filter, write the kept pairs, keep their digests and lengths."""
+    result = _CleanedSplit()
+    writer = TextPairWriter(target)
+    stream: Iterator[Pair] = iter(pairs)
+    try:
+        while chunk := list(islice(stream, BATCH_ROWS)):
+            result.loaded += len(chunk)
+            sources, targets, src_len, tgt_len = [], [], [], []
+            for src, tgt in chunk:
+                src, tgt = clean_text(src), clean_text(tgt)
+                reason = drop_reason((src, tgt), filters)
+                if reason is not None:
+                    result.reasons[reason] += 1
+                    continue
+                sources.append(src)
+                targets.append(tgt)
+                src_len.append(n_tokens(src))
+                tgt_len.append(n_tokens(tgt))
+            writer.write(src=sources, tgt=targets)
+            result.digests.append(
+                np.fromiter(map(pair_digest, sources, targets), dtype=np.uint64, count=len(sources))
+            )
+            result.src_len.append(np.asarray(src_len, dtype=np.int32))
+            result.tgt_len.append(np.asarray(tgt_len, dtype=np.int32))
+    finally:
+        result.written = writer.close()
+    return result
+
+
+def drop_reason(pair: Pair, filters: DataConfig | None) -> str | None:
+    """Why a cleaned pair is dropped (None: kept); length filters only when `filters` is given."""
     if not pair[0] or not pair[1]:
         return "empty"
     if filters is None:
@@ -99,69 +176,79 @@ def _drop_reason(pair: Pair, filters: DataConfig | None) -> str | None:
     return None
 
 
-def dedupe_training_pairs(
-    train: Sequence[Pair], eval_pairs: Iterable[Pair]
-) -> tuple[list[Pair], Counter[str]]:
-    """Keep the first occurrence of each training pair, and none that also occurs in an evaluation split."""
-    held_out = set(eval_pairs)
-    seen: set[Pair] = set()
-    kept: list[Pair] = []
-    reasons: Counter[str] = Counter()
-    for pair in train:
-        if pair in held_out:
-            reasons["in_eval_split"] += 1
-        elif pair in seen:
-            reasons["duplicate"] += 1
-        else:
-            seen.add(pair)
-            kept.append(pair)
-    return kept, reasons
+def dedupe_mask(digests: np.ndarray, held_out: np.ndarray) -> tuple[np.ndarray, Counter[str]]:
+    """Which training pairs to keep: the first occurrence of each, and none that an evaluation split has."""
+    in_eval = np.isin(digests, held_out)
+    candidates = np.flatnonzero(~in_eval)
+    _, first = np.unique(digests[candidates], return_index=True)
+    keep = np.zeros(len(digests), dtype=bool)
+    keep[candidates[first]] = True
+    reasons = Counter({"in_eval_split": int(in_eval.sum()), "duplicate": int(len(candidates) - len(first))})
+    return keep, reasons
 
 
-def carve_splits(train: Sequence[Pair], missing: Sequence[str], config: DataConfig) -> dict[str, list[Pair]]:
-    """Move a seeded random `{split}_fraction` of `train` into each missing split (at least one pair each).
+def carve_assignment(n_pairs: int, missing: tuple[str, ...], config: DataConfig) -> np.ndarray:
+    """For each of n_pairs kept training pairs, the index in SPLITS of the split it goes to.
 
-    Every split keeps the pairs' original order, so the result depends only on the input and `data.seed`.
+    A seeded random `{split}_fraction` (at least one pair) goes to each missing split, the rest stays in
+    train; pairs keep their order within every split, so the result depends only on the input and
+    `data.seed`.
     """
+    assignment = np.zeros(n_pairs, dtype=np.int8)  # SPLITS.index("train") == 0
+    if not missing:
+        return assignment
     fractions = {"validation": config.validation_fraction, "test": config.test_fraction}
-    sizes = {name: max(1, round(len(train) * fractions[name])) for name in missing}
-    if len(train) - sum(sizes.values()) < 1:
+    sizes = {name: max(1, round(n_pairs * fractions[name])) for name in missing}
+    if n_pairs - sum(sizes.values()) < 1:
         raise PipelineError(
-            f"only {len(train)} training pairs remain after cleaning: too few to carve "
+            f"only {n_pairs} training pairs remain after cleaning: too few to carve "
             f"{' and '.join(missing)} split(s) out of them; use a larger corpus"
         )
-    order = list(range(len(train)))
-    random.Random(config.seed).shuffle(order)
-    result: dict[str, list[Pair]] = {}
+    order = np.random.default_rng(config.seed).permutation(n_pairs)
     start = 0
     for name in missing:
-        chosen = sorted(order[start : start + sizes[name]])
-        result[name] = [train[i] for i in chosen]
+        assignment[order[start : start + sizes[name]]] = SPLITS.index(name)
         start += sizes[name]
-    result["train"] = [train[i] for i in sorted(order[start:])]
-    return result
+    return assignment
 
 
-def _empty_split_message(name: str, corpus: RawCorpus, dropped: dict[str, int]) -> str:
+def _write_train_and_carved(folder: Path, labels: np.ndarray) -> dict[str, int]:
+    """Second pass: the first-pass training file, batch by batch, split by `labels` into the final files."""
+    cleaned = folder / _CLEANED_TRAIN
+    targets = {index: name for index, name in enumerate(SPLITS) if (labels == index).any() or name == "train"}
+    writers = {
+        index: TextPairWriter(folder / SPLIT_FILE.format(split=name)) for index, name in targets.items()
+    }
+    start = 0
+    for batch in iter_batches(cleaned):
+        batch_labels = labels[start : start + batch.num_rows]
+        start += batch.num_rows
+        for index, writer in writers.items():
+            writer.write_batch(batch.filter(pa.array(batch_labels == index)))
+    counts = {targets[index]: writer.close() for index, writer in writers.items()}
+    cleaned.unlink()
+    return counts
+
+
+def _empty_split_message(name: str, corpus: RawCorpus, split: _CleanedSplit, dropped: dict[str, int]) -> str:
     counts = ", ".join(f"{reason}={count}" for reason, count in dropped.items() if count) or "none"
-    raw = corpus.splits[name]
     hint = " (see data.max_tokens and data.max_length_ratio)" if name == "train" else ""
     return (
-        f"the {name} split is empty after cleaning: {len(raw.pairs)} pairs loaded from {raw.origin}, "
-        f"dropped by reason: {counts}{hint}"
+        f"the {name} split is empty after cleaning: {split.loaded} pairs loaded from "
+        f"{corpus.splits[name].origin}, dropped by reason: {counts}{hint}"
     )
 
 
-def length_percentiles(lengths: Sequence[int]) -> dict[str, int]:
+def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
     """p50/p90/p99/max by the nearest-rank method (an actual length, so integers)."""
-    if not lengths:
+    if not len(lengths):
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    ordered = sorted(lengths)
+    ordered = np.sort(lengths)
 
     def rank(p: float) -> int:
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        return int(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)])
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": int(ordered[-1])}
 
 
 def prepare_stats(corpus: RawCorpus, prepared: PreparedCorpus) -> dict:
@@ -170,16 +257,10 @@ def prepare_stats(corpus: RawCorpus, prepared: PreparedCorpus) -> dict:
         "source": corpus.source,
         "src_lang": corpus.src_lang,
         "tgt_lang": corpus.tgt_lang,
-        "pairs": {name: len(pairs) for name, pairs in prepared.splits.items()},
+        "pairs": prepared.pairs,
         "loaded": {name: prepared.loaded.get(name, 0) for name in SPLITS},
         "carved": {name: name in prepared.carved for name in ("validation", "test")},
         "dropped": prepared.dropped,
         "dropped_total": sum(sum(reasons.values()) for reasons in prepared.dropped.values()),
-        "length": {
-            name: {
-                "src": length_percentiles([n_tokens(src) for src, _ in pairs]),
-                "tgt": length_percentiles([n_tokens(tgt) for _, tgt in pairs]),
-            }
-            for name, pairs in prepared.splits.items()
-        },
+        "length": prepared.lengths,
     }

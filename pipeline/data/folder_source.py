@@ -48,7 +48,7 @@ def load_folder_splits(config: DataConfig) -> dict[str, RawSplit]:
     if "train" not in found and "train" not in config.split_names:
         raise PipelineError(_missing_train_message(folder, config, found))
     resolved = resolve_split_names(list(found), config.split_names, where)
-    readers: dict[str, Callable[[_SplitFiles, str, str, int | None], list[Pair]]] = {
+    readers: dict[str, Callable[[_SplitFiles, str, str, int | None], Iterator[Pair]]] = {
         "text": _read_text_pair,
         "tsv": _read_tsv,
         "jsonl": _read_jsonl,
@@ -144,25 +144,29 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise PipelineError(f"cannot read {path}: {error}") from None
 
 
-def _read_text_pair(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+def _read_text_pair(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> Iterator[Pair]:
     src_path, tgt_path = files.paths
-    pairs: list[Pair] = []
-    n_src = n_tgt = 0
+    return _text_pairs(src_path, tgt_path, cap)
+
+
+def _text_pairs(src_path: Path, tgt_path: Path, cap: int | None) -> Iterator[Pair]:
+    n_src = n_tgt = n_pairs = 0
     for src_line, tgt_line in zip_longest(read_lines(src_path), read_lines(tgt_path)):
         n_src = src_line[0] if src_line is not None else n_src
         n_tgt = tgt_line[0] if tgt_line is not None else n_tgt
         # Past the end of the shorter file, keep counting so the message gives both totals.
-        if src_line is not None and tgt_line is not None and (cap is None or len(pairs) < cap):
-            pairs.append((src_line[1], tgt_line[1]))
+        if src_line is not None and tgt_line is not None and (cap is None or n_pairs < cap):
+            n_pairs += 1
+            yield src_line[1], tgt_line[1]
     if n_src != n_tgt:
         raise PipelineError(
             f"line counts differ: {src_path} has {n_src} lines, {tgt_path} has {n_tgt}; "
             "line N of one must translate line N of the other"
         )
-    return pairs
 
 
-def _read_tsv(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+def _read_tsv(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> Iterator[Pair]:
+    """Checks the header now; the rows are read as the returned stream is."""
     (path,) = files.paths
     lines = read_lines(path)
     header = next(lines, None)
@@ -175,25 +179,30 @@ def _read_tsv(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None)
             f"{path}:1: header has no column {' or '.join(map(repr, missing))}; "
             f"columns found: {', '.join(columns)}"
         )
-    src_col, tgt_col = columns.index(src_lang), columns.index(tgt_lang)
-    pairs: list[Pair] = []
+    return _tsv_rows(path, lines, len(columns), columns.index(src_lang), columns.index(tgt_lang), cap)
+
+
+def _tsv_rows(
+    path: Path, lines: Iterator[tuple[int, str]], n_columns: int, src_col: int, tgt_col: int, cap: int | None
+) -> Iterator[Pair]:
+    n_pairs = 0
     for number, text in lines:
         if not text.strip():
             continue  # blank lines (e.g. a trailing one) carry no pair
         fields = text.split("\t")
-        if len(fields) != len(columns):
+        if len(fields) != n_columns:
             raise PipelineError(
-                f"{path}:{number}: expected {len(columns)} tab-separated fields like the header, "
+                f"{path}:{number}: expected {n_columns} tab-separated fields like the header, "
                 f"found {len(fields)}"
             )
-        if cap is None or len(pairs) < cap:
-            pairs.append((fields[src_col], fields[tgt_col]))
-    return pairs
+        if cap is None or n_pairs < cap:
+            n_pairs += 1
+            yield fields[src_col], fields[tgt_col]
 
 
-def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> list[Pair]:
+def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> Iterator[Pair]:
     (path,) = files.paths
-    pairs: list[Pair] = []
+    n_pairs = 0
     for number, text in read_lines(path):
         if not text.strip():
             continue
@@ -213,9 +222,9 @@ def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | Non
                 f"{path}:{number}: expected string values for {src_lang!r} and {tgt_lang!r}; "
                 f"keys found: {', '.join(record) or 'none'}"
             )
-        if cap is None or len(pairs) < cap:
-            pairs.append((src, tgt))
-    return pairs
+        if cap is None or n_pairs < cap:
+            n_pairs += 1
+            yield src, tgt
 
 
 __all__ = ["load_folder_splits", "read_lines"]

@@ -3,15 +3,22 @@
 Loaded with `datasets.load_dataset`, or with `datasets.load_from_disk` when `<dataset>` is a folder written
 by `save_to_disk`. Either a `translation` column of `{lang: text}` (wmt16 style) or one column per language
 (bentrevett/multi30k style). Problems are `PipelineError`s naming the dataset, split and row.
+
+Pairs are read from the dataset's Arrow files (the Hub cache or the saved folder) one batch at a time,
+through a plain file handle rather than the memory map `datasets` opens (a map would keep every page read
+resident until the end): `hf:wmt14:de-en` (4.5 M pairs) costs a batch of memory, not a copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.config import DataConfig
+from pipeline.data.arrow_text import BATCH_ROWS, iter_batches
 from pipeline.data.sources import Pair, RawSplit, resolve_split_names, split_cap
 from pipeline.errors import PipelineError
 
@@ -33,11 +40,9 @@ def load_hf_splits(config: DataConfig) -> dict[str, RawSplit]:
     splits = {}
     for canonical, split_name in resolved.items():
         where = f"dataset {described}, split {split_name!r}"
-        split = dataset[split_name]
         cap = split_cap(config, canonical)
-        if cap is not None and cap < len(split):
-            split = split.select(range(cap))
-        splits[canonical] = RawSplit(_hf_pairs(split, config.src_lang, config.tgt_lang, where), where)
+        pairs = _hf_pairs(dataset[split_name], config.src_lang, config.tgt_lang, where, cap)
+        splits[canonical] = RawSplit(pairs, where)
     return splits
 
 
@@ -78,37 +83,67 @@ def _is_saved_to_disk(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def _hf_pairs(split: Any, src_lang: str, tgt_lang: str, where: str) -> list[Pair]:
+def _hf_pairs(split: Any, src_lang: str, tgt_lang: str, where: str, cap: int | None) -> Iterator[Pair]:
+    """Checks the columns now; the first `cap` rows are read, batch by batch, as the returned stream is."""
     columns = list(split.column_names)
     if src_lang in columns and tgt_lang in columns:
-        sources, targets = list(split[src_lang]), list(split[tgt_lang])
-    elif "translation" in columns:
-        sources, targets = _translation_column(list(split["translation"]), src_lang, tgt_lang, where)
-    else:
-        raise PipelineError(
-            f"{where}: no columns {src_lang!r} and {tgt_lang!r} and no 'translation' column; "
-            f"columns found: {', '.join(columns)} (check data.src_lang / data.tgt_lang)"
-        )
-    for row, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
-        if not isinstance(src, str) or not isinstance(tgt, str):
-            raise PipelineError(f"{where}, row {row}: expected two strings, got {src!r} and {tgt!r}")
-    return list(zip(sources, targets, strict=True))
-
-
-def _translation_column(rows: list[Any], src_lang: str, tgt_lang: str, where: str) -> tuple[list, list]:
-    sources, targets = [], []
-    for row, entry in enumerate(rows):
-        if not isinstance(entry, dict) or entry.get(src_lang) is None or entry.get(tgt_lang) is None:
-            found = (
-                ", ".join(k for k, v in entry.items() if v is not None) if isinstance(entry, dict) else entry
-            )
+        return _stream_pairs(split, where, cap, lambda batch: (batch[src_lang], batch[tgt_lang]))
+    if "translation" in columns:
+        languages = _translation_languages(split)
+        if languages is not None and not {src_lang, tgt_lang} <= set(languages):
             raise PipelineError(
-                f"{where}, row {row}: the 'translation' column has no {src_lang!r}/{tgt_lang!r} "
-                f"(languages found: {found}; check data.src_lang / data.tgt_lang)"
+                f"{where}: the 'translation' column has no {src_lang!r}/{tgt_lang!r} "
+                f"(languages found: {', '.join(languages)}; check data.src_lang / data.tgt_lang)"
             )
-        sources.append(entry[src_lang])
-        targets.append(entry[tgt_lang])
-    return sources, targets
+
+        def translation(batch: Any) -> tuple[Any, Any]:
+            struct = batch["translation"]
+            if isinstance(struct, pa.ChunkedArray):  # a Table's column; a RecordBatch's is an Array
+                struct = struct.combine_chunks()
+            return struct.field(src_lang), struct.field(tgt_lang)
+
+        return _stream_pairs(split, where, cap, translation)
+    raise PipelineError(
+        f"{where}: no columns {src_lang!r} and {tgt_lang!r} and no 'translation' column; "
+        f"columns found: {', '.join(columns)} (check data.src_lang / data.tgt_lang)"
+    )
+
+
+def _translation_languages(split: Any) -> list[str] | None:
+    """The language fields of a `translation` struct column; None when not a struct (checked per row)."""
+    feature = split.features["translation"]
+    languages = getattr(feature, "languages", None)  # datasets.Translation
+    if languages:
+        return list(languages)
+    return list(feature) if isinstance(feature, dict) else None
+
+
+def _arrow_batches(split: Any) -> Iterator[Any]:
+    """The split's rows in order, an Arrow batch at a time: straight from its cache files when it is
+    exactly their contents (as `load_dataset` and `load_from_disk` give it), else through `datasets`."""
+    files = [Path(entry["filename"]) for entry in split.cache_files]
+    if files and getattr(split, "_indices", None) is None and len(split) == split.data.num_rows:
+        for path in files:
+            yield from iter_batches(path)
+    else:  # selected, shuffled or in memory: let datasets resolve the rows
+        yield from split.with_format("arrow").iter(batch_size=BATCH_ROWS)
+
+
+def _stream_pairs(split: Any, where: str, cap: int | None, pick: Any) -> Iterator[Pair]:
+    row = 0
+    for batch in _arrow_batches(split):
+        if cap is not None and row + batch.num_rows > cap:
+            batch = batch.slice(0, cap - row)
+        sources, targets = (column.to_pylist() for column in pick(batch))
+        for offset, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+            if not isinstance(src, str) or not isinstance(tgt, str):
+                raise PipelineError(
+                    f"{where}, row {row + offset}: expected two strings, got {src!r} and {tgt!r}"
+                )
+        yield from zip(sources, targets, strict=True)
+        row += len(sources)
+        if cap is not None and row >= cap:
+            return
 
 
 __all__ = ["load_hf_splits", "parse_hf_source"]

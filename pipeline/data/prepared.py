@@ -1,56 +1,59 @@
 """data/prepared: the prepare stage's output, which preprocess reads. This module is the one place that
 knows its layout.
 
-A `datasets.DatasetDict` (splits train/validation/test, string columns `src`, `tgt`) saved with
-`save_to_disk`, plus `corpus.json` naming the source and languages, so the next stage can tell when
-data/prepared was made for another language pair.
+    data/prepared/
+      train.arrow, validation.arrow, test.arrow   Arrow IPC streams, string columns `src` and `tgt`
+                                                  (`datasets.Dataset.from_file` opens them too)
+      corpus.json                                 source, languages and pairs per split, so the next
+                                                  stage can tell data made for another language pair
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import SPLITS, DataConfig
+from pipeline.data.arrow_text import iter_text_batches, read_texts
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, read_json_object, write_json
+from pipeline.files import read_json_object, write_json
 
 if TYPE_CHECKING:  # preprocess reads data/prepared without the corpus sources
-    from pipeline.data.cleaning import PreparedCorpus
     from pipeline.data.sources import RawCorpus
 
 CORPUS_INFO = "corpus.json"
-
-Texts = dict[str, tuple[list[str], list[str]]]  # split -> (source sentences, target sentences)
-
-
-def save_prepared(prepared: PreparedCorpus, corpus: RawCorpus, target: Path) -> None:
-    import datasets
-
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    splits = {
-        name: datasets.Dataset.from_dict(
-            {"src": [src for src, _ in pairs], "tgt": [tgt for _, tgt in pairs]}, features=features
-        )
-        for name, pairs in prepared.splits.items()
-    }
-    with atomic_dir(target) as tmp:
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        write_json(
-            tmp / CORPUS_INFO,
-            {
-                "source": corpus.source,
-                "src_lang": corpus.src_lang,
-                "tgt_lang": corpus.tgt_lang,
-                "pairs": {name: len(pairs) for name, pairs in prepared.splits.items()},
-            },
-        )
+SPLIT_FILE = "{split}.arrow"
 
 
-def load_prepared(path: Path, data: DataConfig) -> Texts:
-    """The prepare stage's output as lists of text; PipelineError when missing or made for other languages."""
-    import datasets
+def write_corpus_info(folder: Path, corpus: RawCorpus, pairs: dict[str, int]) -> None:
+    """The last file the prepare stage writes into its (temporary) folder: what the splits hold."""
+    info = {"source": corpus.source, "src_lang": corpus.src_lang, "tgt_lang": corpus.tgt_lang, "pairs": pairs}
+    write_json(folder / CORPUS_INFO, info)
 
+
+@dataclass(frozen=True)
+class PreparedData:
+    """data/prepared, checked: each split's file and size, read on demand."""
+
+    path: Path
+    pairs: dict[str, int]
+
+    def split_path(self, split: str) -> Path:
+        return self.path / SPLIT_FILE.format(split=split)
+
+    def text_batches(self, split: str) -> Iterator[tuple[list[str], list[str]]]:
+        """(sources, targets) one Arrow batch at a time."""
+        return iter_text_batches(self.split_path(split))
+
+    def texts(self, split: str) -> tuple[list[str], list[str]]:
+        """A whole split as two lists: for the (small) evaluation splits."""
+        return read_texts(self.split_path(split))
+
+
+def load_prepared(path: Path, data: DataConfig) -> PreparedData:
+    """The prepare stage's output; PipelineError when missing, incomplete or made for other languages."""
     path = Path(path)
     info_path = path / CORPUS_INFO
     if not path.is_dir():
@@ -65,15 +68,14 @@ def load_prepared(path: Path, data: DataConfig) -> Texts:
             f"{path} holds {info.get('src_lang')}->{info.get('tgt_lang')} but params say "
             f"{data.src_lang}->{data.tgt_lang}: run `python -m pipeline prepare` again"
         )
-    dataset = datasets.load_from_disk(str(path))
-    texts: Texts = {}
+    pairs = info.get("pairs")
+    prepared = PreparedData(path, pairs if isinstance(pairs, dict) else {})
     for name in SPLITS:
-        if name not in dataset or {"src", "tgt"} - set(dataset[name].column_names):
+        if not prepared.split_path(name).is_file() or not isinstance(prepared.pairs.get(name), int):
             raise PipelineError(
-                f"{path} has no {name} split with src/tgt columns: run `python -m pipeline prepare`"
+                f"{path} has no {name} split ({SPLIT_FILE.format(split=name)}): "
+                "run `python -m pipeline prepare` again"
             )
-        columns = dataset[name].to_dict()
-        texts[name] = (columns["src"], columns["tgt"])
-    if not texts["train"][0]:
+    if not prepared.pairs["train"]:
         raise PipelineError(f"{path}: the train split is empty: run `python -m pipeline prepare` again")
-    return texts
+    return prepared

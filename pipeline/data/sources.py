@@ -1,4 +1,4 @@
-"""Read a parallel corpus from `data.source` into memory, as (source, target) pairs per canonical split.
+"""Open a parallel corpus from `data.source` as streams of (source, target) pairs per canonical split.
 
 Three kinds of source, picked by the value of `data.source`:
 
@@ -12,15 +12,18 @@ Three kinds of source, picked by the value of `data.source`:
 The Hugging Face loader is `pipeline.data.hf_source`, the local-folder readers `pipeline.data.folder_source`;
 this module holds the entry point `load_corpus`, the corpus types and the split-name resolution both use.
 
-Every problem with the input is a `PipelineError` that names the file and line (or the dataset, split and
-row), raised while loading, so the prepare stage can refuse bad data before it writes anything.
+Pairs are streamed, never held as a list: a corpus of any size costs one read buffer. What can be checked
+up front (folders, file names, headers, split names, a Hub dataset's columns) is checked by `load_corpus`;
+a problem further down a file (a bad byte, a malformed line, a line-count mismatch) is a `PipelineError`
+naming the file and line (or the dataset, split and row), raised while the prepare stage reads the stream
+into a temporary folder that it then discards, so bad data never leaves an output behind.
 Text is returned exactly as stored (apart from the line ending); cleaning is `pipeline.data.cleaning`'s job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from pipeline.config import SPLITS, DataConfig
@@ -37,9 +40,9 @@ TEST_ALIAS = "test"
 
 @dataclass(frozen=True)
 class RawSplit:
-    """The pairs of one split and where they came from (quoted in later error messages)."""
+    """The pairs of one split, read once as a stream, and where they came from (quoted in messages)."""
 
-    pairs: list[Pair]
+    pairs: Iterable[Pair]
     origin: str
 
 
@@ -54,7 +57,7 @@ class RawCorpus:
 
 
 def load_corpus(config: DataConfig) -> RawCorpus:
-    """Load the corpus named by `config.source`; `config.max_examples` keeps the first N training pairs.
+    """Open the corpus named by `config.source`; `config.max_examples` keeps the first N training pairs.
 
     The cap applies in source order, before cleaning, so fewer pairs may remain after filtering. Local files
     are still read to the end, so a line-count mismatch or bad byte further down is reported all the same.
@@ -70,7 +73,7 @@ def load_corpus(config: DataConfig) -> RawCorpus:
 
         splits = load_folder_splits(config)
     for name, split in splits.items():
-        logger.info("loaded %d %s pairs from %s", len(split.pairs), name, split.origin)
+        logger.info("reading %s pairs from %s", name, split.origin)
     return RawCorpus(config.source, config.src_lang, config.tgt_lang, splits)
 
 
@@ -145,16 +148,17 @@ def split_cap(config: DataConfig, canonical: str) -> int | None:
 
 
 def _load_builtin(config: DataConfig) -> dict[str, RawSplit]:
-    from pipeline.data.builtin_corpus import generate_corpus
+    from pipeline.data.builtin_corpus import iter_corpus
 
     if config.split_names:
         logger.warning("data.split_names is ignored: the builtin corpus has one split, train")
     n_pairs = config.builtin.n_pairs
     if config.max_examples is not None:
-        # generate_corpus(n) is a prefix of generate_corpus(m) for n < m: capping here equals "first N".
+        # iter_corpus(n) is a prefix of iter_corpus(m) for n < m: capping here equals "first N".
         n_pairs = min(n_pairs, config.max_examples)
-    origin = f"builtin corpus (n_pairs={n_pairs}, seed={config.builtin.seed})"
-    return {"train": RawSplit(generate_corpus(n_pairs, config.builtin.seed), origin)}
+    builtin = config.builtin
+    origin = f"builtin corpus (n_pairs={n_pairs}, seed={builtin.seed})"
+    return {"train": RawSplit(iter_corpus(n_pairs, builtin.seed, builtin.sentences_per_pair), origin)}
 
 
 __all__ = [

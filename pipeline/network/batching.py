@@ -99,6 +99,13 @@ def collate(split: EncodedSplit, indices: np.ndarray) -> Batch:
     )
 
 
+def real_token_mask(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+    """[B, width] True at each row's first lengths[b] positions, the real tokens: what attention may read.
+
+    From the lengths, not from the ids, so the padding's content never matters."""
+    return torch.arange(width, device=device) < lengths.to(device).unsqueeze(1)
+
+
 def source_tensor(sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded source ids (+ </s>) and lengths, the encoder's input format, for decoding."""
     src_len = max(len(s) for s in sources) + 1

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from pipeline.network.model import Seq2Seq, select_rows
+from pipeline.network.model import Seq2Seq, select_rows, select_state
 from pipeline.network.tokenization import BOS_ID, EOS_ID
 
 
@@ -108,7 +108,7 @@ def beam_search(
         memory, state = model.encode(src, src_lengths)
         # Row b*k + j of every decoder tensor is beam j of sentence b.
         rows = torch.arange(batch, device=device).repeat_interleave(k)
-        memory, state = select_rows(memory, rows), state.index_select(1, rows)
+        memory, state = select_rows(memory, rows), select_state(state, rows)
         offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # [B,1]
         tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
         # All k beams start identical: only the first is live, or the search would keep k copies of it.
@@ -156,7 +156,7 @@ def beam_search(
             new_tokens = cand_tokens.gather(1, chosen)
             history = history.gather(1, beams.unsqueeze(-1).expand(-1, -1, history.size(2)))
             history = torch.cat([history, new_tokens.unsqueeze(-1)], dim=2)
-            state = state.index_select(1, (beams + offsets).view(-1))
+            state = select_state(state, (beams + offsets).view(-1))
             tokens = new_tokens.view(-1)
 
             # 3. Which sentences are done? (Scores are sorted: beam 0 is the best live hypothesis.)

@@ -1,7 +1,11 @@
-"""GRU encoder-decoder translation models, written to read top to bottom as the math.
+"""Encoder-decoder translation models, written to read top to bottom as the math: the two GRU models here,
+the Transformer (arch transformer) in `transformer.py`, and `build_model`, the one mapping from config to
+modules.
 
-Two architectures share one interface (`Seq2Seq`): `encode` a source batch once, then run the decoder
-over known tokens (teacher forcing, one call) or one token at a time (`decode_step`, used by search).
+The three architectures share one interface (`Seq2Seq`): `encode` a source batch once, then run the decoder
+over known tokens (teacher forcing, one call) or one token at a time (`decode_step`, used by search). Beam
+search lays out and reorders what the decoder reads with `select_rows` (the memory, batch-first) and
+`select_state` (the decoder state, batch on dim 1: a GRU's s [L,B,H], the Transformer's cache).
 
 gru — Cho et al. 2014, "Learning Phrase Representations using RNN Encoder-Decoder"
 (bentrevett/pytorch-seq2seq tutorial 2). The whole sentence is squeezed into one vector c:
@@ -19,8 +23,8 @@ Translate" (tutorial 3). The decoder looks back at every source position:
     decoder    s_t = GRU([E y_{t-1}; c_t], s_{t-1})
                p(y_t | y_<t, x) = softmax(W_o [s_t; c_t; E y_{t-1}])
 
-Both encoders run on packed sequences, so the content and amount of padding never change a result:
-batched decoding equals one-sentence-at-a-time decoding.
+Both GRU encoders run on packed sequences, so the content and amount of padding never change a result:
+batched decoding equals one-sentence-at-a-time decoding (the Transformer masks padding to the same end).
 
 Shapes: B batch, S source length, T target length, L layers, H hidden, E embedding, V vocabulary.
 Conventions: id 0 is padding; `tgt_in` = <s> y_1 .. y_n, and the loss compares the logits with
@@ -37,7 +41,16 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.network.batching import real_token_mask
 from pipeline.network.tokenization import PAD_ID
+from pipeline.network.transformer import (
+    DecoderCache,
+    TransformerDecoder,
+    TransformerEncoder,
+    TransformerMemory,
+    token_embedding,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Encoder: h_s = GRU(E x_s, h_{s-1}), one direction (gru) or both (gru_attention)
@@ -106,8 +119,10 @@ class AdditiveAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What the decoder reads at every step. Every tensor is batch-first, so beam search reorders a memory
-# with one index_select per field (`select_rows`). The decoder state s is [L,B,H] as nn.GRU wants it.
+# What the decoder reads at every step. Every memory tensor is batch-first, so beam search reorders a memory
+# with one index_select per field (`select_rows`). Every decoder state is layer-major with the batch on
+# dim 1: s [L,B,H] as nn.GRU wants it, the Transformer's cached keys and values [L,B,h,t,d_k] likewise
+# (`select_state`).
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -121,12 +136,20 @@ class AttentionMemory(NamedTuple):
     mask: Tensor  # [B,S] True at real source tokens
 
 
-Memory = ContextMemory | AttentionMemory
+Memory = ContextMemory | AttentionMemory | TransformerMemory
+State = Tensor | DecoderCache  # GRU s [L,B,H]; the Transformer's self-attention cache
 
 
 def select_rows(memory: Memory, index: Tensor) -> Memory:
     """The memory of sentences `index` (repeats allowed): how beams are laid out and reordered."""
     return type(memory)(*(field.index_select(0, index) for field in memory))
+
+
+def select_state(state: State, index: Tensor) -> State:
+    """The decoder state of rows `index` (repeats allowed), the batch being dim 1 of every tensor in it."""
+    if isinstance(state, Tensor):
+        return state.index_select(1, index)
+    return type(state)(*(field.index_select(1, index) for field in state))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,11 +219,11 @@ class AttentionDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-Decoder = ContextDecoder | AttentionDecoder
+Decoder = ContextDecoder | AttentionDecoder | TransformerDecoder
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, encoder: Encoder, decoder: Decoder, config: ModelConfig) -> None:
+    def __init__(self, encoder: Encoder | TransformerEncoder, decoder: Decoder, config: ModelConfig) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -214,14 +237,14 @@ class Seq2Seq(nn.Module):
     def tgt_vocab_size(self) -> int:
         return self.decoder.embedding.num_embeddings
 
-    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, Tensor]:
-        """Everything the decoder needs from the source: its memory and the initial state s_0 [L,B,H]."""
+    def encode(self, src: Tensor, src_lengths: Tensor) -> tuple[Memory, State]:
+        """Everything the decoder needs from the source: its memory and the initial state (GRU s_0 [L,B,H],
+        an empty Transformer cache)."""
         outputs, final = self.encoder(src, src_lengths)
-        positions = torch.arange(src.size(1), device=src.device)
-        mask = positions.unsqueeze(0) < src_lengths.to(src.device).unsqueeze(1)  # from lengths, not ids
+        mask = real_token_mask(src_lengths, src.size(1), src.device)
         return self.decoder.start(outputs, final, mask)
 
-    def decode_step(self, tokens: Tensor, state: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
+    def decode_step(self, tokens: Tensor, state: State, memory: Memory) -> tuple[Tensor, State]:
         """One step: previous tokens y_{t-1} [B] and state s_{t-1} -> logits [B,V] for y_t, and s_t."""
         logits, state = self.decoder(tokens.unsqueeze(1), state, memory)
         return logits.squeeze(1), state
@@ -239,7 +262,9 @@ class Seq2Seq(nn.Module):
         With teacher_forcing < 1, each step's input is, per sentence and independently with probability
         1 - teacher_forcing, the model's own argmax at the previous step instead of the reference token
         (scheduled sampling, Bengio et al. 2015). The coins come from `generator` (on src's device) or,
-        when None, from torch's global RNG, so `torch.manual_seed` makes a run repeatable.
+        when None, from torch's global RNG, so `torch.manual_seed` makes a run repeatable. The steps run
+        one after another for every architecture (the Transformer's too, through its cache): a step's
+        input is known only once the step before it has run.
         """
         memory, state = self.encode(src, src_lengths)
         if teacher_forcing >= 1.0:
@@ -260,11 +285,31 @@ class Seq2Seq(nn.Module):
 
 def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
     """The one mapping from config to modules: training, tuning and loading must build the same network."""
+    if config.arch == "transformer":
+        return Seq2Seq(*_transformer(config, src_vocab_size, tgt_vocab_size), config)
     attention = config.arch == "gru_attention"
     sizes = (config.emb_dim, config.hidden_dim, config.n_layers, config.dropout)
     encoder = Encoder(src_vocab_size, *sizes, bidirectional=attention)
     decoder = (AttentionDecoder if attention else ContextDecoder)(tgt_vocab_size, *sizes)
     return Seq2Seq(encoder, decoder, config)
+
+
+def _transformer(
+    config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int
+) -> tuple[TransformerEncoder, TransformerDecoder]:
+    """emb_dim is the model width d; n_layers counts encoder layers and decoder layers alike."""
+    if config.share_embeddings and src_vocab_size != tgt_vocab_size:
+        raise PipelineError(
+            "model.share_embeddings needs one vocabulary for both sides (preprocess.joint_vocab: true), "
+            f"but the source vocabulary has {src_vocab_size} tokens and the target {tgt_vocab_size}"
+        )
+    src_embedding = token_embedding(src_vocab_size, config.emb_dim)
+    shared = config.share_embeddings
+    tgt_embedding = src_embedding if shared else token_embedding(tgt_vocab_size, config.emb_dim)
+    sizes = (config.n_heads, config.ff_dim, config.n_layers, config.dropout, config.ff_activation)
+    encoder = TransformerEncoder(src_embedding, *sizes)
+    decoder = TransformerDecoder(tgt_embedding, *sizes, tie_output=config.tie_embeddings)
+    return encoder, decoder
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """The `models/` folder: everything needed to translate, and nothing pickled.
 
-    model.safetensors     weights (safetensors: loading cannot run code, unlike torch.load of a pickle)
+    model.safetensors     weights (safetensors: loading cannot run code, unlike torch.load of a pickle);
+                          a tied weight (one parameter under several names) is stored once
     model_config.json     format version, ModelConfig fields, vocabulary sizes, special token ids
     src_tokenizer.json    Hugging Face `tokenizers` files
     tgt_tokenizer.json
@@ -60,6 +61,19 @@ def _plain_key(key: str) -> str:
     return key
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: stored name} for every parameter that also goes by an earlier name (the Transformer's tied
+    and shared embeddings): safetensors refuses tensors that share memory, and storing a copy per name would
+    write the biggest matrix of the model up to three times."""
+    first_name: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        stored = first_name.setdefault(id(parameter), name)
+        if stored != name:
+            aliases[name] = stored
+    return aliases
+
+
 def _check_decoding(decoding: dict[str, Any], source: str) -> dict[str, Any]:
     missing = [key for key in DECODING_KEYS if key not in decoding]
     unknown = sorted(set(decoding) - set(DECODING_KEYS))
@@ -99,8 +113,13 @@ def save_model_dir(
                 f"the {side} tokenizer has {tokenizer.get_vocab_size()} tokens, the model's {side} vocabulary"
                 f" only {vocab_size}: they do not belong together"
             )
-    # safetensors refuses shared or strided storage: store plain, contiguous CPU copies.
-    weights = {_plain_key(k): v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # safetensors refuses shared or strided storage: store plain, contiguous CPU copies, a tied weight once.
+    aliases = tied_names(model)
+    weights = {
+        _plain_key(k): v.detach().cpu().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if k not in aliases
+    }
     config = {
         "format_version": FORMAT_VERSION,
         "model": model_config.model_dump(mode="json"),
@@ -144,9 +163,16 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
         weights = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as error:
         raise PipelineError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
     try:
-        model.load_state_dict({_plain_key(key): value for key, value in weights.items()})
+        model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
+    except PipelineError as error:
+        raise PipelineError(f"{config_path}: {error}") from None
+    weights = {_plain_key(key): value for key, value in weights.items()}
+    for alias, stored in tied_names(model).items():
+        if stored in weights:  # the file holds a tied weight under its first name only
+            weights.setdefault(alias, weights[stored])
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as error:
         raise PipelineError(f"{weights_path} does not match {config_path}: {error}") from None
     model.eval()

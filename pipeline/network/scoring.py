@@ -24,11 +24,20 @@ GREEDY_BLEU_BATCH = 128
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    # force=True only silences sacrebleu's guess that text with spaced punctuation (as in the built-in
-    # corpus) was tokenized by us; both sides are plain text as users write it.
+    """sacreBLEU and chrF on detokenized, cased text, and `bleu_lc` (lowercased), the form many published
+    results (Multi30k among them) report."""
+    hypotheses, references = list(hypotheses), list(references)
+
+    def bleu(lowercase: bool) -> float:
+        # force=True only silences sacrebleu's guess that text with spaced punctuation (as in the built-in
+        # corpus) was tokenized by us; both sides are plain text as users write it.
+        score = sacrebleu.corpus_bleu(hypotheses, [references], force=True, lowercase=lowercase).score
+        return round(score, 2)
+
     return {
-        "bleu": round(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], force=True).score, 2),
-        "chrf": round(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score, 2),
+        "bleu": bleu(lowercase=False),
+        "bleu_lc": bleu(lowercase=True),
+        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
     }
 
 

@@ -17,7 +17,6 @@ from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, read_json_object, write_json
 from pipeline.network.batching import token_budget_batches
-from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
@@ -27,14 +26,14 @@ logger = logging.getLogger(__name__)
 
 def run(config: PipelineConfig) -> None:
     loaded = load_model_dir(paths.MODELS_DIR)
-    test = load_processed().splits["test"]
-    if not test.src:
+    processed = load_processed(splits=("test",))
+    sources, references = processed.texts("test")
+    if not sources:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the test split is empty")
     settings = config.evaluate
-    logger.info("translating %d test sentences (beam %d)", len(test.src), settings.beam_size)
-    references = list(test.tgt)
-    hypotheses, scores = translate_and_score(loaded, test.src, references, settings)
-    split = EncodedSplit.from_lists(test.src_ids, test.tgt_ids)
+    logger.info("translating %d test sentences (beam %d)", len(sources), settings.beam_size)
+    hypotheses, scores = translate_and_score(loaded, sources, references, settings)
+    split = processed.encoded("test")
     loss, tokens = teacher_forced_loss(
         loaded.model, split, token_budget_batches(split, 8000, seed=None), torch.device("cpu")
     )
@@ -46,7 +45,7 @@ def run(config: PipelineConfig) -> None:
     }
     write_json(paths.METRICS, metrics)
     with atomic_file(paths.SAMPLES) as handle:
-        samples = zip(test.src[: settings.n_samples], hypotheses, references, strict=False)
+        samples = zip(sources[: settings.n_samples], hypotheses, references, strict=False)
         for source, hypothesis, reference in samples:
             handle.write(
                 json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"

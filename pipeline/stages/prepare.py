@@ -2,8 +2,8 @@
 
 Writes data/prepared (`pipeline.data.prepared`), reports/prepare_stats.json (everything: pairs loaded and
 kept, drops by reason, length percentiles) and reports/prepare_metrics.json (the headline figures that
-`dvc metrics show` and `dvc exp show` list). Everything is loaded and checked in memory first; nothing is
-written unless the whole corpus passed.
+`dvc metrics show` and `dvc exp show` list). The corpus streams through cleaning into a temporary folder,
+so memory stays bounded whatever its size and nothing is replaced unless the whole corpus passed.
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import PipelineConfig
 from pipeline.data.cleaning import PreparedCorpus, clean_corpus, prepare_stats
-from pipeline.data.prepared import save_prepared
+from pipeline.data.prepared import write_corpus_info
 from pipeline.data.sources import RawCorpus, load_corpus
-from pipeline.files import write_json
+from pipeline.files import atomic_dir, write_json
 
 logger = logging.getLogger(__name__)
 
 
 def run(config: PipelineConfig) -> None:
     corpus = load_corpus(config.data)
-    prepared = clean_corpus(corpus, config.data)
+    with atomic_dir(paths.PREPARED_DIR) as folder:  # replaces data/prepared only once complete
+        prepared = clean_corpus(corpus, config.data, folder)
+        write_corpus_info(folder, corpus, prepared.pairs)
     stats = prepare_stats(corpus, prepared)
-    save_prepared(prepared, corpus, paths.PREPARED_DIR)
     write_json(paths.PREPARE_STATS, stats)
     write_json(paths.PREPARE_METRICS, headline_metrics(stats))
     logger.info(_summary(corpus, prepared))
@@ -38,8 +39,8 @@ def headline_metrics(stats: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(corpus: RawCorpus, prepared: PreparedCorpus) -> str:
     sizes = " / ".join(
-        f"{name} {len(pairs):,}" + (" (carved)" if name in prepared.carved else "")
-        for name, pairs in prepared.splits.items()
+        f"{name} {count:,}" + (" (carved)" if name in prepared.carved else "")
+        for name, count in prepared.pairs.items()
     )
     totals: dict[str, int] = {}
     for reasons in prepared.dropped.values():

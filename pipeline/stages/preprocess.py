@@ -1,41 +1,49 @@
 """Stage `preprocess`: data/prepared -> tokenizers trained on train, every split encoded -> data/processed.
 
-Tokenizers see the training split only, so validation/test unknown-token rates (in meta.json) are honest.
-Splits are encoded in memory rather than with `Dataset.map`: map would write cache files into
-data/prepared, which DVC tracks as the previous stage's output.
+Tokenizers see the training split only (all of it, or a seeded random sample of
+`preprocess.tokenizer_sample` pairs), so validation/test unknown-token rates (in meta.json) are honest.
+Text streams from data/prepared's Arrow files a batch at a time, into the tokenizer trainer and
+then through `encode_batch` into data/processed: memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline import paths
-from pipeline.config import SPLITS, PipelineConfig, PreprocessConfig
-from pipeline.data.prepared import load_prepared
-from pipeline.data.processed import ProcessedSplit, encode_split, save_processed, unk_rate
+from pipeline.config import PipelineConfig, PreprocessConfig
+from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.data.processed import write_processed
 from pipeline.network.tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
+SAMPLE_SEED = 0  # the tokenizer sample is a property of the data, not of any other seed
+
 
 def run(config: PipelineConfig) -> None:
     prepared = load_prepared(paths.PREPARED_DIR, config.data)
-    src_tokenizer, tgt_tokenizer = train_tokenizers(*prepared["train"], config.preprocess)
-    splits = {name: encode_split(name, *prepared[name], src_tokenizer, tgt_tokenizer) for name in SPLITS}
-    meta = {
-        "src_lang": config.data.src_lang,
-        "tgt_lang": config.data.tgt_lang,
-        "src_vocab_size": src_tokenizer.get_vocab_size(),
-        "tgt_vocab_size": tgt_tokenizer.get_vocab_size(),
-        "tokenizer": config.preprocess.tokenizer,
-        "joint_vocab": config.preprocess.joint_vocab,
-        "lowercase": config.preprocess.lowercase,
-        "pairs": {name: len(split) for name, split in splits.items()},
-        "unk_rate": {name: _unk_rates(split) for name, split in splits.items()},
-    }
-    save_processed(paths.PROCESSED_DIR, src_tokenizer, tgt_tokenizer, splits, meta)
+    src_tokenizer, tgt_tokenizer = train_tokenizers(prepared, config.preprocess)
+    meta = write_processed(
+        paths.PROCESSED_DIR,
+        prepared,
+        src_tokenizer,
+        tgt_tokenizer,
+        {
+            "src_lang": config.data.src_lang,
+            "tgt_lang": config.data.tgt_lang,
+            "src_vocab_size": src_tokenizer.get_vocab_size(),
+            "tgt_vocab_size": tgt_tokenizer.get_vocab_size(),
+            "tokenizer": config.preprocess.tokenizer,
+            "joint_vocab": config.preprocess.joint_vocab,
+            "lowercase": config.preprocess.lowercase,
+            "tokenizer_sample": config.preprocess.tokenizer_sample,
+        },
+    )
     logger.info(
         "%s tokenizers (vocab src %d, tgt %d%s) -> %s; test unk rate src %.2f%%, tgt %.2f%%",
         config.preprocess.tokenizer,
@@ -48,15 +56,38 @@ def run(config: PipelineConfig) -> None:
     )
 
 
-def train_tokenizers(src: list[str], tgt: list[str], config: PreprocessConfig) -> tuple[Tokenizer, Tokenizer]:
+def train_tokenizers(prepared: PreparedData, config: PreprocessConfig) -> tuple[Tokenizer, Tokenizer]:
     """One tokenizer per language, or one shared by both (the same object twice) when joint_vocab."""
+    n_train = prepared.pairs["train"]
+    sample = (
+        config.tokenizer_sample if config.tokenizer_sample and config.tokenizer_sample < n_train else None
+    )
+    described = f"{sample:,} sampled" if sample else f"{n_train:,}"
     if config.joint_vocab:
-        logger.info("training a joint %s tokenizer on %d training pairs", config.tokenizer, len(src))
-        joint = train_tokenizer([*src, *tgt], config)
+        logger.info("training a joint %s tokenizer on %s training pairs", config.tokenizer, described)
+        joint = train_tokenizer(training_text(prepared, ("src", "tgt"), sample), config)
         return joint, joint
-    logger.info("training %s tokenizers on %d training pairs", config.tokenizer, len(src))
-    return train_tokenizer(src, config), train_tokenizer(tgt, config)
+    logger.info("training %s tokenizers on %s training pairs", config.tokenizer, described)
+    return (
+        train_tokenizer(training_text(prepared, ("src",), sample), config),
+        train_tokenizer(training_text(prepared, ("tgt",), sample), config),
+    )
 
 
-def _unk_rates(split: ProcessedSplit) -> dict[str, float]:
-    return {"src": round(unk_rate(split.src_ids), 6), "tgt": round(unk_rate(split.tgt_ids), 6)}
+def training_text(prepared: PreparedData, sides: tuple[str, ...], sample: int | None) -> Iterator[list[str]]:
+    """Batches of training sentences of `sides`; with `sample`, only a seeded random subset of the pairs."""
+    chosen = None
+    if sample is not None:
+        chosen = np.zeros(prepared.pairs["train"], dtype=bool)
+        chosen[np.random.default_rng(SAMPLE_SEED).choice(len(chosen), sample, replace=False)] = True
+    start = 0
+    for sources, targets in prepared.text_batches("train"):
+        picked = slice(None) if chosen is None else chosen[start : start + len(sources)]
+        start += len(sources)
+        for side, texts in (("src", sources), ("tgt", targets)):
+            if side in sides:
+                yield (
+                    texts
+                    if chosen is None
+                    else [text for text, keep in zip(texts, picked, strict=True) if keep]
+                )

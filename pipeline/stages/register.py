@@ -143,14 +143,16 @@ def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candida
     from pipeline.network.model_files import load_model_dir
     from pipeline.network.translator import translate_and_score
 
-    test = candidate.test
-    logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, len(test))
+    n_test = len(candidate.test_sources)
+    logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, n_test)
     with tempfile.TemporaryDirectory() as tmp:
         folder = store.download_model_dir(
             f"models:/{name}/{version}", Path(tmp), candidates.MODEL_DIR_ARTIFACT
         )
         loaded = load_model_dir(folder)
-    return translate_and_score(loaded, test.src, test.tgt, config.evaluate)[1]["bleu"]
+    return translate_and_score(loaded, candidate.test_sources, candidate.test_references, config.evaluate)[1][
+        "bleu"
+    ]
 
 
 def _apply(name: str, version: str, decision: gate.Decision) -> None:

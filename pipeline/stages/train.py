@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def run(config: PipelineConfig) -> None:
     config = effective_config(config)
     processed = load_processed()
-    if len(processed.splits["train"].src_ids) == 0 or len(processed.splits["validation"].src_ids) == 0:
+    if processed.pairs("train") == 0 or processed.pairs("validation") == 0:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the train and validation splits must not be empty")
     run_name = "train-" + fingerprint(
         config.model, config.train, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
@@ -49,7 +49,14 @@ def run(config: PipelineConfig) -> None:
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
         mlflow_run = store.start_train_run(config, run_name)
-        loop_config = train_loop_config(config.model, config.train, data, config.train.epochs, mlflow_run)
+        loop_config = train_loop_config(
+            config.model,
+            config.train,
+            data,
+            config.train.epochs,
+            mlflow_run,
+            checkpoint_every=config.runtime.checkpoint_interval(),
+        )
         logger.info(
             "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
         )

@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
@@ -26,9 +26,6 @@ from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json_object, write_json
 from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
 from pipeline.tracking import lineage
-
-if TYPE_CHECKING:
-    from pipeline.data.processed import ProcessedSplit
 
 LOGGED_MODEL_NAME = "model"
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the model folder
@@ -51,6 +48,7 @@ SERVING_DISTRIBUTIONS = (
 ARCH_DESCRIPTIONS = {
     "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
     "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
+    "transformer": "pre-norm Transformer encoder-decoder with multi-head attention (Vaswani et al. 2017)",
 }
 
 
@@ -64,7 +62,8 @@ class Candidate:
     decoding: dict[str, Any]  # decoding.json
     metrics: dict[str, Any]  # reports/metrics.json
     train_run: dict[str, Any]  # reports/train_run.json + best_epoch from train_metrics.json; {} when absent
-    test: ProcessedSplit
+    test_sources: list[str]
+    test_references: list[str]
     test_hash: str
 
     @property
@@ -85,18 +84,18 @@ def model_content_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def test_split_hash(test: ProcessedSplit) -> str:
+def test_split_hash(sources: list[str], references: list[str]) -> str:
     """sha256 of the test pairs as text: BLEU scores are comparable exactly when this is equal.
 
     Not the DVC hash of data/processed: that also changes with the tokenizers, which do not change the
     (detokenized) references BLEU is computed against.
     """
-    payload = json.dumps({"src": list(test.src), "tgt": list(test.tgt)}, ensure_ascii=False)
+    payload = json.dumps({"src": sources, "tgt": references}, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
-    # Here, not at the top: the served pyfunc model imports this module for its constants, without `datasets`.
+    # Here, not at the top: the served pyfunc model imports this module for its constants, without pyarrow.
     from pipeline.data.processed import load_processed
 
     missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
@@ -105,11 +104,11 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
     metrics = read_json_object(paths.METRICS, "run `python -m pipeline evaluate` first")
     if not isinstance(metrics.get("bleu"), int | float):
         raise PipelineError(f"{paths.METRICS} has no numeric 'bleu': run `python -m pipeline evaluate` again")
-    test = load_processed(splits=("test",)).splits["test"]
-    if metrics.get("n_test") is not None and metrics["n_test"] != len(test):
+    sources, references = load_processed(splits=("test",)).texts("test")
+    if metrics.get("n_test") is not None and metrics["n_test"] != len(sources):
         raise PipelineError(
             f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
-            f"{len(test)}: it is stale, run `python -m pipeline evaluate` again"
+            f"{len(sources)}: it is stale, run `python -m pipeline evaluate` again"
         )
     train_run = read_json_object(paths.TRAIN_RUN) if paths.TRAIN_RUN.is_file() else {}
     if train_run and paths.TRAIN_METRICS.is_file():
@@ -121,8 +120,9 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         decoding=read_json_object(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
         metrics=metrics,
         train_run=train_run,
-        test=test,
-        test_hash=test_split_hash(test),
+        test_sources=sources,
+        test_references=references,
+        test_hash=test_split_hash(sources, references),
     )
 
 
@@ -173,9 +173,18 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
     model = candidate.model_config.get("model", {})
     arch = ARCH_DESCRIPTIONS.get(model.get("arch"), str(model.get("arch")))
     vocab = candidate.model_config
+    if model.get("arch") == "transformer":
+        shape = (
+            f"width {model.get('emb_dim')}, {model.get('n_heads')} heads, feed-forward {model.get('ff_dim')} "
+            f"({model.get('ff_activation')}), {model.get('n_layers')} encoder and decoder layer(s)"
+        )
+    else:
+        shape = (
+            f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, "
+            f"{model.get('n_layers')} layer(s)"
+        )
     sizes = (
-        f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, {model.get('n_layers')} "
-        f"layer(s), dropout {model.get('dropout')}; vocabularies {vocab.get('src_vocab_size')} (source) "
+        f"{shape}, dropout {model.get('dropout')}; vocabularies {vocab.get('src_vocab_size')} (source) "
         f"and {vocab.get('tgt_vocab_size')} (target)"
     )
     run = candidate.train_run
@@ -221,6 +230,6 @@ def pyfunc_parts(candidate: Candidate, code_dir: Path) -> dict[str, Any]:
         "python_model": str(PYFUNC_FILE),  # a path: models from code, nothing pickled
         "artifacts": {MODEL_DIR_ARTIFACT: str(candidate.model_dir.resolve())},
         "code_paths": [str(_copy_package_source(code_dir))],
-        "input_example": list(candidate.test.src[:2]) or ["A sentence to translate."],
+        "input_example": candidate.test_sources[:2] or ["A sentence to translate."],
         "pip_requirements": pinned_requirements(),
     }

@@ -1,7 +1,9 @@
 """The training state and its checkpointer: what a restarted worker group needs to go on where it stopped.
 
 Two verbs, as in torchtitan's checkpointer: `load()` restores the latest reported checkpoint (or starts
-fresh), `save(state, metrics)` reports an epoch's metrics to Ray Train with rank 0's checkpoint attached.
+fresh), `save(state, metrics)` reports metrics to Ray Train with rank 0's checkpoint attached, at an epoch
+end or inside an epoch. A checkpoint holds every rank's position in the epoch in progress, its partial
+sums and its RNG state, so a restarted group trains on exactly as the lost one would have.
 A checkpoint holds plain tensors and numbers and is read with `weights_only=True`: never a pickle.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +19,26 @@ from typing import Any
 
 import ray.train
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "training_state.pt"
+# The `val_loss` a mid-epoch report carries, so that Ray ranks its checkpoint below every epoch's (and the
+# train stage never picks it as the best). Not inf: Ray writes inf as null in its JSON snapshot, and after
+# a driver restart the null breaks its ranking.
+MID_EPOCH_VAL_LOSS = sys.float_info.max
+
+
+@dataclass
+class EpochProgress:
+    """One rank's way through the epoch in progress: what it needs to go on mid-epoch and still report the
+    same epoch metrics. Ranks differ (their own batches and timings), so each saves its own."""
+
+    batches_done: int = 0  # this rank's batches of the epoch already trained: the same count on every rank
+    loss_sum: float = 0.0
+    token_count: int = 0
+    train_seconds: float = 0.0
 
 
 @dataclass
@@ -30,19 +49,46 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row of metrics per epoch
     best_val_loss: float = math.inf
     stale_epochs: int = 0  # epochs since val_loss last improved (early stopping)
+    # This rank's progress in epoch `epoch + 1`; a checkpoint keeps it per rank (under "ranks").
+    progress: EpochProgress = field(default_factory=EpochProgress)
 
     def record(self, metrics: dict[str, Any]) -> None:
-        """An epoch's metrics; `val_loss` decides whether it improved."""
+        """An epoch's metrics; `val_loss` decides whether it improved. The next epoch starts afresh."""
         self.epoch = int(metrics["epoch"])
         self.history.append(metrics)
         if metrics["val_loss"] < self.best_val_loss - 1e-4:
             self.best_val_loss, self.stale_epochs = float(metrics["val_loss"]), 0
         else:
             self.stale_epochs += 1
+        self.progress = EpochProgress()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just `[value]` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch RNG state that dropout (and scheduled sampling) draw from on `device`."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Checkpointer:
-    """Saves the model, optimizer, scheduler and `TrainState` into Ray Train reports, and restores them."""
+    """Saves the model, optimizer, scheduler, `TrainState` and every rank's progress and RNG state into
+    Ray Train reports, and restores them."""
 
     def __init__(
         self,
@@ -50,8 +96,12 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         rank: int,
+        world_size: int,
+        device: torch.device,
     ) -> None:
-        self.model, self.optimizer, self.scheduler, self.rank = model, optimizer, scheduler, rank
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.resumed = False  # whether load() restored a checkpoint
 
     def load(self) -> TrainState:
         """The latest reported checkpoint restored into the components; a fresh state when there is none."""
@@ -63,21 +113,49 @@ class Checkpointer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
-        logger.warning("rank %d: resuming from the checkpoint of epoch %d", self.rank, state.epoch)
+        self._restore_this_rank(state, saved.get("ranks", []))
+        self.resumed = True
+        position = f"epoch {state.epoch + 1}, batch {state.progress.batches_done}"
+        logger.warning(
+            "rank %d: resuming from the checkpoint of epoch %d (next: %s)", self.rank, state.epoch, position
+        )
         if self.rank == 0:
-            print(f"Resuming training from checkpoint at epoch {state.epoch} (next epoch {state.epoch + 1})")
+            print(f"Resuming training from checkpoint at epoch {state.epoch} (next: {position})")
         return state
 
+    def _restore_this_rank(self, state: TrainState, ranks: list[dict[str, Any]]) -> None:
+        """This rank's own position, partial sums and RNG state. A rank's batches and RNG stream belong to
+        a world size: with another one, the epoch in progress restarts at its first batch."""
+        if len(ranks) == self.world_size:
+            state.progress = EpochProgress(**ranks[self.rank]["progress"])
+            set_rng_state(ranks[self.rank]["rng"], self.device)
+            return
+        batches_done = max((saved["progress"]["batches_done"] for saved in ranks), default=0)
+        if batches_done and self.rank == 0:
+            logger.warning(
+                "the checkpoint was saved by %d workers inside epoch %d (batch %d), this run has %d: that "
+                "epoch restarts from its first batch (weights, optimizer and schedule are kept)",
+                len(ranks),
+                state.epoch + 1,
+                batches_done,
+                self.world_size,
+            )
+
     def save(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        """Report `metrics` with a checkpoint from rank 0. Every rank calls it: Ray's report is a barrier."""
+        """Report `metrics` with a checkpoint from rank 0. Every rank calls it: it gathers every rank's
+        progress and RNG state, and Ray's report is a barrier."""
+        ranks = gather_objects({"progress": asdict(state.progress), "rng": rng_state(self.device)})
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
+                shared_state = asdict(state)
+                del shared_state["progress"]  # rank 0's only: every rank's is under "ranks"
                 payload = {
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "state": asdict(state),
+                    "state": shared_state,
+                    "ranks": ranks,
                 }
                 torch.save(payload, Path(directory) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
@@ -85,7 +163,8 @@ class Checkpointer:
 
 
 def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """A checkpoint's contents: `model`, `optimizer`, `scheduler` state dicts and `state` (a TrainState's
-    fields). weights_only=True: plain tensors and numbers, never an arbitrary pickle."""
+    """A checkpoint's contents: `model`, `optimizer`, `scheduler` state dicts, `state` (a TrainState's
+    fields but `progress`) and `ranks` (per rank: `progress`, an EpochProgress's fields, and `rng`, its
+    torch RNG states). weights_only=True: plain tensors and numbers, never an arbitrary pickle."""
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)

@@ -1,19 +1,22 @@
 """The TorchTrainer that runs `worker.train_worker`, and what it ships to every worker.
 
-Knows Ray Train, not Tune: Tune wraps `build_trainer` (see tuning.py). Data travels as object-store
-references to `EncodedSplit`s, so workers on any node read it without the driver's disk.
+Knows Ray Train, not Tune: Tune wraps `build_trainer` (see tuning.py). Workers on the driver's machine
+memory-map data/processed directly (no copy: they share the page cache and touch only the pages of their
+batches); only when the cluster has other nodes are the splits also put in the object store once, so a
+worker elsewhere gets one zero-copy replica per node instead of reading the driver's disk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 import ray.train
 import ray.train.torch
 
-from pipeline.config import ModelConfig, RuntimeConfig, TrainConfig
+from pipeline.config import CheckpointInterval, ModelConfig, RuntimeConfig, TrainConfig
 from pipeline.data.processed import ProcessedData
 from pipeline.network.encoded import EncodedSplit
 from pipeline.training.resources import worker_resources
@@ -21,11 +24,32 @@ from pipeline.training.worker import train_worker
 
 
 @dataclass(frozen=True)
-class TrainingData:
-    """What every worker needs, as object refs plus the small things inline."""
+class SplitHandle:
+    """Where a worker finds one encoded split: the driver's folder, mapped by workers on the driver's node,
+    and an object ref for workers on other nodes (None on a one-node cluster)."""
 
-    train_ref: ray.ObjectRef
-    validation_ref: ray.ObjectRef
+    path: str
+    driver_node_id: str
+    limit: int | None = None  # first N pairs only
+    ref: ray.ObjectRef | None = None
+
+    def from_object_store(self) -> bool:
+        """Whether this process reads the object-store replica (it is not on the driver's node)."""
+        return self.ref is not None and ray.get_runtime_context().get_node_id() != self.driver_node_id
+
+    def open(self) -> EncodedSplit:
+        if self.from_object_store():
+            return ray.get(self.ref)  # zero-copy: numpy arrays in the node's shared object store
+        split = EncodedSplit.open(Path(self.path))
+        return split if self.limit is None else split.head(self.limit)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What every worker needs: handles to the splits plus the small things inline."""
+
+    train: SplitHandle
+    validation: SplitHandle
     src_vocab_size: int
     tgt_vocab_size: int
     tgt_tokenizer_json: str
@@ -39,12 +63,21 @@ class EpochLogger(Protocol):
 
 
 def put_training_data(processed: ProcessedData, max_examples: int | None = None) -> TrainingData:
-    """Ship the train (first `max_examples` pairs) and validation splits to the object store."""
-    train, validation = processed.splits["train"], processed.splits["validation"]
-    limit = max_examples or len(train.src_ids)
+    """Handles to the train (first `max_examples` pairs) and validation splits for the workers."""
+    multi_node = sum(node["Alive"] for node in ray.nodes()) > 1
+    driver_node_id = ray.get_runtime_context().get_node_id()
+
+    def handle(split: str, limit: int | None) -> SplitHandle:
+        path = processed.split_dir(split)
+        ref = None
+        if multi_node:
+            encoded = EncodedSplit.open(path)
+            ref = ray.put((encoded if limit is None else encoded.head(limit)).in_memory())
+        return SplitHandle(str(path), driver_node_id, limit, ref)
+
     return TrainingData(
-        ray.put(EncodedSplit.from_lists(train.src_ids[:limit], train.tgt_ids[:limit])),
-        ray.put(EncodedSplit.from_lists(validation.src_ids, validation.tgt_ids)),
+        handle("train", max_examples),
+        handle("validation", None),
         processed.src_vocab_size,
         processed.tgt_vocab_size,
         processed.tgt_tokenizer.to_str(),
@@ -57,14 +90,20 @@ def train_loop_config(
     data: TrainingData,
     epochs: int,
     epoch_logger: EpochLogger | None = None,
+    checkpoint_every: CheckpointInterval | None = None,
 ) -> dict[str, Any]:
-    """The dict each worker receives; rank 0 logs every epoch to `epoch_logger` when there is one."""
+    """The dict each worker receives; rank 0 logs every epoch to `epoch_logger` when there is one.
+
+    `checkpoint_every` adds mid-epoch checkpoints (`runtime.checkpoint_every`). Tune trials leave it
+    None: ASHA counts every report as a training iteration.
+    """
     return {
         "model": model.model_dump(),
         "train": train.model_dump(),
         "data": data,
         "epochs": epochs,
         "epoch_logger": epoch_logger,
+        "checkpoint_every": checkpoint_every,
     }
 
 

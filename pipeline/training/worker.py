@@ -2,12 +2,14 @@
 
 It only calls components: the network layer's `train_step` and scoring, the `Checkpointer` (state.py) for
 restore and save, and an injected epoch logger (MLflow, from the tracking layer) on rank 0. Every rank
-reports every epoch, because `ray.train.report` is a barrier.
+reports every epoch, and at every mid-epoch checkpoint (`checkpoint_every`), because `ray.train.report` is
+a barrier.
 """
 
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +20,17 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import CheckpointInterval, ModelConfig, TrainConfig
 from pipeline.network.batching import collate, shard_batches, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.scoring import greedy_bleu, teacher_forced_loss
 from pipeline.network.training_step import build_optimizer, train_step
-from pipeline.training.state import Checkpointer
+from pipeline.training.state import MID_EPOCH_VAL_LOSS, Checkpointer, EpochProgress, gather_objects
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pipeline.training.trainer import TrainingData
 
 VAL_BATCH_TOKENS = 8000
@@ -39,25 +43,22 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _gather_objects(value: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def _replica_divergence(model: torch.nn.Module) -> int:
     """How many ranks hold weights that differ (bit for bit) from the others': 0 when DDP works."""
     digest = hashlib.sha256()
     for parameter in model.parameters():
         digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
-    return len(set(_gather_objects(digest.hexdigest()))) - 1
+    return len(set(gather_objects(digest.hexdigest()))) - 1
 
 
 def _count_nodes() -> int:
     """How many Ray nodes the worker group spans (a multi-node run should say more than 1)."""
-    return len(set(_gather_objects(ray.get_runtime_context().get_node_id())))
+    return len(set(gather_objects(ray.get_runtime_context().get_node_id())))
+
+
+def _peak_rss_mib() -> float:
+    """The largest peak resident memory of any rank's process (Linux reports ru_maxrss in KiB)."""
+    return max(gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, world: int, device) -> float:
@@ -78,6 +79,65 @@ def _epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int, rank: i
     return shard_batches(batches, rank, world)
 
 
+def _train_batch(
+    model: torch.nn.Module,
+    split: EncodedSplit,
+    indices: np.ndarray,
+    progress: EpochProgress,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    device: torch.device,
+) -> None:
+    """One optimizer step on one batch, counted in this rank's progress through the epoch."""
+    started = time.perf_counter()
+    batch = collate(split, indices)
+    progress.loss_sum += train_step(model, batch, optimizer, scheduler, config, device)
+    progress.token_count += batch.n_target_tokens
+    progress.batches_done += 1
+    # Steps only: time spent in checkpoints (or lost to a restart) does not count in tokens_per_sec.
+    progress.train_seconds += time.perf_counter() - started
+
+
+def _optimizer_steps(scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Optimizer steps taken so far (restored with the scheduler, which counts one per step)."""
+    return scheduler.last_epoch
+
+
+class MidEpochSchedule:
+    """When a mid-epoch checkpoint is due: every N optimizer steps, or once the minutes have passed since
+    the last checkpoint. `ray.train.report` is a barrier, so all ranks must agree: step counts agree by
+    construction; for minutes, rank 0's clock decides and its answer is all-reduced at every step (one
+    number: cheap next to a training step). Every rank must then call `due` equally often."""
+
+    def __init__(self, interval: CheckpointInterval | None, rank: int, device: torch.device) -> None:
+        self.interval, self.rank, self.device = interval, rank, device
+        self.last_checkpoint = time.monotonic()
+
+    def due(self, optimizer_steps: int) -> bool:
+        if self.interval is None:
+            return False
+        if self.interval.steps is not None:
+            return optimizer_steps % self.interval.steps == 0
+        rank0_due = self.rank == 0 and time.monotonic() - self.last_checkpoint >= self.interval.seconds
+        return _all_reduce_sum([float(rank0_due)], self.device)[0] > 0
+
+    def restart(self) -> None:
+        """A checkpoint was just saved (mid-epoch or at an epoch end): the minutes count from now."""
+        self.last_checkpoint = time.monotonic()
+
+
+def _mid_epoch_metrics(epoch: int, progress: EpochProgress, optimizer_steps: int) -> dict[str, Any]:
+    """A mid-epoch report: where training is, and a val_loss that never makes its checkpoint the best."""
+    return {
+        "epoch": epoch,
+        "step": progress.batches_done,
+        "optimizer_steps": optimizer_steps,
+        "mid_epoch": 1,
+        "val_loss": MID_EPOCH_VAL_LOSS,
+    }
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: set up, restore, then train epoch by epoch until done or stale."""
     model_config = ModelConfig(**loop_config["model"])
@@ -90,8 +150,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
 
-    train_split: EncodedSplit = ray.get(data.train_ref)
-    validation_split: EncodedSplit = ray.get(data.validation_ref)
+    train_split: EncodedSplit = data.train.open()
+    validation_split: EncodedSplit = data.validation.open()
     tgt_tokenizer = Tokenizer.from_str(data.tgt_tokenizer_json)
     device = ray.train.torch.get_device()
 
@@ -99,23 +159,29 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
     steps_per_epoch = len(_epoch_batches(train_split, config, 0, rank, world))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * epochs)
-    checkpointer = Checkpointer(bare_model, optimizer, scheduler, rank)
+    checkpointer = Checkpointer(bare_model, optimizer, scheduler, rank, world, device)
     state = checkpointer.load()
     resumed_from_epoch = state.epoch
+    resumed_from_step = state.progress.batches_done if checkpointer.resumed else -1
+    schedule = MidEpochSchedule(loop_config.get("checkpoint_every"), rank, device)
     n_nodes = _count_nodes()
+    # Workers away from the driver's node read the object-store replica; the rest map the files.
+    n_object_store_readers = int(_all_reduce_sum([float(data.train.from_object_store())], device)[0])
     epoch_logger = loop_config.get("epoch_logger") if rank == 0 else None
 
     for epoch in range(state.epoch + 1, epochs):
         if state.stale_epochs >= config.early_stopping_patience:
             break  # restored after early stopping had already triggered
-        started = time.perf_counter()
-        loss_sum, token_count = 0.0, 0
-        for indices in _epoch_batches(train_split, config, epoch, rank, world):
-            batch = collate(train_split, indices)
-            loss_sum += train_step(model, batch, optimizer, scheduler, config, device)
-            token_count += batch.n_target_tokens
-        train_seconds = time.perf_counter() - started
-        loss_sum, token_count = _all_reduce_sum([loss_sum, token_count], device)
+        batches = _epoch_batches(train_split, config, epoch, rank, world)
+        progress = state.progress  # restored inside this epoch, or its start
+        for indices in batches[progress.batches_done :]:
+            _train_batch(model, train_split, indices, progress, optimizer, scheduler, config, device)
+            # At the epoch's last batch the epoch-end checkpoint follows anyway.
+            if progress.batches_done < len(batches) and schedule.due(_optimizer_steps(scheduler)):
+                checkpointer.save(state, _mid_epoch_metrics(epoch, progress, _optimizer_steps(scheduler)))
+                schedule.restart()
+        validation_started = time.perf_counter()
+        loss_sum, token_count = _all_reduce_sum([progress.loss_sum, progress.token_count], device)
         val_loss = _validation_loss(bare_model, validation_split, rank, world, device)
         bleu = (
             greedy_bleu(bare_model, validation_split, tgt_tokenizer, device, config.val_bleu_sentences)
@@ -127,13 +193,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(token_count, 1.0),
             "val_loss": val_loss,
             "val_bleu": bleu,
-            "tokens_per_sec": token_count / max(train_seconds, 1e-9),
-            "epoch_seconds": time.perf_counter() - started,
+            "tokens_per_sec": token_count / max(progress.train_seconds, 1e-9),
+            "epoch_seconds": progress.train_seconds + time.perf_counter() - validation_started,
             "lr": scheduler.get_last_lr()[0],
             "resumed_from_epoch": resumed_from_epoch,
+            "resumed_from_step": resumed_from_step,
             "replica_divergence": _replica_divergence(bare_model),
             "n_workers": world,
             "n_nodes": n_nodes,
+            "object_store_readers": n_object_store_readers,
+            "peak_rss_mib": _peak_rss_mib(),
         }
         if device.type == "cuda":
             metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -141,6 +210,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if epoch_logger is not None:
             epoch_logger.log(metrics, step=epoch)
         checkpointer.save(state, metrics)
+        schedule.restart()
         if state.stale_epochs >= config.early_stopping_patience:
             if rank == 0:
                 print(

@@ -1,0 +1,83 @@
+"""Text pairs on disk as Arrow IPC stream files: columns `src` and `tgt` (strings), written batch by batch.
+
+The stream format is the one `datasets` writes, so `datasets.Dataset.from_file(path)` opens these files too.
+Streaming reads go through a plain file, one batch in memory at a time: a memory map would leave every page
+read so far resident (and counted in the process's RSS) until the whole file is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.errors import PipelineError
+
+SCHEMA = pa.schema([("src", pa.string()), ("tgt", pa.string())])
+BATCH_ROWS = 20_000  # pairs per record batch: a few MB of text, the unit every reader and writer works in
+
+
+class TextPairWriter:
+    """Buffers pairs and writes them as record batches of BATCH_ROWS; `close()` returns the pair count."""
+
+    def __init__(self, path: Path, schema: pa.Schema = SCHEMA) -> None:
+        self.path, self.schema, self.rows = Path(path), schema, 0
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._buffer: dict[str, list] = {name: [] for name in schema.names}
+
+    def write(self, **columns: Sequence) -> None:
+        for name, values in columns.items():
+            self._buffer[name].extend(values)
+        if len(self._buffer[self.schema.names[0]]) >= BATCH_ROWS:
+            self._flush()
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """An Arrow batch as it is (e.g. a filtered batch of another file with this schema)."""
+        self._flush()
+        if batch.num_rows:
+            self._writer.write_batch(batch)
+            self.rows += batch.num_rows
+
+    def close(self) -> int:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        return self.rows
+
+    def _flush(self) -> None:
+        first = self._buffer[self.schema.names[0]]
+        if first:
+            self._writer.write_batch(pa.record_batch(list(self._buffer.values()), schema=self.schema))
+            self.rows += len(first)
+            self._buffer = {name: [] for name in self.schema.names}
+
+
+def open_pairs(path: Path) -> pa.Table:
+    """The whole file as a memory-mapped table (no copy); PipelineError naming the file when unreadable."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+    except (OSError, pa.ArrowException) as error:
+        raise PipelineError(f"cannot read {path}: {error}") from None
+
+
+def iter_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The file's record batches in order, each read when it is reached and freed when the caller drops it."""
+    try:
+        with pa.OSFile(str(path), "rb") as source:
+            yield from pa.ipc.open_stream(source)
+    except (OSError, pa.ArrowException) as error:
+        raise PipelineError(f"cannot read {path}: {error}") from None
+
+
+def iter_text_batches(path: Path) -> Iterator[tuple[list[str], list[str]]]:
+    """(sources, targets) per record batch as Python strings: the batch is the only copy made."""
+    for batch in iter_batches(path):
+        yield batch.column("src").to_pylist(), batch.column("tgt").to_pylist()
+
+
+def read_texts(path: Path) -> tuple[list[str], list[str]]:
+    """A whole (small: validation or test) file as two lists of strings."""
+    table = open_pairs(path)
+    return table.column("src").to_pylist(), table.column("tgt").to_pylist()
