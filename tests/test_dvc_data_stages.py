@@ -22,7 +22,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_repro_writes_prepared_and_processed_data_and_stats(project: Path) -> None:
-    assert (project / "data/prepared/dataset_dict.json").is_file()
+    assert (project / "data/prepared/train.arrow").is_file()
+    assert (project / "data/prepared/corpus.json").is_file()
     assert (project / "data/processed/meta.json").is_file()
     stats = json.loads((project / "reports/prepare_stats.json").read_text())
     assert stats["pairs"]["train"] > 0
