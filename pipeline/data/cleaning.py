@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import islice
 from pathlib import Path
 
@@ -80,7 +81,9 @@ class _CleanedSplit:
     src_len: list[np.ndarray] = field(default_factory=list)
     tgt_len: list[np.ndarray] = field(default_factory=list)
 
+    @cached_property
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(digests, source lengths, target lengths), joined once the first pass is over."""
         return (
             np.concatenate(self.digests) if self.digests else np.zeros(0, np.uint64),
             np.concatenate(self.src_len) if self.src_len else np.zeros(0, np.int32),
@@ -105,8 +108,8 @@ def clean_corpus(corpus: RawCorpus, config: DataConfig, folder: Path) -> Prepare
         if name != "train" and not cleaned[name].written:
             raise PipelineError(_empty_split_message(name, corpus, cleaned[name], dropped[name]))
 
-    digests, src_len, tgt_len = cleaned["train"].arrays()
-    eval_digests = [cleaned[name].arrays()[0] for name in ("validation", "test") if name in cleaned]
+    digests, src_len, tgt_len = cleaned["train"].arrays
+    eval_digests = [cleaned[name].arrays[0] for name in ("validation", "test") if name in cleaned]
     keep, reasons = dedupe_mask(digests, np.concatenate(eval_digests) if eval_digests else digests[:0])
     dropped["train"].update(reasons)
     if not keep.any():
@@ -125,7 +128,7 @@ def clean_corpus(corpus: RawCorpus, config: DataConfig, folder: Path) -> Prepare
                 "tgt": length_percentiles(tgt_len[chosen]),
             }
         else:
-            _, src, tgt = cleaned[name].arrays()
+            _, src, tgt = cleaned[name].arrays
             lengths[name] = {"src": length_percentiles(src), "tgt": length_percentiles(tgt)}
             pairs[name] = cleaned[name].written
     loaded = {name: split.loaded for name, split in cleaned.items()}
