@@ -38,9 +38,12 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
 
     set_params = commands.add_parser(
-        "set-params", help="rewrite params.yaml with KEY=VALUE assignments (for runs without git)"
+        "set-params", help="rewrite params.yaml with a recipe and/or KEY=VALUE assignments"
     )
-    set_params.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
+    set_params.add_argument(
+        "--recipe", type=Path, default=None, help="overrides in params.yaml's shape, e.g. recipes/*.yaml"
+    )
+    set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
 
     submit = commands.add_parser("submit", help="run the pipeline (or ENTRYPOINT) as a Ray job on a cluster")
     submit.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "set-params":
             from pipeline.config import set_params
 
-            set_params(args.params, args.assignments)
+            if args.recipe is None and not args.assignments:
+                raise PipelineError("set-params needs --recipe FILE or KEY=VALUE assignments")
+            set_params(args.params, args.assignments, args.recipe)
             return 0
         if args.command == "translate":
             return run_translate(args.sentences, args.model, args.beam_size)

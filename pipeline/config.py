@@ -370,11 +370,42 @@ def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> Pipelin
     return config_from_dict(raw, "overrides")
 
 
-def set_params(path: str | Path, assignments: list[str]) -> PipelineConfig:
-    """Rewrite params.yaml with `section.key=value` assignments (values parsed as YAML), validated first.
+def merge_params(base: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, section by section: a nested mapping merges key by key (a
+    recipe that sets `data.builtin.seed` keeps `data.builtin.n_pairs`), any other value replaces it."""
+    if not isinstance(overrides, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections at the top level")
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and value:
+            merged[key] = merge_params(merged[key], value, f"{source}: {key}")
+        else:
+            merged[key] = value
+    return merged
 
-    For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy). The
-    file is rewritten by PyYAML, so its comments are lost: locally, prefer `dvc exp run -S`.
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe: parameter overrides in params.yaml's own shape (recipes/*.yaml)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise PipelineError(f"{path}: a recipe is a mapping of params.yaml sections")
+    return raw
+
+
+def set_params(path: str | Path, assignments: list[str], recipe: str | Path | None = None) -> PipelineConfig:
+    """Rewrite params.yaml with a recipe's overrides, then `section.key=value` assignments (values parsed as
+    YAML), all validated before the file is touched.
+
+    For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy), and to
+    apply a recipe. The file is rewritten by PyYAML, so its comments are lost.
     """
     import yaml
 
@@ -382,6 +413,8 @@ def set_params(path: str | Path, assignments: list[str]) -> PipelineConfig:
 
     path = Path(path)
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if recipe is not None:
+        raw = merge_params(raw, read_recipe(recipe), str(recipe))
     for assignment in assignments:
         dotted, separator, value = assignment.partition("=")
         keys = dotted.strip().split(".")
@@ -393,7 +426,8 @@ def set_params(path: str | Path, assignments: list[str]) -> PipelineConfig:
             if not isinstance(node, dict):
                 raise PipelineError(f"{dotted}: {key} is not a section")
         node[keys[-1]] = yaml.safe_load(value)
-    config = config_from_dict(raw, f"{path} with {' '.join(assignments)}")
+    described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
+    config = config_from_dict(raw, f"{path} with {described}")
     with atomic_file(path) as handle:
         yaml.safe_dump(raw, handle, sort_keys=False)
     return config

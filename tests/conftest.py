@@ -26,10 +26,9 @@ def working_directory(path: Path) -> Iterator[Path]:
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and key in merged else value
-    return merged
+    from pipeline.config import merge_params
+
+    return merge_params(base, overrides, "test overrides")
 
 
 def write_params(directory: Path, overrides: dict[str, Any]) -> Path:

@@ -89,3 +89,44 @@ def test_network_layer_imports_on_a_box_without_ray_mlflow_dvc_or_datasets() -> 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(modules)} modules" in result.stdout
+
+
+def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_datasets(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/gpu_torch.py end to end on the CPU: the project's model, batches and training step, then
+    beam search and sacreBLEU, with only what a torch-only box has (PyYAML reads the recipe)."""
+    import json
+
+    from tests.conftest import prepare_project
+
+    prepare_project(tmp_path, {"data": {"builtin": {"n_pairs": 300}}})
+    recipe = tmp_path / "tiny-transformer.yaml"
+    recipe.write_text(
+        "model: {arch: transformer, emb_dim: 32, n_heads: 4, ff_dim: 64, n_layers: 1}\n"
+        "train: {epochs: 2, batch_size: 1500, num_workers: 1}\nevaluate: {beam_size: 2}\n"
+    )
+    out = tmp_path / "result.jsonl"
+    absent = tuple(name for name in NOT_ON_A_TORCH_ONLY_BOX if name != "yaml")
+    arguments = ["--recipe", str(recipe), "--processed", str(tmp_path / "data" / "processed")]
+    arguments += ["--device", "cpu", "--budget-s", "30", "--out", str(out)]
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+
+        # None in sys.modules: `import` fails and importlib.util.find_spec says "absent", as for a package
+        # that is not installed (torch._dynamo probes optional packages that way).
+        sys.modules.update(dict.fromkeys({absent!r}))
+        sys.argv = ["gpu_torch", *{arguments!r}]
+        runpy.run_module("benchmarks.gpu_torch", run_name="__main__")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    assert (measured["arch"], measured["device"], measured["epochs"]) == ("transformer", "cpu", 2)
+    assert measured["tokens_per_s"] > 0 and measured["train_flops_per_target_token"] > 0
+    assert measured["history"][-1]["loss"] < measured["history"][0]["loss"]
+    assert {"bleu", "bleu_lc", "chrf"} <= measured.keys()

@@ -43,14 +43,32 @@ class Workspace:
     params: Path
     processed: Path  # data/processed whose test split the models are ranked on
     other_processed: Path  # the same corpus split with another seed: other test sentences
-    models: dict[str, Path]  # "worse", "good", "better": ranked by test BLEU on `processed`
+    models: dict[
+        str, Path
+    ]  # "worse", "good", "better": GRUs ranked by test BLEU on `processed`; "transformer"
 
 
 def _train_snapshots(processed_dir: Path, target: Path) -> list[Path]:
     """One tiny GRU trained with plain PyTorch, saved after each of SNAPSHOT_STEPS steps."""
+    from pipeline.config import ModelConfig
+
+    config = ModelConfig(arch="gru", emb_dim=16, hidden_dim=32, dropout=0.0)
+    return _train_and_save(processed_dir, target, config, SNAPSHOT_STEPS, lr=0.02)
+
+
+def _train_transformer(processed_dir: Path, target: Path) -> Path:
+    """A tiny Transformer: the registry must gate, log and serve it like the GRUs."""
+    from pipeline.config import ModelConfig
+
+    config = ModelConfig(arch="transformer", emb_dim=32, n_heads=4, ff_dim=64, n_layers=1, dropout=0.0)
+    return _train_and_save(processed_dir, target, config, (60,), lr=0.005)[0]
+
+
+def _train_and_save(
+    processed_dir: Path, target: Path, config: Any, snapshot_steps: tuple[int, ...], lr: float
+) -> list[Path]:
     import torch
 
-    from pipeline.config import ModelConfig
     from pipeline.data.processed import load_processed
     from pipeline.network.batching import collate, token_budget_batches
     from pipeline.network.model import build_model
@@ -58,14 +76,13 @@ def _train_snapshots(processed_dir: Path, target: Path) -> list[Path]:
 
     data = load_processed(processed_dir, splits=("train",))
     train = data.encoded("train")
-    config = ModelConfig(arch="gru", emb_dim=16, hidden_dim=32, dropout=0.0)
     torch.manual_seed(0)
     model = build_model(config, data.src_vocab_size, data.tgt_vocab_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches = token_budget_batches(train, 2000, seed=0)
     decoding = {"beam_size": 2, "length_penalty": 1.0, "max_len_ratio": 2.0}
     snapshots, done = [], 0
-    for steps in SNAPSHOT_STEPS:
+    for steps in snapshot_steps:
         model.train()
         for step in range(done, steps):
             batch = collate(train, batches[step % len(batches)])
@@ -77,7 +94,7 @@ def _train_snapshots(processed_dir: Path, target: Path) -> list[Path]:
             loss.backward()
             optimizer.step()
         done = steps
-        path = target / f"step{steps}"
+        path = target / f"{config.arch}-step{steps}"
         save_model_dir(path, model, config, data.src_tokenizer, data.tgt_tokenizer, decoding)
         snapshots.append(path)
     return snapshots
@@ -111,7 +128,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         params=base / "a" / "params.yaml",
         processed=processed,
         other_processed=base / "b" / "data" / "processed",
-        models=dict(zip(("worse", "good", "better"), ranked, strict=True)),
+        models={
+            **dict(zip(("worse", "good", "better"), ranked, strict=True)),
+            "transformer": _train_transformer(processed, base / "snapshots"),
+        },
     )
 
 
@@ -241,6 +261,22 @@ def test_gain_below_min_improvement_keeps_the_champion(project: Project) -> None
     assert project.aliases() == {"champion": 1, "challenger": 2}
 
 
+def test_gate_compares_a_transformer_with_a_gru_champion(project: Project) -> None:
+    gru, transformer = (
+        _bleu(project.workspace.models[name], project.workspace.processed) for name in ("good", "transformer")
+    )
+    assert gru != transformer, "the two models need distinct test BLEU for the gate to decide"
+    project.register("good")
+    challenger = project.register("transformer")
+
+    assert challenger["version"] == 2 and challenger["challenger_bleu"] == transformer
+    assert challenger["decision"] == ("promoted" if transformer > gru else "rejected")
+    assert project.aliases()["champion"] == (2 if transformer > gru else 1)
+    version = project.client.get_model_version(MODEL_NAME, "2")
+    assert version.tags["model.arch"] == "transformer" and version.tags["model.n_heads"] == "4"
+    assert "Transformer" in version.description and "GRU" not in version.description
+
+
 def test_champion_is_rescored_when_the_test_data_differ(project: Project) -> None:
     champion = project.register("better")
     project.use_test_data(project.workspace.other_processed)
@@ -299,14 +335,15 @@ print(json.dumps({
 """
 
 
-def test_logged_model_loads_and_predicts_without_the_project_installed(project: Project) -> None:
+@pytest.mark.parametrize("model", ["good", "transformer"])
+def test_logged_model_loads_and_predicts_without_the_project_installed(project: Project, model: str) -> None:
     import site
 
     from pipeline.network.translator import Translator
 
-    project.register("good")
+    project.register(model)
     sentences = _sentences(project.workspace.processed)
-    local = Translator.from_dir(project.workspace.models["good"]).translate(sentences)
+    local = Translator.from_dir(project.workspace.models[model]).translate(sentences)
 
     command = [sys.executable, "-S", "-c", LOAD_WITHOUT_PROJECT, json.dumps(site.getsitepackages())]
     command += [f"models:/{MODEL_NAME}@champion", json.dumps(sentences)]
@@ -351,12 +388,13 @@ def _wait_until_serving(server: subprocess.Popen, port: int, log: Path) -> None:
 
 
 @pytest.mark.slow
-def test_served_champion_answers_invocations_like_the_local_model(project: Project) -> None:
+@pytest.mark.parametrize("model", ["good", "transformer"])
+def test_served_champion_answers_invocations_like_the_local_model(project: Project, model: str) -> None:
     from pipeline.network.translator import Translator
 
-    project.register("good")
+    project.register(model)
     sentences = _sentences(project.workspace.processed)
-    translator = Translator.from_dir(project.workspace.models["good"])
+    translator = Translator.from_dir(project.workspace.models[model])
     local, greedy = translator.translate(sentences), translator.translate(sentences, beam_size=1)
 
     bin_dir = Path(sys.executable).parent  # `mlflow models serve --env-manager local` runs uvicorn from PATH

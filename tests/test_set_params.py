@@ -27,3 +27,63 @@ def test_a_bad_value_names_the_key_and_leaves_the_file_untouched(tmp_path: Path)
     with pytest.raises(PipelineError, match="section.key=value"):
         set_params(path, ["train.use_gpu"])
     assert path.read_text() == before
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_a_recipe_is_laid_over_params_and_assignments_go_last(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {"data": {"builtin": {"n_pairs": 300}}, "model": {"dropout": 0.0}})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  arch: transformer\n  emb_dim: 64\ndata:\n  builtin:\n    seed: 7\n")
+    config = set_params(path, ["model.emb_dim=32"], recipe)
+    assert (config.model.arch, config.model.emb_dim) == ("transformer", 32), "assignments win"
+    written = yaml.safe_load(path.read_text())
+    assert written["data"]["builtin"]["seed"] == 7
+    assert written["data"]["builtin"]["n_pairs"] == 300, "a nested section merges key by key"
+    assert written["model"]["dropout"] == 0.0, "keys the recipe does not name are kept"
+
+
+def test_a_recipe_with_a_bad_value_names_the_key_and_leaves_the_file_untouched(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {})
+    before = path.read_text()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  arch: transformer\n  emb_dim: 100\n  n_heads: 8\n")
+    with pytest.raises(PipelineError, match="model.emb_dim .100. must be divisible by model.n_heads .8."):
+        set_params(path, [], recipe)
+    for text, message in (("- a list\n", "a mapping of params.yaml sections"), ("", "a mapping")):
+        recipe.write_text(text)
+        with pytest.raises(PipelineError, match=message):
+            set_params(path, [], recipe)
+    with pytest.raises(PipelineError, match="recipe not found"):
+        set_params(path, [], tmp_path / "missing.yaml")
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])
+def test_each_shipped_recipe_applies_and_another_corpus_needs_only_data_keys(
+    tmp_path: Path, recipe: Path
+) -> None:
+    shipped = Path(__file__).resolve().parents[1] / "params.yaml"
+    path = tmp_path / "params.yaml"
+    path.write_text(shipped.read_text())
+    config = set_params(path, [], recipe)
+    assert config.data.source.startswith("hf:") and (config.data.src_lang, config.data.tgt_lang) == (
+        "de",
+        "en",
+    )
+    assert config.tune.num_samples == 0, "a recipe is a known-good setting: no search"
+    other = set_params(path, ["data.source=corpora/news", "data.src_lang=fr", "data.tgt_lang=en"])
+    assert (
+        other.model == config.model and other.train == config.train and other.preprocess == config.preprocess
+    )
+
+
+def test_set_params_command_takes_a_recipe(tmp_path: Path) -> None:
+    from pipeline.__main__ import main
+
+    path = write_params(tmp_path, {})
+    recipe = next(r for r in RECIPES if r.stem == "multi30k-transformer")
+    assert main(["--params", str(path), "set-params", "--recipe", str(recipe)]) == 0
+    assert yaml.safe_load(path.read_text())["model"]["arch"] == "transformer"
+    assert main(["--params", str(path), "set-params"]) == 2, "nothing to set is an error"

@@ -75,11 +75,16 @@ class Translator:
 
 
 def translate_and_score(
-    loaded: LoadedModel, sources: Sequence[str], references: Sequence[str], settings: EvaluateConfig
+    loaded: LoadedModel,
+    sources: Sequence[str],
+    references: Sequence[str],
+    settings: EvaluateConfig,
+    device: str | torch.device = "cpu",
 ) -> tuple[list[str], dict[str, float]]:
-    """Beam search with the evaluate settings, then BLEU and chrF: what evaluate and the gate both use."""
+    """Beam search with the evaluate settings, then BLEU and chrF: what evaluate, the gate and the torch-only
+    GPU benchmark use."""
     translator = Translator(
-        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio
+        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio, device=device
     )
     hypotheses = translator.translate(
         list(sources), beam_size=settings.beam_size, batch_size=settings.batch_size

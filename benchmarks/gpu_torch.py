@@ -1,0 +1,233 @@
+"""Torch-only GPU benchmark: a recipe's model trained on encoded arrays with the project's own model, batches
+and training step, on a box with PyTorch but no Ray, MLflow, DVC or `datasets`.
+
+    python -m benchmarks.gpu_torch --recipe recipes/multi30k-transformer.yaml --processed DIR \\
+        [--budget-s 300] [--set train.epochs=30 ...] [--out results.jsonl]          # from the project root
+
+DIR is a data/processed folder made by `dvc repro preprocess` (or `python -m pipeline preprocess`) with the
+recipe's data and preprocess settings: the encoded splits, the tokenizers and the test text. Copy it to
+the GPU box; nothing else travels.
+
+The model, optimizer, schedule and step (`train_step`: bf16 autocast on CUDA) are the ones every Ray Train
+worker runs. One process takes the recipe's global batch (train.batch_size x train.num_workers target
+tokens), so its updates match the recipe's DDP run. Training stops at the recipe's epochs or at the time
+budget, whichever comes first; then the test split is translated with the recipe's beam search.
+
+Printed per run: parameters, epochs, training target tokens/s, peak GPU memory, an MFU estimate and test
+BLEU (cased), lowercase BLEU and chrF. MFU = model FLOPs per target token x tokens/s / the GPU's dense
+bf16 peak; the FLOPs are counted by `torch.utils.flop_counter` over forward and backward of sample batches
+(padding included), the peak is the datasheet figure and, beside it, a measured bf16 matrix product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.config import PipelineConfig, config_from_dict, merge_params, read_recipe
+from pipeline.data.processed import ProcessedData, load_processed
+from pipeline.network.batching import collate, token_budget_batches
+from pipeline.network.encoded import EncodedSplit
+from pipeline.network.model import Seq2Seq, build_model, count_parameters
+from pipeline.network.model_files import LoadedModel
+from pipeline.network.training_step import build_optimizer, sequence_loss, train_step
+from pipeline.network.translator import translate_and_score
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Dense bf16 tensor-core peaks from the datasheets (no sparsity), in FLOP/s, by a name's distinctive part.
+DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12}
+# FLOPs are counted on a few small batches: per target token they hardly depend on the batch size.
+FLOP_SAMPLE_BATCHES, FLOP_SAMPLE_TOKENS = 8, 1000
+
+
+def recipe_config(recipe: Path, assignments: list[str]) -> PipelineConfig:
+    """params.yaml, the recipe over it, then KEY=VALUE assignments: what `set-params --recipe` would make."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw = merge_params(raw, read_recipe(recipe), str(recipe))
+    for assignment in assignments:
+        dotted, _, value = assignment.partition("=")
+        section, _, key = dotted.partition(".")
+        raw = merge_params(raw, {section: {key: yaml.safe_load(value)}}, assignment)
+    return config_from_dict(raw, f"{recipe} {' '.join(assignments)}".strip())
+
+
+def flops_per_target_token(model: Seq2Seq, split: EncodedSplit, config: Any) -> float:
+    """Forward + backward FLOPs per real target token, counted on a CPU copy in float32 (the count does not
+    depend on the device; cuDNN's fused GRU kernels would hide from the counter on CUDA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter, tokens = FlopCounterMode(display=False), 0
+    batches = token_budget_batches(split, FLOP_SAMPLE_TOKENS, seed=1)[:FLOP_SAMPLE_BATCHES]
+    with counter:
+        for indices in batches:
+            batch = collate(split, indices)
+            logits = model(batch.src, batch.src_lengths, batch.tgt_in, config.teacher_forcing)
+            sequence_loss(logits, batch.tgt_out, config.label_smoothing).backward()
+            tokens += batch.n_target_tokens
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / tokens
+
+
+def measured_bf16_peak(device: torch.device) -> float:
+    """FLOP/s of a large bf16 matrix product on random data: what this card really gives."""
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def datasheet_peak(name: str) -> float | None:
+    for key, peak in DATASHEET_BF16_PEAK.items():
+        if key in name:
+            return peak
+    return None
+
+
+def train_for_budget(
+    model: torch.nn.Module,
+    config: PipelineConfig,
+    train: EncodedSplit,
+    device: torch.device,
+    budget_s: float,
+) -> dict[str, Any]:
+    """The recipe's epochs of `train_step`, or fewer when the budget runs out; per-epoch tokens/s."""
+    settings = config.train
+    batch_tokens = settings.batch_size * settings.num_workers
+    steps_per_epoch = len(token_budget_batches(train, batch_tokens, seed=0))
+    optimizer, scheduler = build_optimizer(model, settings, steps_per_epoch * settings.epochs)
+    torch.manual_seed(settings.seed)
+    model.train()
+    started, epochs_done, history = time.perf_counter(), 0.0, []
+    for epoch in range(settings.epochs):
+        batches = token_budget_batches(train, batch_tokens, seed=settings.seed * 1000 + epoch)
+        epoch_start, tokens, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for indices in batches:
+            batch = collate(train, indices)
+            steps += 1
+            loss_sum += train_step(model, batch, optimizer, scheduler, settings, device)  # syncs each step
+            tokens += batch.n_target_tokens
+            if time.perf_counter() - started >= budget_s:
+                break
+        seconds = time.perf_counter() - epoch_start
+        epochs_done += steps / len(batches)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / tokens, "tokens_per_s": tokens / seconds})
+        elapsed = time.perf_counter() - started
+        print(
+            f"  epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / tokens:.3f},"
+            f" {tokens / seconds:,.0f} target tokens/s, {elapsed:.0f} s",
+            flush=True,
+        )
+        if elapsed >= budget_s:
+            break
+    return {
+        "epochs": round(epochs_done, 2),
+        "train_seconds": time.perf_counter() - started,
+        # The first epoch pays for warm-up (cuDNN/cuBLAS plans, allocator growth): left out if there are more.
+        "tokens_per_s": statistics.median(h["tokens_per_s"] for h in history[1:] or history),
+        "history": history,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = recipe_config(args.recipe, args.set)
+    device = torch.device(args.device)
+    processed: ProcessedData = load_processed(args.processed, splits=("train", "test"))
+    train = processed.encoded("train").in_memory()
+    vocab = (processed.src_vocab_size, processed.tgt_vocab_size)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, *vocab)
+    batch_tokens = config.train.batch_size * config.train.num_workers
+    flops = flops_per_target_token(model, train, config.train)
+    model = model.to(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    trained = train_for_budget(
+        torch.compile(model, dynamic=True) if args.compile else model, config, train, device, args.budget_s
+    )
+    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
+
+    loaded = LoadedModel(
+        model.eval(),
+        config.model,
+        processed.src_tokenizer,
+        processed.tgt_tokenizer,
+        config.evaluate.decoding(),
+        Path(args.processed),
+    )
+    sources, references = processed.texts("test")
+    decode_start = time.perf_counter()
+    _, scores = translate_and_score(loaded, sources, references, config.evaluate, device=device)
+    result = {
+        "name": args.name or args.recipe.stem,
+        "recipe": str(args.recipe),
+        "overrides": args.set,
+        "arch": config.model.arch,
+        "parameters": count_parameters(model),
+        "batch_target_tokens": batch_tokens,
+        "compiled": args.compile,
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "budget_s": args.budget_s,
+        **{key: value for key, value in trained.items() if key != "history"},
+        "peak_gpu_mib": round(peak_mib),
+        "train_flops_per_target_token": flops,
+        "test_decode_seconds": time.perf_counter() - decode_start,
+        **scores,
+        "history": trained["history"],
+    }
+    if on_gpu:
+        name = result["device"]
+        sheet, measured = datasheet_peak(name), measured_bf16_peak(device)
+        achieved = flops * result["tokens_per_s"]
+        result["achieved_tflops"] = achieved / 1e12
+        result["measured_bf16_peak_tflops"] = measured / 1e12
+        result["mfu_vs_measured_peak"] = achieved / measured
+        result["mfu"] = achieved / sheet if sheet else None
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, required=True, help="a recipes/*.yaml file")
+    parser.add_argument("--processed", type=Path, required=True, help="a data/processed folder for it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="training time budget, seconds")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    parser.add_argument("--name", default=None, help="the run's name in the table (default: the recipe's)")
+    parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")
+    args = parser.parse_args()
+    result = run(args)
+    if args.out:
+        with args.out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result) + "\n")
+    print_row(result)
+
+
+def print_row(result: dict[str, Any]) -> None:
+    mfu = result.get("mfu")
+    print(
+        f"{result['name']:<28} {result['arch']:<13} {result['parameters'] / 1e6:5.1f}M"
+        f" {result['epochs']:6.2f} ep {result['train_seconds']:6.0f} s {result['tokens_per_s']:>10,.0f} tok/s"
+        f" {result['peak_gpu_mib']:>7,} MiB  MFU {'-' if mfu is None else f'{mfu:.1%}'}"
+        f"  BLEU {result['bleu']:.1f} lc {result['bleu_lc']:.1f} chrF {result['chrf']:.1f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Quality on real text: each architecture's Multi30k recipe through the pipeline's own stages, one table.
+
+    python -m benchmarks.quality [--archs gru,gru_attention,transformer] [--data ../shared/data/multi30k]
+                                 [--out reports/quality.json]                     # from the project root
+
+For each architecture: a fresh folder with params.yaml, `set-params --recipe recipes/multi30k-<arch>.yaml
+data.source=<data>`, then `python -m pipeline prepare, preprocess, tune, train, evaluate` (tune is off in
+the recipes: it only records the recipe's settings). The transformer takes its CPU recipe
+(`multi30k-transformer-cpu.yaml`) unless `--full-transformer`. Printed beside the published figures on
+the same test set (Multi30k test2016 de->en, lowercase BLEU). Runs Ray locally: nothing else may start a
+local Ray on this machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k"
+RECIPES = {
+    "gru": "multi30k-gru.yaml",
+    "gru_attention": "multi30k-gru-attention.yaml",
+    "transformer": "multi30k-transformer-cpu.yaml",
+}
+STAGES = ("prepare", "preprocess", "tune", "train", "evaluate")
+# Lowercase BLEU on Multi30k test2016 de->en, from ../shared/data/multi30k/README.md and the issue tracker.
+PUBLISHED = {
+    "gru": "20.6 (GRU, 14M)",
+    "gru_attention": "28.3 (GRU + attention, 20.5M)",
+    "transformer": "36.5 (PyTorch tutorial); 38.4 (OpenNMT-py)",
+}
+
+
+def run_recipe(arch: str, recipe: Path, data: Path, keep: Path | None) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix=f"quality-{arch}-"))
+    shutil.copy(REPO_ROOT / "params.yaml", folder / "params.yaml")
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def pipeline(*arguments: str) -> None:
+        command = [sys.executable, "-m", "pipeline", *arguments]
+        log = folder / "quality.log"
+        with log.open("a", encoding="utf-8") as handle:
+            done = subprocess.run(
+                command, cwd=folder, env=environment, stdout=handle, stderr=subprocess.STDOUT
+            )
+        if done.returncode:
+            raise SystemExit(f"{arch}: {' '.join(arguments)} failed (exit {done.returncode}); see {log}")
+
+    pipeline("set-params", "--recipe", str(recipe), f"data.source={data.resolve()}")
+    seconds: dict[str, float] = {}
+    for stage in STAGES:
+        started = time.perf_counter()
+        pipeline(stage)
+        seconds[stage] = time.perf_counter() - started
+        print(f"  {arch}: {stage} {seconds[stage]:.0f} s", flush=True)
+    reports = folder / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())
+    trained = json.loads((reports / "train_metrics.json").read_text())
+    with (reports / "train_history.csv").open(encoding="utf-8") as handle:
+        history = list(csv.DictReader(handle))
+    result = {
+        "arch": arch,
+        "recipe": recipe.name,
+        "parameters": trained["parameters"],
+        "epochs": len(history),
+        "wall_seconds": sum(seconds.values()),
+        "stage_seconds": seconds,
+        "train_tokens_per_sec": statistics.median(float(row["tokens_per_sec"]) for row in history),
+        "bleu": metrics["bleu"],
+        "bleu_lc": metrics["bleu_lc"],
+        "chrf": metrics["chrf"],
+        "history": history,
+    }
+    if keep is not None:
+        shutil.copytree(folder / "reports", keep / arch, dirs_exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(
+        "| architecture | recipe | parameters | epochs | wall time | train target tokens/s"
+        " | test BLEU | lowercase BLEU | chrF | published (lowercase BLEU) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in results:
+        print(
+            f"| {r['arch']} | {r['recipe']} | {r['parameters'] / 1e6:.1f} M | {r['epochs']}"
+            f" | {r['wall_seconds'] / 60:.1f} min | {r['train_tokens_per_sec']:,.0f} | {r['bleu']:.1f}"
+            f" | {r['bleu_lc']:.1f} | {r['chrf']:.1f} | {PUBLISHED[r['arch']]} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--archs", default=",".join(RECIPES), help="comma-separated, from " + ", ".join(RECIPES)
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder (train/val/test)")
+    parser.add_argument("--full-transformer", action="store_true", help="the GPU recipe, not the CPU one")
+    parser.add_argument("--out", type=Path, default=None, help="write every result here as JSON")
+    parser.add_argument("--keep-reports", type=Path, default=None, help="copy each run's reports/ here")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"no Multi30k folder at {args.data} (see ../shared/data/multi30k/README.md)")
+    archs = [arch.strip() for arch in args.archs.split(",") if arch.strip()]
+    unknown = [arch for arch in archs if arch not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown architecture(s) {unknown}; choose from {list(RECIPES)}")
+    results = []
+    for arch in archs:
+        name = (
+            "multi30k-transformer.yaml" if arch == "transformer" and args.full_transformer else RECIPES[arch]
+        )
+        results.append(run_recipe(arch, REPO_ROOT / "recipes" / name, args.data, args.keep_reports))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
