@@ -47,6 +47,9 @@ class DataConfig(_Section):
         64, ge=1, description="drop pairs with a side longer than this (whitespace tokens)"
     )
     max_length_ratio: float = Field(4.0, ge=1.0)
+    # Characters, not tokens: one "word" of a million characters (a base64 blob, a table) passes max_tokens,
+    # and BPE training time grows faster than linearly in the longest word.
+    max_chars: int = Field(1000, ge=1, description="drop pairs with a side longer than this (characters)")
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     seed: int = 42
@@ -278,17 +281,22 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _search_draws_valid_models(self) -> PipelineConfig:
-        """Refuse a search space that can draw an invalid model now, not in a trial hours into a search."""
+        """Refuse a search space that can draw an invalid model or training setting now, before Ray starts,
+        not in a trial hours into a search."""
         space = self.tune.search_space
         if self.tune.num_samples == 0:
             return self
         # Only choices list every value; of a range, only the ends are checked below.
         ranged = [key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice]
-        base = self.model.model_dump()
-        for drawn in _model_draws(space):
+        base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
+        for drawn in _draws(space):
+            sections = {name: dict(values) for name, values in base.items()}
+            for key, value in drawn.items():
+                section, _, name = key.partition(".")
+                sections[section][name] = value
             try:
-                values = {key.removeprefix("model."): value for key, value in drawn.items()}
-                model = ModelConfig.model_validate({**base, **values})
+                model = ModelConfig.model_validate(sections["model"])
+                TrainConfig.model_validate(sections["train"])
                 _check_shared_embeddings(model, self.preprocess)
             except ValueError as error:  # pydantic's ValidationError is one too
                 reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
@@ -309,9 +317,9 @@ def _check_shared_embeddings(model: ModelConfig, preprocess: PreprocessConfig) -
         )
 
 
-def _model_draws(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
-    """Every combination of the model values a search can draw: all choices, and the ends of ranges."""
-    dimensions = {key: dim for key, dim in space.items() if key.startswith("model.")}
+def _draws(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
+    """Every combination of the values a search can draw: all choices, and the ends of ranges."""
+    dimensions = dict(space)
     options = [
         dim.choice if dim.choice is not None else list(dim.uniform or dim.loguniform or dim.randint or ())
         for dim in dimensions.values()
@@ -324,9 +332,13 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
+        # A cross-section rule names its key first ("tune.search_space can draw ..."): show it as the key.
+        named, _, rest = message.partition(" ")
+        if not problem["loc"] and "." in named and rest:
+            key, message = named, rest
         value = problem.get("input")
         shown = (
             f" (got {value!r})"
@@ -344,19 +356,67 @@ def config_from_dict(raw: dict[str, Any], source: str = "params") -> PipelineCon
         raise PipelineError(_format_validation_error(error, source)) from None
 
 
-def load_config(path: str | Path = DEFAULT_PARAMS_PATH) -> PipelineConfig:
+def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, read strictly: a missing, unreadable, non-UTF-8, invalid,
+    empty (unless `allow_empty`) or non-mapping file, or a key given twice at any level (PyYAML would keep
+    the last copy silently), is a PipelineError naming the file and line."""
     import yaml  # here, not at the top: the network layer imports this module on boxes without PyYAML
 
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"parameters file not found: {path}")
+        raise PipelineError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise PipelineError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise PipelineError(f"{path}:{line}: not UTF-8 (byte {error.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: {error.problem or error.context}") from None
     except yaml.YAMLError as error:
         raise PipelineError(f"{path} is not valid YAML: {error}") from None
+    if raw is None and allow_empty:
+        return {}
+    if raw is None:
+        raise PipelineError(
+            f"{path} is empty: expected a mapping of sections (see the project's params.yaml)"
+        )
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(raw, str(path))
+        kind = type(raw).__name__
+        raise PipelineError(f"{path}:1: expected a mapping of sections at the top level, got a {kind}")
+    return raw
+
+
+def _strict_loader() -> type:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {first_line[key]})",
+                        key_node.start_mark,
+                    )
+                first_line[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS_PATH) -> PipelineConfig:
+    path = Path(path)
+    return config_from_dict(read_yaml_mapping(path, "parameters file"), str(path))
 
 
 def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
@@ -386,16 +446,8 @@ def merge_params(base: dict[str, Any], overrides: dict[str, Any], source: str) -
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe: parameter overrides in params.yaml's own shape (recipes/*.yaml)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict) or not raw:
+    raw = read_yaml_mapping(path, "recipe")
+    if not raw:
         raise PipelineError(f"{path}: a recipe is a mapping of params.yaml sections")
     return raw
 
@@ -412,7 +464,7 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     from pipeline.files import atomic_file
 
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    raw = read_yaml_mapping(path, "parameters file") if path.exists() else {}
     if recipe is not None:
         raw = merge_params(raw, read_recipe(recipe), str(recipe))
     for assignment in assignments:

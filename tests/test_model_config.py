@@ -54,7 +54,7 @@ def test_a_bad_transformer_key_is_refused_naming_it(model: dict, key: str) -> No
 
 def test_shared_embeddings_need_a_joint_vocabulary() -> None:
     model = {"arch": "transformer", "share_embeddings": True}
-    with pytest.raises(PipelineError, match=r"model\.share_embeddings needs preprocess\.joint_vocab: true"):
+    with pytest.raises(PipelineError, match=r"model\.share_embeddings: needs preprocess\.joint_vocab: true"):
         config_from_dict({"model": model})
     assert config_from_dict({"model": model, "preprocess": {"joint_vocab": True}}).model.share_embeddings
 
@@ -77,3 +77,24 @@ def test_a_search_that_can_draw_an_invalid_model_is_refused_up_front(dimensions:
     with pytest.raises(PipelineError, match=re.escape(message)):
         config_from_dict({"tune": {"search_space": space}})
     assert config_from_dict({"tune": {"search_space": space, "num_samples": 0}})  # no search, no check
+
+
+@pytest.mark.parametrize(
+    ("space", "reason"),
+    [
+        (
+            {"model.dropout": {"uniform": [0.5, 1.5]}},
+            r"can draw \{'model.dropout': 1.5\}: Input should be less than 1",
+        ),
+        ({"model.n_layers": {"randint": [0, 100]}}, r"can draw \{'model.n_layers': 0\}"),
+        ({"model.arch": {"choice": ["lstm"]}}, r"can draw \{'model.arch': 'lstm'\}"),
+        (
+            {"train.lr": {"uniform": [0.001, 2.0]}},
+            r"can draw \{'train.lr': 2.0\}: Input should be less than or equal to 1",
+        ),
+    ],
+)
+def test_every_value_a_search_can_draw_is_checked_when_params_load(space: dict, reason: str) -> None:
+    """Before Ray starts: a bad draw found inside a trial costs a search."""
+    with pytest.raises(PipelineError, match=r"tune\.search_space: " + reason):
+        config_from_dict({"tune": {"search_space": space}})

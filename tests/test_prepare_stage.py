@@ -141,6 +141,22 @@ def test_multi30k_layout_of_another_language_pair_needs_only_source_and_language
     assert splits["test"][0] == ("la maison test_2016_flickr 0 .", "dům test_2016_flickr 0 .")
 
 
+def test_any_two_text_columns_work_as_the_two_sides_a_summarisation_corpus(tmp_path):
+    """The README's example: a jsonl of documents and their summaries, no language codes anywhere."""
+    folder = tmp_path / "news-summaries"
+    folder.mkdir()
+    for split, n in (("train", 20), ("validation", 2), ("test", 3)):
+        rows = [
+            {"document": f"story {split} {i} : " + "word " * 80, "summary": f"story {i} ."} for i in range(n)
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = {"source": str(folder), "src_lang": "document", "tgt_lang": "summary"}
+    prepare.run(config_from_dict({"data": {**data, "max_tokens": 200, "max_length_ratio": 50}}))
+    splits = read_prepared()
+    assert [len(splits[name]) for name in ("train", "validation", "test")] == [20, 2, 3]
+    assert splits["test"][1] == ("story test 1 : " + " ".join(["word"] * 80), "story 1 .")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

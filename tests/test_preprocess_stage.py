@@ -182,3 +182,37 @@ def test_encoding_does_not_depend_on_the_batch_size(tmp_path, monkeypatch):
     prepare_and_preprocess(config(tsv_corpus(tmp_path / "corpus")))
     batched = {path.name: path.read_bytes() for path in (PROCESSED_DIR / "encoded" / "train").iterdir()}
     assert batched == whole
+
+
+def test_a_million_character_line_is_dropped_by_prepare_and_preprocess_stays_fast(tmp_path) -> None:
+    """One whitespace-free "word" of 1M characters passes any token count; BPE training on it ran for
+    over 10 minutes. data.max_chars drops it (its own reason in prepare_stats) before preprocess sees it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, write_params
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    english = [f"the house number {i} is red ." for i in range(200)]
+    german = [f"das haus nummer {i} ist rot ." for i in range(200)]
+    english[100], german[100] = "A" * 1_000_000, "data:" + "B" * 999_995
+    (folder / "train.en").write_text("\n".join(english) + "\n")
+    (folder / "train.de").write_text("\n".join(german) + "\n")
+    data = {"source": str(folder), "src_lang": "en", "tgt_lang": "de"}
+    write_params(tmp_path, {"data": data, "preprocess": {"vocab_size": 200}})
+    for stage in ("prepare", "preprocess"):
+        # A bound far above the seconds it takes, far below the hang it was: a regression fails, not hangs.
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", stage],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads((tmp_path / "reports" / "prepare_stats.json").read_text())
+    assert stats["dropped"]["train"]["too_many_chars"] == 1
+    assert load_processed(tmp_path / "data" / "processed").pairs("train") < 200

@@ -51,7 +51,7 @@ def test_a_recipe_with_a_bad_value_names_the_key_and_leaves_the_file_untouched(t
     recipe.write_text("model:\n  arch: transformer\n  emb_dim: 100\n  n_heads: 8\n")
     with pytest.raises(PipelineError, match="model.emb_dim .100. must be divisible by model.n_heads .8."):
         set_params(path, [], recipe)
-    for text, message in (("- a list\n", "a mapping of params.yaml sections"), ("", "a mapping")):
+    for text, message in (("- a list\n", ":1: expected a mapping of sections"), ("", "is empty")):
         recipe.write_text(text)
         with pytest.raises(PipelineError, match=message):
             set_params(path, [], recipe)

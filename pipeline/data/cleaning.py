@@ -5,8 +5,8 @@ Policy, and why:
 * Every split gets the same text normalisation (Unicode NFC, control characters removed, whitespace runs
   collapsed to one space, ends stripped) and loses pairs with an empty side: an empty reference cannot be
   scored and an empty source cannot be translated.
-* Only training pairs are filtered by length (`data.max_tokens`, `data.max_length_ratio`, counted in
-  whitespace tokens) and de-duplicated. A validation or test split that the source provides is kept
+* Only training pairs are filtered by length (`data.max_chars` characters; `data.max_tokens`,
+  `data.max_length_ratio`, counted in whitespace tokens) and de-duplicated. A validation or test split that the source provides is kept
   otherwise whole, so BLEU stays comparable with published figures on the same test set.
 * Training pairs that also occur (after normalisation) in the validation or test split are dropped from
   train, never from the evaluation split: otherwise the model is scored on sentences it memorised.
@@ -41,7 +41,7 @@ from pipeline.data.sources import Pair, RawCorpus
 from pipeline.errors import PipelineError
 from pipeline.network.tokenization import clean_text
 
-DROP_REASONS = ("empty", "too_long", "length_ratio", "duplicate", "in_eval_split")
+DROP_REASONS = ("empty", "too_many_chars", "too_long", "length_ratio", "duplicate", "in_eval_split")
 EVAL_DROP_REASONS = ("empty",)  # the only filter evaluation splits get (see above)
 _CLEANED_TRAIN = ".train-cleaned.arrow"  # first-pass training pairs, removed once the splits are written
 
@@ -171,6 +171,8 @@ def drop_reason(pair: Pair, filters: DataConfig | None) -> str | None:
         return "empty"
     if filters is None:
         return None
+    if max(len(pair[0]), len(pair[1])) > filters.max_chars:
+        return "too_many_chars"
     shorter, longer = sorted((n_tokens(pair[0]), n_tokens(pair[1])))
     if longer > filters.max_tokens:
         return "too_long"
@@ -235,7 +237,7 @@ def _write_train_and_carved(folder: Path, labels: np.ndarray) -> dict[str, int]:
 
 def _empty_split_message(name: str, corpus: RawCorpus, split: _CleanedSplit, dropped: dict[str, int]) -> str:
     counts = ", ".join(f"{reason}={count}" for reason, count in dropped.items() if count) or "none"
-    hint = " (see data.max_tokens and data.max_length_ratio)" if name == "train" else ""
+    hint = " (see data.max_chars, data.max_tokens and data.max_length_ratio)" if name == "train" else ""
     return (
         f"the {name} split is empty after cleaning: {split.loaded} pairs loaded from "
         f"{corpus.splits[name].origin}, dropped by reason: {counts}{hint}"
