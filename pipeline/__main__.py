@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,8 +59,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """A stop signal, raised where the stage is so every `with` block unwinds (temporaries removed,
+    previous outputs kept). A BaseException: no `except Exception` on the way may swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    # SIGTERM (a timeout, a CI cancel, a cluster preemption) and SIGHUP end the stage as Ctrl-C does. Only
+    # in the main thread of a program run as a command: a library caller keeps its own handlers.
+    if argv is None and threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, _raise_stopped)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -88,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (Stopped, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"stopped by {name}: outputs of the interrupted step were not replaced", file=sys.stderr)
+        return 128 + signum
 
 
 def run_translate(sentences: Sequence[str], model: str, beam_size: int | None) -> int:

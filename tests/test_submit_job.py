@@ -242,3 +242,50 @@ def test_tracking_store_local_to_the_job_copy_is_warned_about() -> None:
     assert tracking_warnings({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
     assert tracking_warnings({"MLFLOW_TRACKING_URI": "./mlruns"})
     assert tracking_warnings({"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}) == []
+
+
+SECRET_FILES = (
+    ".env",
+    ".env.local",
+    "prod.env",
+    "credentials.json",
+    ".aws/credentials",
+    ".netrc",
+    "id_rsa",
+    "id_ed25519.pub",
+    "server.pem",
+    "tls/private.key",
+    "secrets/db.yaml",
+    "token",
+    "hf_token",
+    ".git-credentials",
+    "configs/gcp-credentials.json",
+)
+PROJECT_FILES = ("params.yaml", "pipeline/network/tokenization.py", "recipes/a.yaml", "docs/tokens.md")
+
+
+def test_the_job_package_leaves_out_secret_files_and_what_gitignore_ignores(tmp_path: Path) -> None:
+    """The very package Ray uploads (its own packaging, the runtime env's excludes): no secret, all code."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from pipeline.jobs.runtime_env import excluded_secrets
+
+    project = tmp_path / "project"
+    for name in (*SECRET_FILES, *PROJECT_FILES, "scratch/notes.txt"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    (project / ".gitignore").write_text("scratch/\n")
+    runtime_env, _ = build_runtime_env(None, project, {})
+
+    package = tmp_path / "package.zip"
+    create_package(str(project), package, include_gitignore=True, excludes=runtime_env["excludes"])
+    packed = {name for name in zipfile.ZipFile(package).namelist() if not name.endswith("/")}
+
+    assert not packed & set(SECRET_FILES), sorted(packed & set(SECRET_FILES))
+    assert set(PROJECT_FILES) <= packed
+    assert "scratch/notes.txt" not in packed
+    reported = dict(excluded_secrets(project))
+    assert set(reported) == set(SECRET_FILES)
+    assert reported[".env.local"] == ".env.*" and reported["secrets/db.yaml"] == "secrets/"

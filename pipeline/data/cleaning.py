@@ -6,8 +6,9 @@ Policy, and why:
   collapsed to one space, ends stripped) and loses pairs with an empty side: an empty reference cannot be
   scored and an empty source cannot be translated.
 * Only training pairs are filtered by length (`data.max_chars` characters; `data.max_tokens`,
-  `data.max_length_ratio`, counted in whitespace tokens) and de-duplicated. A validation or test split that the source provides is kept
-  otherwise whole, so BLEU stays comparable with published figures on the same test set.
+  `data.max_length_ratio`, counted in whitespace tokens) and de-duplicated. A validation or test split
+  that the source provides is kept otherwise whole, so BLEU stays comparable with published figures on
+  the same test set.
 * Training pairs that also occur (after normalisation) in the validation or test split are dropped from
   train, never from the evaluation split: otherwise the model is scored on sentences it memorised.
 * A split the source lacks is carved from the cleaned, de-duplicated training pairs with a shuffle seeded

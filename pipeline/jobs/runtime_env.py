@@ -5,6 +5,7 @@ shell the stages need on the cluster. Everything is checked here, so mistakes fa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,53 @@ from pipeline.tracking.lineage import GIT_COMMIT_ENV, read_git_commit
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 
+# Files that hold credentials by convention (gitignore-style, as Ray matches `excludes`), at any depth.
+SECRET_EXCLUDES = (
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".netrc",
+    "_netrc",
+    ".pgpass",
+    ".git-credentials",
+    ".aws/",
+    ".ssh/",
+    ".gnupg/",
+    ".docker/config.json",
+    ".kube/",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.keystore",
+    "*.jks",
+    "credentials",
+    "credentials.json",
+    "*credentials*.json",
+    "service-account*.json",
+    "secrets/",
+    ".secrets/",
+    "secrets.*",
+    "*.secret",
+    "token",
+    ".token",
+    "*.token",
+    "*_token",
+    "*_token.txt",
+    "token.txt",
+    "token.json",
+    ".huggingface/",
+    ".cache/huggingface/token",
+)
 # Never uploaded, whatever the runtime env file says: history, local environments, local credentials.
-ALWAYS_EXCLUDE = ("/.git", ".venv", "/.dvc/config.local", "/.dvc/cache", ".env")
+# Ray itself also leaves out what .gitignore (and .rayignore) files ignore.
+ALWAYS_EXCLUDE = ("/.git", ".venv", "/.dvc/config.local", "/.dvc/cache", *SECRET_EXCLUDES)
+_NOT_WALKED = {".git", ".venv", ".dvc"}
 
 # Settings the stages need on the cluster, passed on when set in this shell. Some are secrets: they go to
 # the cluster inside the job's runtime env (never into a file), where anyone who can read the cluster's
@@ -69,6 +115,23 @@ def build_runtime_env(
         env_vars.setdefault(GIT_COMMIT_ENV, commit)
     runtime_env["env_vars"] = env_vars
     return runtime_env, passed
+
+
+def excluded_secrets(project_root: Path) -> list[tuple[str, str]]:
+    """(path, pattern) for each file of the project that a secret pattern keeps out of the upload: what
+    `submit` reports, so a user sees what stayed behind and why."""
+    from pathspec import PathSpec  # Ray's own matcher for `excludes` (Ray depends on it)
+
+    specs = [(pattern, PathSpec.from_lines("gitwildmatch", [pattern])) for pattern in SECRET_EXCLUDES]
+    found = []
+    for directory, folders, files in os.walk(project_root):
+        folders[:] = sorted(name for name in folders if name not in _NOT_WALKED)
+        for name in sorted(files):
+            relative = (Path(directory) / name).relative_to(project_root).as_posix()
+            pattern = next((pattern for pattern, spec in specs if spec.match_file(relative)), None)
+            if pattern is not None:
+                found.append((relative, pattern))
+    return found
 
 
 def load_runtime_env_file(path: Path | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
-from pipeline.jobs.runtime_env import build_runtime_env, tracking_warnings
+from pipeline.jobs.runtime_env import build_runtime_env, excluded_secrets, tracking_warnings
 from pipeline.tracking.lineage import GIT_COMMIT_ENV
 
 if TYPE_CHECKING:
@@ -70,6 +70,11 @@ def run_submit(address: str | None, wait: bool, entrypoint: list[str], runtime_e
     # Ray repeats "Ignoring upload ... .gitignore" per pass and warns about .git/.venv, excluded anyway.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    if uploads_here:
+        secrets = excluded_secrets(Path(runtime_env["working_dir"]))
+        if secrets:
+            listed = ", ".join(f"{path} ({pattern})" for path, pattern in secrets)
+            print(f"not uploaded, secret by name: {listed}", file=sys.stderr)
     print(
         f"submitting to {address}: working dir {runtime_env['working_dir']}, "
         f"env from this shell: {', '.join(passed) or 'none'}\n  entrypoint: {command}",
