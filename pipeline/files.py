@@ -4,6 +4,7 @@ renamed into place), JSON read and written one way, and content hashes read in c
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -45,6 +46,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _temporary(target: Path, make: Any) -> Any:
+    """mkdtemp/mkstemp beside `target`; a PipelineError naming the folder when it cannot be written."""
+    try:
+        return make(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent)
+    except OSError as error:
+        raise PipelineError(f"cannot write in {target.parent}: {error.strerror}") from None
+
+
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete the temporaries of `target` left by processes of this host that no longer run (a SIGKILL, a
     power cut); a live process's are kept. Returns what was removed."""
@@ -63,19 +72,116 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
+class _OutputGroup:
+    """Outputs written under `outputs_together()`: complete temporaries, renamed into place together."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []  # (complete temporary, target)
+        self.open_dirs: list[Path] = []  # temporaries still being written: what is inside them is private
+
+    def private(self, target: Path) -> bool:
+        return any(target.resolve().is_relative_to(folder.resolve()) for folder in self.open_dirs)
+
+    def commit(self) -> None:
+        """Move every old target aside, every temporary into place, then drop the old ones; if a rename
+        fails, undo the ones done, so the targets stay all old."""
+        for tmp, target in self.pending:
+            if target.exists() and target.is_dir() != tmp.is_dir():
+                found, wanted = ("folder", "file") if target.is_dir() else ("file", "folder")
+                raise PipelineError(f"{target} is a {found} where the stage writes a {wanted}: move it away")
+        aside: list[tuple[Path, Path]] = []
+        placed: list[tuple[Path, Path]] = []
+        try:
+            for _, target in self.pending:
+                if target.exists():
+                    old = target.with_name(f".{target.name}.old-{_owner_tag()}")
+                    target.rename(old)
+                    aside.append((old, target))
+            for tmp, target in self.pending:
+                tmp.rename(target)
+                placed.append((tmp, target))
+        except OSError as error:
+            for tmp, target in reversed(placed):
+                target.rename(tmp)
+            for old, target in reversed(aside):
+                old.rename(target)
+            raise PipelineError(
+                f"cannot put {error.filename} in place: {error.strerror}; outputs unchanged"
+            ) from None
+        for old, _ in aside:
+            _remove(old)
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            _remove(tmp)
+
+
+_GROUP: contextvars.ContextVar[_OutputGroup | None] = contextvars.ContextVar("output_group", default=None)
+
+
+@contextlib.contextmanager
+def outputs_together() -> Iterator[None]:
+    """A stage's outputs (every `atomic_dir` and `atomic_file` in the block, except those inside another
+    one's temporary) appear together when the block succeeds, or none of them does: never new data beside
+    old statistics."""
+    group = _OutputGroup()
+    token = _GROUP.set(group)
+    try:
+        yield
+    except BaseException:
+        group.discard()
+        raise
+    finally:
+        _GROUP.reset(token)
+    try:
+        group.commit()
+    except BaseException:
+        group.discard()
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir())
+        raise PipelineError(
+            f"{blocking} is a file, but {target} goes inside it: move the file away"
+        ) from None
+    except OSError as error:
+        raise PipelineError(f"cannot create {target.parent}: {error.strerror}") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
+    tmp = Path(_temporary(target, tempfile.mkdtemp))
     tmp.chmod(_default_mode(is_dir=True))
+    group = _GROUP.get()
+    deferred = group is not None and not group.private(target)
+    if deferred:
+        group.open_dirs.append(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if deferred:
+            group.open_dirs.remove(tmp)
+    if deferred:
+        group.pending.append((tmp, target))
+        return
     old = target.with_name(f".{target.name}.old-{_owner_tag()}")
     if target.exists():
         target.rename(old)
@@ -87,15 +193,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def atomic_file(target: Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `target` for writing; rename it over `target` on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     remove_stale_temporaries(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent)
+    fd, tmp_name = _temporary(target, tempfile.mkstemp)
     tmp = Path(tmp_name)
     tmp.chmod(_default_mode(is_dir=False))
+    group = _GROUP.get()
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
-        tmp.replace(target)
+        if group is not None and not group.private(target):
+            group.pending.append((tmp, target))
+        else:
+            tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

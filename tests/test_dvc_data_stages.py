@@ -59,3 +59,36 @@ def test_exp_run_with_set_param(project: Path) -> None:
     assert "Running stage 'prepare'" in result.stdout
     shown = run(["dvc", "exp", "show", "--json"], project)
     assert "500" in shown.stdout
+
+
+def _snapshot(project: Path) -> dict[str, bytes]:
+    files = [*sorted((project / "data").rglob("*")), *sorted((project / "reports").glob("*"))]
+    return {str(path.relative_to(project)): path.read_bytes() for path in files if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("stage", "section", "key", "value", "message"),
+    [
+        ("preprocess", "preprocess", "vocab_size", 10, "preprocess.vocab_size"),
+        ("prepare", "data", "source", "no/such/folder", "no/such/folder"),
+    ],
+)
+def test_a_failed_stage_under_dvc_repro_keeps_every_previous_output(
+    project: Path, stage: str, section: str, key: str, value: object, message: str
+) -> None:
+    """DVC deletes a stage's outputs before running it unless they persist: they do, and the stages replace
+    them atomically themselves, so data and cache: false reports survive a failed `dvc repro`."""
+    run(["dvc", "repro", "preprocess"], project)
+    before = _snapshot(project)
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run(["dvc", "repro", stage], project, check=False)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert result.returncode != 0
+    assert "error: " in result.stderr + result.stdout and message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert _snapshot(project) == before

@@ -15,7 +15,7 @@ from pipeline import paths
 from pipeline.config import PipelineConfig
 from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_file, read_json_object, write_json
+from pipeline.files import atomic_file, outputs_together, read_json_object, write_json
 from pipeline.network.batching import token_budget_batches
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
@@ -43,13 +43,14 @@ def run(config: PipelineConfig) -> None:
         "n_test": len(references),
         "beam_size": settings.beam_size,
     }
-    write_json(paths.METRICS, metrics)
-    with atomic_file(paths.SAMPLES) as handle:
-        samples = zip(sources[: settings.n_samples], hypotheses, references, strict=False)
-        for source, hypothesis, reference in samples:
-            handle.write(
-                json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
-            )
+    with outputs_together():
+        write_json(paths.METRICS, metrics)
+        with atomic_file(paths.SAMPLES) as handle:
+            samples = zip(sources[: settings.n_samples], hypotheses, references, strict=False)
+            for source, hypothesis, reference in samples:
+                handle.write(
+                    json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
+                )
     _log_to_train_run(metrics)
     logger.info(
         "test BLEU %.2f, chrF %.2f over %d sentences", metrics["bleu"], metrics["chrf"], metrics["n_test"]

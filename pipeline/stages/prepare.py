@@ -16,19 +16,20 @@ from pipeline.config import PipelineConfig
 from pipeline.data.cleaning import PreparedCorpus, clean_corpus, prepare_stats
 from pipeline.data.prepared import write_corpus_info
 from pipeline.data.sources import RawCorpus, load_corpus
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import atomic_dir, outputs_together, write_json
 
 logger = logging.getLogger(__name__)
 
 
 def run(config: PipelineConfig) -> None:
     corpus = load_corpus(config.data)
-    with atomic_dir(paths.PREPARED_DIR) as folder:  # replaces data/prepared only once complete
-        prepared = clean_corpus(corpus, config.data, folder)
-        write_corpus_info(folder, corpus, prepared.pairs)
-    stats = prepare_stats(corpus, prepared)
-    write_json(paths.PREPARE_STATS, stats)
-    write_json(paths.PREPARE_METRICS, headline_metrics(stats))
+    with outputs_together():  # data/prepared and its statistics: all new, or all as they were
+        with atomic_dir(paths.PREPARED_DIR) as folder:
+            prepared = clean_corpus(corpus, config.data, folder)
+            write_corpus_info(folder, corpus, prepared.pairs)
+        stats = prepare_stats(corpus, prepared)
+        write_json(paths.PREPARE_STATS, stats)
+        write_json(paths.PREPARE_METRICS, headline_metrics(stats))
     logger.info(_summary(corpus, prepared))
 
 

@@ -15,7 +15,7 @@ from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_file, write_json
+from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
 from pipeline.training.best_params import effective_config
 
@@ -76,26 +76,27 @@ def run(config: PipelineConfig) -> None:
     model.load_state_dict(best["model"])
     # Defaults for `translate`; evaluate and register apply params.yaml's evaluate section themselves, so
     # changing the beam size never re-runs training.
-    save_model_dir(
-        paths.MODELS_DIR,
-        model,
-        config.model,
-        processed.src_tokenizer,
-        processed.tgt_tokenizer,
-        EvaluateConfig().decoding(),
-    )
-    _write_history(paths.TRAIN_HISTORY, history)
-    write_json(
-        paths.TRAIN_METRICS,
-        {
-            "model": config.model.model_dump(mode="json"),
-            "parameters": count_parameters(model),
-            "best_epoch": best_epoch,
-            "best_val_loss": round(best_val_loss, 4),
-            "epochs_run": len(history),
-        },
-    )
-    write_json(paths.TRAIN_RUN, {"mlflow_run_id": mlflow_run.run_id, "ray_run_name": run_name})
+    with outputs_together():  # the model and its reports: all new, or all as they were
+        save_model_dir(
+            paths.MODELS_DIR,
+            model,
+            config.model,
+            processed.src_tokenizer,
+            processed.tgt_tokenizer,
+            EvaluateConfig().decoding(),
+        )
+        _write_history(paths.TRAIN_HISTORY, history)
+        write_json(
+            paths.TRAIN_METRICS,
+            {
+                "model": config.model.model_dump(mode="json"),
+                "parameters": count_parameters(model),
+                "best_epoch": best_epoch,
+                "best_val_loss": round(best_val_loss, 4),
+                "epochs_run": len(history),
+            },
+        )
+        write_json(paths.TRAIN_RUN, {"mlflow_run_id": mlflow_run.run_id, "ray_run_name": run_name})
     store.finish_train_run(mlflow_run, best_epoch, paths.TRAIN_HISTORY)
     logger.info("best epoch %d (val_loss %.4f) -> %s", best_epoch, best_val_loss, paths.MODELS_DIR)
 

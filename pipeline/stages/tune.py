@@ -16,7 +16,7 @@ from pipeline import paths
 from pipeline.config import PipelineConfig
 from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_file, write_json
+from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def run(config: PipelineConfig) -> None:
     store.finish_trial_runs(
         config.tracking.experiment, parent_run_id, {row["trial_id"]: _mlflow_status(row) for row in rows}
     )
-    _write_trials(rows)
-    write_json(paths.BEST_PARAMS, payload)
+    with outputs_together():
+        _write_trials(rows)
+        write_json(paths.BEST_PARAMS, payload)
     store.log_metrics(parent_run_id, {f"best_{settings.metric}": payload["best_value"]})
     store.set_tags(parent_run_id, {f"best.{k}": str(v) for k, v in overrides.items()})
     store.log_artifact(parent_run_id, paths.TUNE_TRIALS)
@@ -152,5 +153,6 @@ def _write_trials(rows: list[dict]) -> None:
 def _write_passthrough(config: PipelineConfig) -> None:
     """Search off: train uses params.yaml's model section as it is; the trials table is empty."""
     logger.info("tune.num_samples is 0: no search, params.yaml's model section passes through")
-    write_json(paths.BEST_PARAMS, {"search": "off", "overrides": {}, "model": config.model.model_dump()})
-    _write_trials([])
+    with outputs_together():
+        write_json(paths.BEST_PARAMS, {"search": "off", "overrides": {}, "model": config.model.model_dump()})
+        _write_trials([])
