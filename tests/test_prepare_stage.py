@@ -180,7 +180,26 @@ def write_all_too_long(folder: Path) -> None:
     write_lines(folder / "train.en", ["one two three four"] * 3)
 
 
+def write_jsonl_line(line: str):
+    def write(folder: Path) -> None:
+        (folder / "train.jsonl").write_text('{"en": "fine", "de": "gut"}\n' + line + "\n")
+
+    return write
+
+
 BAD_CORPORA = {
+    "lone-surrogate": (
+        write_jsonl_line('{"en": "x\\ud800", "de": "y"}'),
+        r"train\.jsonl:2: 'en' holds an unpaired surrogate escape \(\\ud800\)",
+    ),
+    "deeply-nested": (
+        write_jsonl_line('{"en": ' + "[" * 100_000 + "]" * 100_000 + ', "de": "y"}'),
+        r"train\.jsonl:2: not usable JSON \(nested too deeply\)",
+    ),
+    "huge-integer": (
+        write_jsonl_line('{"en": ' + "9" * 5000 + ', "de": "y"}'),
+        r"train\.jsonl:2: not usable JSON \(Exceeds the limit \(4300 digits\)",
+    ),
     "line-counts": (write_mismatched, r"train\.de has 2 lines, .*train\.en has 1"),
     "invalid-utf8": (write_bad_utf8, r"train\.de:2: invalid UTF-8"),
     "missing-train": (write_val_only, r"no training split .*train\.de and .*train\.en"),

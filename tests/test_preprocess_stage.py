@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -216,3 +217,40 @@ def test_a_million_character_line_is_dropped_by_prepare_and_preprocess_stays_fas
     stats = json.loads((tmp_path / "reports" / "prepare_stats.json").read_text())
     assert stats["dropped"]["train"]["too_many_chars"] == 1
     assert load_processed(tmp_path / "data" / "processed").pairs("train") < 200
+
+
+def _break_prepared(case: str) -> None:
+    folder = PREPARED_DIR
+    if case == "no-corpus-json":
+        (folder / "corpus.json").unlink()
+    elif case == "no-validation-split":
+        (folder / "validation.arrow").unlink()
+    else:  # a truncated Arrow file: a copy cut short, a full disk
+        data = (folder / "train.arrow").read_bytes()
+        (folder / "train.arrow").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no-corpus-json", r"data/prepared is incomplete \(no corpus.json\)"),
+        ("no-validation-split", r"data/prepared has no validation split \(validation.arrow\)"),
+        ("truncated-arrow", r"cannot read data/prepared/train.arrow: "),
+    ],
+)
+def test_a_corrupt_prepared_folder_is_one_message_and_keeps_the_previous_processed_data(
+    case: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.__main__ import main
+    from tests.conftest import write_params
+
+    write_params(Path.cwd(), {"data": {"builtin": {"n_pairs": 400}}, "preprocess": {"vocab_size": 200}})
+    assert main(["prepare"]) == 0 and main(["preprocess"]) == 0
+    before = {path: path.read_bytes() for path in sorted(PROCESSED_DIR.rglob("*")) if path.is_file()}
+    _break_prepared(case)
+
+    assert main(["preprocess"]) == 2
+
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.count("\n") == 1, error
+    assert {path: path.read_bytes() for path in sorted(PROCESSED_DIR.rglob("*")) if path.is_file()} == before

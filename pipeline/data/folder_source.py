@@ -85,7 +85,11 @@ def _split_name_and_kind(filename: str, src_lang: str, tgt_lang: str) -> tuple[s
 
 def _scan_folder(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, _SplitFiles]:
     by_stem: dict[str, dict[str, list[Path]]] = {}
-    for path in sorted(folder.iterdir()):
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        raise PipelineError(f"cannot list data.source folder {folder}: {error.strerror}") from None
+    for path in entries:
         parsed = _split_name_and_kind(path.name, src_lang, tgt_lang) if path.is_file() else None
         if parsed is not None:
             stem, suffix = parsed
@@ -212,6 +216,9 @@ def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | Non
             raise PipelineError(
                 f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
             ) from None
+        except (ValueError, RecursionError) as error:  # an integer of >4300 digits; nesting too deep
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+            raise PipelineError(f"{path}:{number}: not usable JSON ({reason})") from None
         if isinstance(record, dict) and isinstance(record.get("translation"), dict):
             record = record["translation"]  # the Hugging Face `translation` shape, one object per line
         if not isinstance(record, dict):
@@ -222,6 +229,14 @@ def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | Non
                 f"{path}:{number}: expected string values for {src_lang!r} and {tgt_lang!r}; "
                 f"keys found: {', '.join(record) or 'none'}"
             )
+        for lang, value in ((src_lang, src), (tgt_lang, tgt)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:  # "\ud800" escapes a lone surrogate: no character at all
+                raise PipelineError(
+                    f"{path}:{number}: {lang!r} holds an unpaired surrogate escape"
+                    f" (\\u{ord(value[error.start]):04x}), which is not text"
+                ) from None
         if cap is None or n_pairs < cap:
             n_pairs += 1
             yield src, tgt
