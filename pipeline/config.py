@@ -161,6 +161,9 @@ class RuntimeConfig(_Section):
     storage_path: str = "runs/ray"
     max_failures: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
+    # A Train worker group that cannot get its resources fails the stage after this long, once, instead of
+    # retrying forever (Ray's default) with nothing on the screen.
+    worker_start_timeout_s: float = Field(300.0, gt=0.0)
     # Mid-epoch checkpoints of the train stage: null (epoch ends only), N optimizer steps or "10min".
     checkpoint_every: int | str | None = None
 

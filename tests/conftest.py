@@ -88,13 +88,12 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
     """One real local Ray per module (start-up costs ~10 s). 4 logical CPUs on 2 cores: see ray_runtime."""
-    import ray
+    from pipeline.training.runtime import ray_session
 
-    ray.init(num_cpus=4, logging_level="WARNING")
-    try:
+    # The pipeline's own start: this instance's dashboard pinned for every process of the job, so a test
+    # module never mistakes another local Ray (a pipeline run beside the tests) for its own.
+    with ray_session(logical_cpus=4):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,18 @@ def run(config: PipelineConfig) -> None:
     from pipeline.network.model import build_model, count_parameters
     from pipeline.network.model_files import save_model_dir
     from pipeline.tracking import store
-    from pipeline.training.resources import check_training_fits, training_cpus
+    from pipeline.training.resources import check_training_fits, training_cpus, worker_resources
     from pipeline.training.runtime import (
         cluster_address,
         cluster_resources,
         ray_session,
         resolve_storage_path,
+        worker_group_start_failure,
     )
     from pipeline.training.state import read_checkpoint
     from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
 
-    with ray_session(training_cpus(config.train)):
+    with ray_session(training_cpus(config.train), config.runtime.worker_start_timeout_s):
         check_training_fits(config.train, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
@@ -61,7 +62,15 @@ def run(config: PipelineConfig) -> None:
             "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
         )
         with store.failed_on_error(mlflow_run.run_id, mlflow_run.tracking_uri):
-            result = build_trainer(loop_config, config.train, config.runtime, run_name, storage_path).fit()
+            trainer = build_trainer(loop_config, config.train, config.runtime, run_name, storage_path)
+            try:
+                result = trainer.fit()
+            except Exception as error:
+                asked = f"{config.train.num_workers} workers x {worker_resources(config.train)}"
+                failure = worker_group_start_failure(error, asked)
+                if failure is None:
+                    raise
+                raise failure from None
 
     best_checkpoint = result.get_best_checkpoint(metric="val_loss", mode="min")
     if best_checkpoint is None:

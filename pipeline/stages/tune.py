@@ -45,7 +45,9 @@ def run(config: PipelineConfig) -> None:
     from pipeline.training.tuning import build_tuner, trial_overrides
 
     plan = plan_tune(config, None)
-    with ray_session(math.ceil(plan.logical_cpus_needed) + SPARE_LOCAL_CPUS):
+    with ray_session(
+        math.ceil(plan.logical_cpus_needed) + SPARE_LOCAL_CPUS, config.runtime.worker_start_timeout_s
+    ):
         cluster = joined_cluster_resources()
         if cluster is not None:
             plan = plan_tune(config, cluster)
@@ -83,8 +85,18 @@ def run(config: PipelineConfig) -> None:
         _trial_row(result, trial_overrides(result.config or {}), best_by_trial, config) for result in results
     ]
     if not any(row["status"] != "ERROR" and row["best_value"] is not None for row in rows):
-        first_error = next((r.error for r in results if r.error), "no trial reported a metric")
-        raise PipelineError(f"every Tune trial failed; first error: {first_error}")
+        first_error = next((r.error for r in results if r.error), None)
+        if first_error is not None:
+            from pipeline.training.resources import worker_resources
+            from pipeline.training.runtime import worker_group_start_failure
+
+            asked = f"{config.train.num_workers} workers x {worker_resources(config.train)} per trial"
+            failure = worker_group_start_failure(first_error, asked)
+            if failure is not None:
+                raise failure
+        raise PipelineError(
+            f"every Tune trial failed; first error: {first_error or 'no trial reported a metric'}"
+        )
     best = results.get_best_result(settings.metric, settings.mode, scope="all")
     overrides = trial_overrides(best.config)
     best_row = next(row for row in rows if row["trial_id"] == best.metrics["trial_id"])

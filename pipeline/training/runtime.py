@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +26,17 @@ def cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
+# Read by Ray Train's controller (an actor): how long a worker group may take to get its resources.
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Read by Ray's state API client wherever it runs; unset, it looks for "the" local Ray and fails (and Train's
+# placement-group cleaner with it) when another pipeline on the machine runs one too.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 @contextlib.contextmanager
-def ray_session(logical_cpus: float = 0.0) -> Iterator[None]:
+def ray_session(logical_cpus: float = 0.0, worker_start_timeout_s: float | None = None) -> Iterator[None]:
     """Ray for the duration of a stage; shut down only if this stage started it (tests share one)."""
-    started = connect_ray(logical_cpus)
+    started = connect_ray(logical_cpus, worker_start_timeout_s)
     try:
         yield
     finally:
@@ -36,7 +44,13 @@ def ray_session(logical_cpus: float = 0.0) -> Iterator[None]:
             ray.shutdown()
 
 
-def connect_ray(logical_cpus: float = 0.0) -> bool:
+def _free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None = None) -> bool:
     """Connect unless connected; True if this call started or joined Ray. Locally, advertise at least
     `logical_cpus` CPUs.
 
@@ -48,7 +62,18 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
         return False
     address = cluster_address()
     # Train V2's driver-side logs are what users read; keep Ray's own start-up chatter out.
-    common = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    common: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    env_vars = {}
+    if worker_start_timeout_s is not None:
+        env_vars[WORKER_START_TIMEOUT_ENV] = str(worker_start_timeout_s)
+    if not address:
+        # Our own instance's dashboard, on a port chosen here so every process of this job (the job's
+        # runtime env reaches them all) asks this instance, never another pipeline's on the same machine.
+        port = _free_local_port()
+        env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        common.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    if env_vars:
+        common["runtime_env"] = {"env_vars": env_vars}
     if address:
         logger.info("joining the Ray cluster at %s", address)
         try:
@@ -61,6 +86,27 @@ def connect_ray(logical_cpus: float = 0.0) -> bool:
     # The dashboard (127.0.0.1 only) serves the state API that Train V2's placement-group cleaner uses.
     ray.init(num_cpus=num_cpus, **common)
     return True
+
+
+def worker_group_start_failure(error: BaseException, asked: str) -> PipelineError | None:
+    """One message for a Train worker group that never got its resources (None for any other failure)."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any(
+        "WorkerGroupStartupTimeout" in type(e).__name__ or "WorkerGroupStartupTimeout" in str(e)
+        for e in chain
+    ):
+        return None
+    message = (
+        f"the Ray Train worker group did not start within runtime.worker_start_timeout_s: asked for {asked}"
+    )
+    if ray.is_initialized():
+        available = {key: value for key, value in ray.available_resources().items() if key in ("CPU", "GPU")}
+        total = {key: value for key, value in ray.cluster_resources().items() if key in ("CPU", "GPU")}
+        message += f"; the Ray instance has {total} in all, {available} free now (another run holding them?)"
+    return PipelineError(message)
 
 
 def cluster_resources() -> dict[str, float]:

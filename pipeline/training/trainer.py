@@ -124,7 +124,11 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=runtime.max_failures),
+            # A worker group that does not start within runtime.worker_start_timeout_s fails the run at once
+            # (Ray would retry it forever: `Error count: N (max allowed: inf)`).
+            failure_config=ray.train.FailureConfig(
+                max_failures=runtime.max_failures, controller_failure_limit=0
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=runtime.checkpoints_to_keep,
                 checkpoint_score_attribute="val_loss",
