@@ -256,3 +256,17 @@ def test_cli_exits_2_naming_the_bad_key_and_writes_nothing(tmp_path):
     assert "model.dropout" in result.stderr
     assert "Traceback" not in result.stderr
     assert_no_outputs()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder whatever its permissions")
+def test_a_source_folder_that_cannot_be_listed_is_one_message(tmp_path):
+    folder = write_text_folder(tmp_path / "locked")
+    folder.chmod(0)
+    try:
+        with pytest.raises(
+            PipelineError, match=r"cannot list data.source folder .*locked: Permission denied"
+        ):
+            prepare.run(config(folder))
+    finally:
+        folder.chmod(0o755)
+    assert_no_outputs()
