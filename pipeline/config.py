@@ -460,29 +460,68 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     YAML), all validated before the file is touched.
 
     For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy), and to
-    apply a recipe. The file is rewritten by PyYAML, so its comments are lost.
+    apply a recipe. Like `dvc exp run -S`, it edits the file round-trip: comments and key order stay.
     """
     import yaml
 
-    from pipeline.files import atomic_file
-
     path = Path(path)
-    raw = read_yaml_mapping(path, "parameters file") if path.exists() else {}
-    if recipe is not None:
-        raw = merge_params(raw, read_recipe(recipe), str(recipe))
+    if path.exists():
+        read_yaml_mapping(path, "parameters file")  # strict first: a bad file is named with its line
+    document = _round_trip_load(path)
+    overrides = read_recipe(recipe) if recipe is not None else {}
     for assignment in assignments:
         dotted, separator, value = assignment.partition("=")
         keys = dotted.strip().split(".")
         if not separator or not all(keys):
             raise PipelineError(f"expected section.key=value, got {assignment!r}")
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise PipelineError(f"{dotted}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(value)
+        nested: Any = yaml.safe_load(value)
+        for key in reversed(keys):
+            nested = {key: nested}
+        overrides = merge_params(overrides, nested, assignment)
+    _merge_into(document, overrides)
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
-    config = config_from_dict(raw, f"{path} with {described}")
-    with atomic_file(path) as handle:
-        yaml.safe_dump(raw, handle, sort_keys=False)
+    config = config_from_dict(_plain(document), f"{path} with {described}")
+    _round_trip_dump(document, path)
     return config
+
+
+def _round_trip_load(path: Path) -> Any:
+    from ruamel.yaml import YAML
+
+    if not path.exists():
+        return {}
+    return YAML(typ="rt").load(path.read_text(encoding="utf-8")) or {}
+
+
+def _round_trip_dump(document: Any, path: Path) -> None:
+    from ruamel.yaml import YAML
+
+    from pipeline.files import atomic_file
+
+    writer = YAML(typ="rt")
+    writer.indent(mapping=2, sequence=4, offset=2)
+    writer.width = 4096  # never fold a long value onto a second line
+    writer.representer.add_representer(  # `null`, as written by hand, not an empty value
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    with atomic_file(path) as handle:
+        writer.dump(document, handle)
+
+
+def _merge_into(node: Any, overrides: dict[str, Any]) -> None:
+    """`merge_params`, in place, so the file's comments and key order stay where they were."""
+    for key, value in overrides.items():
+        current = node.get(key)
+        if isinstance(value, dict) and value and isinstance(current, dict):
+            _merge_into(current, value)
+        else:
+            node[key] = value
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's commented containers as plain dicts and lists (what the config models validate)."""
+    if isinstance(node, dict):
+        return {key: _plain(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_plain(value) for value in node]
+    return node

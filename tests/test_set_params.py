@@ -87,3 +87,20 @@ def test_set_params_command_takes_a_recipe(tmp_path: Path) -> None:
     assert main(["--params", str(path), "set-params", "--recipe", str(recipe)]) == 0
     assert yaml.safe_load(path.read_text())["model"]["arch"] == "transformer"
     assert main(["--params", str(path), "set-params"]) == 2, "nothing to set is an error"
+
+
+def test_set_params_keeps_comments_key_order_and_every_other_line(tmp_path: Path) -> None:
+    """Round-trip YAML, as `dvc exp run -S` edits: only the assigned lines change."""
+    shipped = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(shipped)
+    set_params(path, ["train.epochs=3", "data.max_examples=500"])
+    before, after = shipped.splitlines(), path.read_text().splitlines()
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert changed == [
+        (
+            "  max_examples: null       # cap on training pairs for quick runs",
+            "  max_examples: 500        # cap on training pairs for quick runs",
+        ),
+        ("  epochs: 10", "  epochs: 3"),
+    ]
