@@ -47,10 +47,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
 
-    submit = commands.add_parser("submit", help="run the pipeline (or ENTRYPOINT) as a Ray job on a cluster")
-    submit.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
-    submit.add_argument("--wait", action="store_true", help="stream logs and exit with the job's status")
-    submit.add_argument("--runtime-env", type=Path, default=None, help="runtime env YAML to start from")
+    submit = commands.add_parser(
+        "submit",
+        help="run the pipeline (or ENTRYPOINT) as a Ray job on a cluster",
+        description="Like `ray job submit`: follows the logs, exits with the job's status unless --no-wait.",
+    )
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)",
+    )
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted; print how to follow")
+    submit.add_argument("--submission-id", default=None, help="the job's id (default: Ray makes one)")
+    submit.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs for the entrypoint")
+    submit.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs for the entrypoint")
+    submit.add_argument(
+        "--metadata-json", default=None, help="JSON object of strings, shown by `ray job list`"
+    )
+    environments = submit.add_mutually_exclusive_group()
+    environments.add_argument("--runtime-env", type=Path, default=None, help="runtime env YAML to start from")
+    environments.add_argument("--runtime-env-json", default=None, help="runtime env as JSON, to start from")
     submit.add_argument(
         "entrypoint",
         nargs=argparse.REMAINDER,
@@ -100,11 +116,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "translate":
             return run_translate(args.sentences, args.model, args.beam_size)
-        from pipeline.jobs.submit import run_submit
+        from pipeline.jobs.submit import SubmitOptions, run_submit
 
         # Drop only the separator: a later "--" belongs to the entrypoint (`-- pytest -- -k x`).
         entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
-        return run_submit(args.address, args.wait, entrypoint, args.runtime_env)
+        return run_submit(
+            SubmitOptions(
+                address=args.address,
+                wait=not args.no_wait,
+                entrypoint=entrypoint,
+                runtime_env_path=args.runtime_env,
+                runtime_env_json=args.runtime_env_json,
+                submission_id=args.submission_id,
+                entrypoint_num_cpus=args.entrypoint_num_cpus,
+                entrypoint_num_gpus=args.entrypoint_num_gpus,
+                metadata_json=args.metadata_json,
+            )
+        )
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,13 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.jobs.runtime_env import ALWAYS_EXCLUDE, build_runtime_env, tracking_warnings
-from pipeline.jobs.submit import DEFAULT_ENTRYPOINT, auth_headers, entrypoint_command, run_submit
+from pipeline.jobs.submit import (
+    DEFAULT_ENTRYPOINT,
+    SubmitOptions,
+    auth_headers,
+    entrypoint_command,
+    run_submit,
+)
 from pipeline.tracking.lineage import GIT_COMMIT_ENV
 from tests.ray_head import REPO_ROOT, RayHead, copy_project, free_ports, output, submit
 
@@ -67,7 +73,7 @@ def test_submit_wait_runs_project_code_in_uploaded_copy_with_shell_settings(
 
     result = submit(
         project_copy,
-        *("--address", ray_head.address, "--wait", "--runtime-env", str(env_file), "--", *JOB_ENTRYPOINT),
+        *("--address", ray_head.address, "--runtime-env", str(env_file), "--", *JOB_ENTRYPOINT),
         # The token as most users have it: no RAY_AUTH_MODE, which Ray's own client would need.
         RAY_AUTH_TOKEN=ray_head.token,
         MLFLOW_TRACKING_URI=TRACKING_URI,
@@ -90,7 +96,7 @@ def test_submit_wait_exits_nonzero_and_prints_failed_for_a_failing_job(
 ) -> None:
     result = submit(
         project_copy,
-        *("--address", ray_head.address, "--wait", "--", "python", "-c", "import sys; sys.exit(3)"),
+        *("--address", ray_head.address, "--", "python", "-c", "import sys; sys.exit(3)"),
         RAY_AUTH_TOKEN=ray_head.token,
     )
 
@@ -105,17 +111,24 @@ def test_submit_without_wait_prints_job_id_and_how_to_follow_it(
 ) -> None:
     import requests
 
-    result = submit(project_copy, "--address", ray_head.address, "--", "true", RAY_AUTH_TOKEN=ray_head.token)
+    options = ["--no-wait", "--submission-id", "seq2seq-test-1", "--entrypoint-num-cpus", "0.5"]
+    options += ["--metadata-json", '{"team": "mt"}']
+    result = submit(
+        project_copy, "--address", ray_head.address, *options, "--", "true", RAY_AUTH_TOKEN=ray_head.token
+    )
 
     assert result.returncode == 0, output(result)
     job_id = result.stdout.split("submitted job ", 1)[1].split()[0]
-    hint = f"RAY_ADDRESS={ray_head.address} RAY_AUTH_MODE=token ray job logs -f {job_id}"
+    assert job_id == "seq2seq-test-1"
+    hint = f"RAY_API_SERVER_ADDRESS={ray_head.address} RAY_AUTH_MODE=token ray job logs -f {job_id}"
     assert hint in result.stdout, output(result)
     # Known to the cluster; not waited for, the head goes at the end of the module anyway. (That the
     # printed RAY_AUTH_MODE=token is what `ray job ...` needs was checked by hand: the CLI costs seconds.)
     bearer = {"Authorization": f"Bearer {ray_head.token}"}
     job = requests.get(f"{ray_head.address}/api/jobs/{job_id}", headers=bearer, timeout=10)
     assert job.status_code == 200 and job.json()["entrypoint"] == "true", job.text
+    assert job.json()["entrypoint_num_cpus"] == 0.5 and job.json()["metadata"]["team"] == "mt", job.text
+    assert job.json()["metadata"]["project"] == "seq2seq-pipeline", "the project's metadata stays"
 
 
 @pytest.mark.slow
@@ -148,8 +161,8 @@ def test_unreachable_address_fails_naming_it(monkeypatch: pytest.MonkeyPatch, tm
     (port,) = free_ports(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(PipelineError, match=rf"127\.0\.0\.1:{port}.*--address or RAY_ADDRESS"):
-        run_submit(f"127.0.0.1:{port}", wait=False, entrypoint=["true"], runtime_env_path=None)
+    with pytest.raises(PipelineError, match=rf"127\.0\.0\.1:{port}.*--address or RAY_API_SERVER_ADDRESS"):
+        run_submit(SubmitOptions(address=f"127.0.0.1:{port}", wait=False, entrypoint=["true"]))
 
 
 def test_runtime_env_merges_file_shell_settings_and_mandatory_excludes(tmp_path: Path) -> None:
@@ -208,14 +221,16 @@ def test_cli_drops_only_the_leading_separator(monkeypatch: pytest.MonkeyPatch) -
 
     seen: list[list[str]] = []
 
-    def fake_run_submit(address: str | None, wait: bool, entrypoint: list[str], env: Path | None) -> int:
-        seen.append(entrypoint)
+    def fake_run_submit(options: pipeline.jobs.submit.SubmitOptions) -> int:
+        seen.append((options.entrypoint, options.wait))
         return 0
 
     monkeypatch.setattr(pipeline.jobs.submit, "run_submit", fake_run_submit)
-    assert main(["submit", "--wait", "--", "pytest", "--", "-k", "x"]) == 0
+    assert main(["submit", "--no-wait", "--", "pytest", "--", "-k", "x"]) == 0
     assert main(["submit"]) == 0
-    assert seen == [["pytest", "--", "-k", "x"], []]
+    assert seen == [(["pytest", "--", "-k", "x"], False), ([], True)], "waits by default, as ray job submit"
+    with pytest.raises(SystemExit):  # one runtime env source, as in `ray job submit`
+        main(["submit", "--runtime-env", "a.yaml", "--runtime-env-json", "{}"])
 
 
 def test_token_is_read_in_rays_order_and_disabled_sends_none(
@@ -289,3 +304,13 @@ def test_the_job_package_leaves_out_secret_files_and_what_gitignore_ignores(tmp_
     reported = dict(excluded_secrets(project))
     assert set(reported) == set(SECRET_FILES)
     assert reported[".env.local"] == ".env.*" and reported["secrets/db.yaml"] == "secrets/"
+
+
+def test_runtime_env_json_is_the_starting_point_and_the_project_settings_still_apply(tmp_path: Path) -> None:
+    given = {"env_vars": {"FROM_JSON": "1"}, "excludes": ["/scratch"], "pip": ["rich"]}
+    runtime_env, _ = build_runtime_env(None, tmp_path, {"HF_TOKEN": "hf_x"}, given=given)
+    assert runtime_env["pip"] == ["rich"] and runtime_env["working_dir"] == str(tmp_path)
+    assert runtime_env["env_vars"] == {"FROM_JSON": "1", "HF_TOKEN": "hf_x"}
+    assert runtime_env["excludes"][0] == "/scratch" and set(ALWAYS_EXCLUDE) <= set(runtime_env["excludes"])
+    with pytest.raises(PipelineError, match="--runtime-env-json: env_vars.N must be a string"):
+        build_runtime_env(None, tmp_path, {}, given={"env_vars": {"N": 1}})

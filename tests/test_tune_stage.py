@@ -120,3 +120,21 @@ def test_local_resource_plan_runs_no_more_trials_than_the_cores_feed() -> None:
 def test_search_space_refuses_untunable_key() -> None:
     with pytest.raises(PipelineError, match="tune.search_space"):
         config_from_dict({"tune": {"search_space": {"train.epochs": {"choice": [1, 2]}}}})
+
+
+def test_an_http_ray_address_in_the_shell_is_one_message_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cluster docs' `export RAY_API_SERVER_ADDRESS=...` was once `export RAY_ADDRESS=http://...`: a
+    stage run in that shell got ray.init's ValueError traceback."""
+    from pipeline.__main__ import main
+
+    prepare_project(tmp_path, {"tune": SEARCH})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert main(["tune"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error.count("\n") == 1 and "RAY_ADDRESS=http://127.0.0.1:8265 is a jobs (dashboard) address" in error
+    )
+    assert "RAY_API_SERVER_ADDRESS" in error and not (tmp_path / "reports" / "best_params.json").exists()

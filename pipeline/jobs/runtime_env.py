@@ -90,13 +90,21 @@ EXTRA_ENV_NAMES = "PIPELINE_SUBMIT_ENV"  # comma-separated names of further vari
 
 
 def build_runtime_env(
-    runtime_env_path: Path | None, project_root: Path, environ: Mapping[str, str]
+    runtime_env_path: Path | None,
+    project_root: Path,
+    environ: Mapping[str, str],
+    given: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The runtime env file, plus the working dir, this shell's settings and the mandatory excludes.
+    """The runtime env file (or `given`, from --runtime-env-json), plus the working dir, this shell's
+    settings and the mandatory excludes.
 
     Returns the runtime env and the names of the variables taken from `environ` (values stay out of logs).
     """
-    runtime_env = load_runtime_env_file(runtime_env_path)
+    runtime_env = (
+        check_runtime_env(given, "--runtime-env-json")
+        if given is not None
+        else (load_runtime_env_file(runtime_env_path))
+    )
     runtime_env.setdefault("working_dir", str(project_root))
 
     excludes = list(runtime_env.get("excludes") or [])
@@ -148,17 +156,22 @@ def load_runtime_env_file(path: Path | None) -> dict[str, Any]:
         raise PipelineError(f"{path} is not valid YAML: {error}") from None
     if loaded is None:
         return {}
+    return check_runtime_env(loaded, str(path))
+
+
+def check_runtime_env(loaded: Any, source: str) -> dict[str, Any]:
+    """A runtime env from a file or --runtime-env-json, checked so mistakes fail here, not on the cluster."""
     if not isinstance(loaded, dict):
-        raise PipelineError(f"{path} must be a mapping of runtime env keys (env_vars, excludes, ...)")
+        raise PipelineError(f"{source} must be a mapping of runtime env keys (env_vars, excludes, ...)")
     env_vars = loaded.get("env_vars") or {}
     if not isinstance(env_vars, dict):
-        raise PipelineError(f"{path}: env_vars must be a mapping of names to strings")
+        raise PipelineError(f"{source}: env_vars must be a mapping of names to strings")
     for name, value in env_vars.items():
         if not isinstance(value, str):
-            raise PipelineError(f'{path}: env_vars.{name} must be a string; quote it ({name}: "{value}")')
+            raise PipelineError(f'{source}: env_vars.{name} must be a string; quote it ({name}: "{value}")')
     excludes = loaded.get("excludes") or []
     if not isinstance(excludes, list) or not all(isinstance(pattern, str) for pattern in excludes):
-        raise PipelineError(f"{path}: excludes must be a list of gitignore-style patterns")
+        raise PipelineError(f"{source}: excludes must be a list of gitignore-style patterns")
     return loaded
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import os
 import shlex
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -46,18 +48,59 @@ _TOKEN_HELP = (
     "svc/<cluster>-head-svc -c ray-head -- ray get-auth-token`)."
 )
 _ADDRESS_HELP = (
-    "Pass the head node's dashboard URL (port 8265, not the GCS port 6379) with --address or RAY_ADDRESS; "
+    "Pass the head node's dashboard URL (port 8265, not the GCS port 6379) with --address or "
+    "RAY_API_SERVER_ADDRESS; "
     "for a `ray up` cluster run `ray dashboard cluster/aws-gpu.yaml` and use http://127.0.0.1:8265, for "
     "KubeRay `kubectl port-forward svc/<cluster>-head-svc 8265:8265`. Locally: `ray start --head`."
 )
 
 
-def run_submit(address: str | None, wait: bool, entrypoint: list[str], runtime_env_path: Path | None) -> int:
-    """Submit the job; with `wait`, stream its logs and return 0 only if it SUCCEEDED."""
-    address = resolve_address(address)
+@dataclass(frozen=True)
+class SubmitOptions:
+    """`ray job submit`'s options, under its names, where they mean the same."""
+
+    address: str | None = None
+    wait: bool = True  # follow the logs and exit with the job's status, as `ray job submit` does
+    entrypoint: list[str] = field(default_factory=list)
+    runtime_env_path: Path | None = None
+    runtime_env_json: str | None = None
+    submission_id: str | None = None
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    metadata_json: str | None = None
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise PipelineError(f"{flag} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{flag} must be a JSON object")
+    return value
+
+
+def run_submit(options: SubmitOptions) -> int:
+    """Submit the job; unless `options.wait` is off, stream its logs and return 0 only if it SUCCEEDED."""
+    if options.runtime_env_path is not None and options.runtime_env_json is not None:
+        raise PipelineError("give --runtime-env or --runtime-env-json, not both (as `ray job submit`)")
+    extra_metadata = _json_object(options.metadata_json, "--metadata-json")
+    if not all(isinstance(value, str) for value in extra_metadata.values()):
+        raise PipelineError("--metadata-json values must be strings")
+    wait = options.wait
+    address = resolve_address(options.address)
     project_root = Path.cwd()
-    command = entrypoint_command(entrypoint)
-    runtime_env, passed = build_runtime_env(runtime_env_path, project_root, os.environ)
+    command = entrypoint_command(options.entrypoint)
+    runtime_env, passed = build_runtime_env(
+        options.runtime_env_path,
+        project_root,
+        os.environ,
+        given=_json_object(options.runtime_env_json, "--runtime-env-json")
+        if options.runtime_env_json
+        else None,
+    )
     uploads_here = "://" not in runtime_env["working_dir"]
     if command == DEFAULT_ENTRYPOINT and uploads_here and not (project_root / PIPELINE_SCRIPT).is_file():
         raise PipelineError(f"{project_root} has no {PIPELINE_SCRIPT}: run `submit` from the project root")
@@ -80,7 +123,16 @@ def run_submit(address: str | None, wait: bool, entrypoint: list[str], runtime_e
         f"env from this shell: {', '.join(passed) or 'none'}\n  entrypoint: {command}",
         file=sys.stderr,
     )
-    job_id = _submit(client, address, command, runtime_env, _metadata(runtime_env["env_vars"]))
+    job_id = _submit(
+        client,
+        address,
+        command,
+        runtime_env,
+        {**_metadata(runtime_env["env_vars"]), **extra_metadata},
+        submission_id=options.submission_id,
+        entrypoint_num_cpus=options.entrypoint_num_cpus,
+        entrypoint_num_gpus=options.entrypoint_num_gpus,
+    )
     follow_hint = _cli_hint(address, token_source)
     if not wait:
         print(f"submitted job {job_id}")
@@ -262,11 +314,13 @@ def _submit(
     command: str,
     runtime_env: dict[str, Any],
     metadata: dict[str, str],
+    **options: Any,
 ) -> str:
     from ray.exceptions import AuthenticationError
 
+    given = {key: value for key, value in options.items() if value is not None}
     try:
-        return client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata)
+        return client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata, **given)
     except (RuntimeError, ValueError, TypeError, OSError, AuthenticationError) as error:
         raise PipelineError(f"the job was not submitted to {address}: {error}") from None
 
@@ -292,7 +346,7 @@ def _job_message(client: JobSubmissionClient, job_id: str) -> str:
 
 def _cli_hint(address: str, token_source: str | None) -> str:
     """The environment the `ray job` CLI needs for the same job (it sends no token without RAY_AUTH_MODE)."""
-    parts = [f"RAY_ADDRESS={shlex.quote(address)}"]
+    parts = [f"RAY_API_SERVER_ADDRESS={shlex.quote(address)}"]
     if token_source:
         parts.append("RAY_AUTH_MODE=token")
         if token_source.startswith("RAY_AUTH_TOKEN_PATH="):

@@ -23,7 +23,15 @@ logger = logging.getLogger(__name__)
 
 def cluster_address() -> str | None:
     """The Ray cluster this process joins ($RAY_ADDRESS), or None: it starts a local instance itself."""
-    return os.environ.get("RAY_ADDRESS") or None
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.split("://", 1)[0].lower() in ("http", "https"):
+        # What `export RAY_ADDRESS=http://127.0.0.1:8265` (for `ray job ...`) does to a stage in that shell.
+        raise PipelineError(
+            f"RAY_ADDRESS={address} is a jobs (dashboard) address, not a cluster one: for the jobs API set"
+            " RAY_API_SERVER_ADDRESS instead, and unset RAY_ADDRESS to run this stage on a local Ray (or give"
+            " the cluster's GCS address, host:6379)"
+        )
+    return address
 
 
 # Read by Ray Train's controller (an actor): how long a worker group may take to get its resources.
@@ -66,7 +74,9 @@ def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
     env_vars = {}
     if worker_start_timeout_s is not None:
         env_vars[WORKER_START_TIMEOUT_ENV] = str(worker_start_timeout_s)
-    if not address:
+    if address:
+        env_vars["RAY_ADDRESS"] = address  # the state API in every process of the job asks this cluster
+    else:
         # Our own instance's dashboard, on a port chosen here so every process of this job (the job's
         # runtime env reaches them all) asks this instance, never another pipeline's on the same machine.
         port = _free_local_port()
