@@ -63,12 +63,39 @@ def test_model_is_registered_as_champion_with_lineage(project: Path) -> None:
     champion = client.get_model_version_by_alias("seq2seq-translator", "champion")
     assert str(report["version"]) == str(champion.version)
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert champion.tags["git_commit"].startswith(commit)
-    assert champion.tags["dvc_data_processed_md5"] not in ("", "unknown")
+    assert champion.tags["mlflow.source.git.commit"].startswith(commit)
+    data_md5 = champion.tags["dvc_data_processed_md5"]
+    assert data_md5 not in ("", "unknown")
     train_run = client.get_run(json.loads((project / "reports/train_run.json").read_text())["mlflow_run_id"])
     assert train_run.data.metrics["test_bleu"] == pytest.approx(
         json.loads((project / "reports/metrics.json").read_text())["bleu"]
     )
+
+
+def test_the_train_run_fills_mlflows_source_datasets_and_system_metrics_panels(project: Path) -> None:
+    import getpass
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    train_run = client.get_run(json.loads((project / "reports/train_run.json").read_text())["mlflow_run_id"])
+    tags = train_run.data.tags
+    commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert tags["mlflow.source.git.commit"].startswith(commit) and "git_commit" not in tags
+    assert (tags["mlflow.user"], tags["mlflow.source.name"]) == (
+        getpass.getuser(),
+        "python -m pipeline train",
+    )
+    data_md5 = tags["dvc_data_processed_md5"]
+    inputs = {item.dataset.name: item for item in train_run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    pairs = json.loads((project / "data/processed/meta.json").read_text())["pairs"]
+    for split, item in inputs.items():
+        assert item.dataset.digest == data_md5[:36] and item.dataset.source_type == "code"
+        assert json.loads(item.dataset.profile) == {"num_rows": pairs[split]}
+        assert [(tag.key, tag.value) for tag in item.tags] == [("mlflow.data.context", split)]
+    system = [key for key in train_run.data.metrics if key.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
 
 
 def test_translate_command_uses_the_champion(project: Path) -> None:

@@ -23,7 +23,7 @@ from pipeline.jobs.submit import (
     entrypoint_command,
     run_submit,
 )
-from pipeline.tracking.lineage import GIT_COMMIT_ENV
+from pipeline.tracking.lineage import GIT_COMMIT_ENV, user
 from tests.ray_head import REPO_ROOT, RayHead, copy_project, free_ports, output, submit
 
 TRACKING_URI = "http://mlflow.invalid:5000"  # only checked for arrival; nothing connects to it
@@ -310,7 +310,7 @@ def test_runtime_env_json_is_the_starting_point_and_the_project_settings_still_a
     given = {"env_vars": {"FROM_JSON": "1"}, "excludes": ["/scratch"], "pip": ["rich"]}
     runtime_env, _ = build_runtime_env(None, tmp_path, {"HF_TOKEN": "hf_x"}, given=given)
     assert runtime_env["pip"] == ["rich"] and runtime_env["working_dir"] == str(tmp_path)
-    assert runtime_env["env_vars"] == {"FROM_JSON": "1", "HF_TOKEN": "hf_x"}
+    assert runtime_env["env_vars"] == {"FROM_JSON": "1", "HF_TOKEN": "hf_x", "PIPELINE_USER": user()}
     assert runtime_env["excludes"][0] == "/scratch" and set(ALWAYS_EXCLUDE) <= set(runtime_env["excludes"])
     with pytest.raises(PipelineError, match="--runtime-env-json: env_vars.N must be a string"):
         build_runtime_env(None, tmp_path, {}, given={"env_vars": {"N": 1}})

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.tracking.lineage import GIT_COMMIT_ENV, read_git_commit
+from pipeline.tracking.lineage import GIT_COMMIT_ENV, USER_ENV, read_git_commit, user
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 
@@ -121,6 +121,7 @@ def build_runtime_env(
     commit = read_git_commit(project_root)
     if commit:
         env_vars.setdefault(GIT_COMMIT_ENV, commit)
+    env_vars.setdefault(USER_ENV, user())
     runtime_env["env_vars"] = env_vars
     return runtime_env, passed
 

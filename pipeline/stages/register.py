@@ -108,7 +108,7 @@ def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
         logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
     run_key = f"register-{candidate.content_hash[:16]}"
     return store.get_or_create_run(
-        config.tracking.experiment,
+        lineage.experiment_name(config),
         run_key=run_key,
         run_name=run_key,
         tags=lineage.lineage_tags("register"),

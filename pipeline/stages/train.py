@@ -33,7 +33,7 @@ def run(config: PipelineConfig) -> None:
 
     from pipeline.network.model import build_model, count_parameters
     from pipeline.network.model_files import save_model_dir
-    from pipeline.tracking import store
+    from pipeline.tracking import lineage, store
     from pipeline.training.resources import check_training_fits, training_cpus, worker_resources
     from pipeline.training.runtime import (
         cluster_address,
@@ -50,6 +50,18 @@ def run(config: PipelineConfig) -> None:
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
         mlflow_run = store.start_train_run(config, run_name)
+        data_md5 = lineage.processed_data_hash()
+        store.log_split_inputs(
+            mlflow_run,
+            config.data.source,
+            {
+                split: (
+                    data_md5 if data_md5 != "unknown" else directory_fingerprint(processed.split_dir(split)),
+                    processed.pairs(split),
+                )
+                for split in ("train", "validation", "test")
+            },
+        )
         loop_config = train_loop_config(
             config.model,
             config.train,
@@ -64,7 +76,8 @@ def run(config: PipelineConfig) -> None:
         with store.failed_on_error(mlflow_run.run_id, mlflow_run.tracking_uri):
             trainer = build_trainer(loop_config, config.train, config.runtime, run_name, storage_path)
             try:
-                result = trainer.fit()
+                with store.system_metrics(mlflow_run):
+                    result = trainer.fit()
             except Exception as error:
                 asked = f"{config.train.num_workers} workers x {worker_resources(config.train)}"
                 failure = worker_group_start_failure(error, asked)

@@ -61,14 +61,14 @@ def run(config: PipelineConfig) -> None:
         uri = store.tracking_uri()
         tags = lineage.lineage_tags("tune")
         parent_run_id = store.get_or_create_run(
-            config.tracking.experiment,
+            lineage.experiment_name(config),
             run_key=experiment_name,
             run_name=experiment_name,
             tags=tags,
             params=lineage.config_params(config, ("model", "train", "tune")),
             uri=uri,
         )
-        trial_runs = store.TrialRuns(config.tracking.experiment, parent_run_id, uri, tags)
+        trial_runs = store.TrialRuns(lineage.experiment_name(config), parent_run_id, uri, tags)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         tuner = build_tuner(config, data, plan, experiment_name, storage_path, trial_runs)
         with store.failed_on_error(parent_run_id, uri):
@@ -111,7 +111,7 @@ def run(config: PipelineConfig) -> None:
         "mlflow_parent_run_id": parent_run_id,
     }
     store.finish_trial_runs(
-        config.tracking.experiment, parent_run_id, {row["trial_id"]: _mlflow_status(row) for row in rows}
+        lineage.experiment_name(config), parent_run_id, {row["trial_id"]: _mlflow_status(row) for row in rows}
     )
     with outputs_together():
         _write_trials(rows)

@@ -11,11 +11,17 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import PipelineConfig
 
-TAG_GIT_COMMIT = "git_commit"
+# MLflow's own tag names, so its UI fills in the run's source, commit and user.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_USER = "mlflow.user"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_DATA_HASH = "dvc_data_processed_md5"
 TAG_STAGE = "pipeline_stage"
-# The uploaded copy of a Ray job has no .git, so `submit` passes the commit in this variable.
+# The uploaded copy of a Ray job has no .git, so `submit` passes the commit in this variable, and the
+# submitting user in the next (on the cluster the job runs as the cluster's user).
 GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
+USER_ENV = "PIPELINE_USER"
 
 
 def read_git_commit(project_root: Path = Path(".")) -> str | None:
@@ -58,8 +64,30 @@ def processed_data_hash() -> str:
     return "unknown"
 
 
+def user() -> str:
+    """Who ran it: the user `submit` passed, else this process's user (what MLflow itself records)."""
+    import getpass
+
+    try:
+        return os.environ.get(USER_ENV) or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
 def lineage_tags(stage: str) -> dict[str, str]:
-    return {TAG_GIT_COMMIT: git_commit(), TAG_DATA_HASH: processed_data_hash(), TAG_STAGE: stage}
+    return {
+        TAG_GIT_COMMIT: git_commit(),
+        TAG_USER: user(),
+        TAG_SOURCE_NAME: f"python -m pipeline {stage}",
+        TAG_SOURCE_TYPE: "JOB" if os.environ.get(GIT_COMMIT_ENV) else "LOCAL",
+        TAG_DATA_HASH: processed_data_hash(),
+        TAG_STAGE: stage,
+    }
+
+
+def experiment_name(config: PipelineConfig) -> str:
+    """$MLFLOW_EXPERIMENT_NAME over tracking.experiment, as MLflow itself ranks them."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.tracking.experiment
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

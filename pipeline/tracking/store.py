@@ -11,6 +11,7 @@ instead of creating a duplicate.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.tracking.lineage import config_params, lineage_tags
+from pipeline.tracking.lineage import config_params, experiment_name, lineage_tags
 
 if TYPE_CHECKING:  # MLflow and torch are imported where they are used: stages import this module cheaply
     from mlflow.entities.model_registry import ModelVersion
@@ -191,7 +192,7 @@ def start_train_run(config: PipelineConfig, ray_run_name: str) -> EpochMetricsLo
     """One MLflow run per Ray Train run name: a resumed driver logs into the same run."""
     uri = tracking_uri()
     run_id = get_or_create_run(
-        config.tracking.experiment,
+        experiment_name(config),
         run_key=ray_run_name,
         run_name=ray_run_name,
         tags=lineage_tags("train"),
@@ -200,6 +201,47 @@ def start_train_run(config: PipelineConfig, ray_run_name: str) -> EpochMetricsLo
     )
     logger.info("MLflow run %s at %s", run_id, uri)
     return EpochMetricsLogger(uri, run_id)
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+@contextlib.contextmanager
+def system_metrics(run: EpochMetricsLogger) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where pynvml finds one) of this node, sampled into the run's
+    system metrics while the block runs: MLflow's "System metrics" panel."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=run.tracking_uri
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_split_inputs(run: EpochMetricsLogger, source: str, splits: dict[str, tuple[str, int]]) -> None:
+    """The splits a model was trained and scored on as the run's dataset inputs (MLflow's Datasets panel and
+    lineage): name, digest (DVC's md5 of data/processed when dvc.lock has it), source, number of pairs."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "code" if source == "builtin" else "hugging_face" if source.startswith("hf:") else "local"
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=split,
+                digest=digest[:36],
+                source_type=source_type,
+                source=json.dumps({"uri": source, "split": split}),
+                profile=json.dumps({"num_rows": rows}),
+            ),
+            tags=[InputTag("mlflow.data.context", split)],
+        )
+        for split, (digest, rows) in splits.items()
+    ]
+    _client(run.tracking_uri).log_inputs(run.run_id, datasets=inputs)
 
 
 def finish_train_run(run: EpochMetricsLogger, best_epoch: int, history_csv: Path) -> None:
