@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no epoch lines or progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, help_text in STAGES.items():
         commands.add_parser(name, help=help_text, description=help_text)
@@ -90,6 +92,10 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.quiet:
+        from pipeline.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # the Ray processes the stage starts inherit it
     # SIGTERM (a timeout, a CI cancel, a cluster preemption) and SIGHUP end the stage as Ctrl-C does. Only
     # in the main thread of a program run as a command: a library caller keeps its own handlers.
     if argv is None and threading.current_thread() is threading.main_thread():

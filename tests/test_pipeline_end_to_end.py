@@ -39,8 +39,19 @@ SMALL_BUT_LEARNABLE = {
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     directory = make_dvc_project(tmp_path_factory.mktemp("e2e"), SMALL_BUT_LEARNABLE)
-    run(["dvc", "repro"], directory, timeout=1200)
+    result = run(["dvc", "repro"], directory, timeout=1200)
+    (directory / "repro.log").write_text(result.stdout + result.stderr)
     return directory
+
+
+def test_train_prints_one_line_per_epoch_from_rank_0(project: Path) -> None:
+    """Ray Train V2 prints no reported metrics: without these lines a long train stage is silent."""
+    log = (project / "repro.log").read_text()
+    epochs = SMALL_BUT_LEARNABLE["train"]["epochs"]
+    lines = [line for line in log.splitlines() if f"/{epochs}: train loss " in line]
+    epochs_run = json.loads((project / "reports/train_metrics.json").read_text())["epochs_run"]
+    assert len(lines) == epochs_run and f"epoch 1/{epochs}: " in lines[0], log[-3000:]
+    assert all("target tokens/s" in line and " elapsed, ETA " in line for line in lines)
 
 
 def test_small_model_translates_the_builtin_corpus_well(project: Path) -> None:

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import PipelineError
+from pipeline.progress import on_terminal
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
@@ -49,7 +50,7 @@ def _new_tokenizer(config: PreprocessConfig) -> tuple[Tokenizer, trainers.Traine
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
             special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
+            show_progress=on_terminal(),  # the tokenizers library's own bar, on a terminal only
         )
     else:
         tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
@@ -57,7 +58,7 @@ def _new_tokenizer(config: PreprocessConfig) -> tuple[Tokenizer, trainers.Traine
             vocab_size=config.vocab_size,
             min_frequency=config.min_frequency,
             special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
+            show_progress=on_terminal(),  # the tokenizers library's own bar, on a terminal only
         )
     steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if config.lowercase else [])
     tokenizer.normalizer = normalizers.Sequence(steps)

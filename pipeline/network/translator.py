@@ -21,6 +21,7 @@ from pipeline.network.decoding import decode_batch
 from pipeline.network.model_files import LoadedModel, load_model_dir
 from pipeline.network.scoring import corpus_scores
 from pipeline.network.tokenization import clean_text, decode_ids, encode_texts
+from pipeline.progress import Progress
 
 
 class Translator:
@@ -58,6 +59,7 @@ class Translator:
         translations = [""] * len(cleaned)
         # Longest first: the first batch shows the worst-case memory at once, not at the end.
         order = sorted((i for i, ids in enumerate(source_ids) if ids), key=lambda i: -len(source_ids[i]))
+        progress = Progress(len(order), "translating")
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             src, lengths = source_tensor([source_ids[i] for i in indices])
@@ -71,6 +73,8 @@ class Translator:
             )
             for index, text in zip(indices, decode_ids(self.loaded.tgt_tokenizer, hypotheses), strict=True):
                 translations[index] = text
+            progress.update(len(indices))
+        progress.close()
         return translations
 
 

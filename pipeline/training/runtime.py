@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from pipeline.errors import PipelineError
+from pipeline.progress import QUIET_ENV, quiet
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
     env_vars = {}
     if worker_start_timeout_s is not None:
         env_vars[WORKER_START_TIMEOUT_ENV] = str(worker_start_timeout_s)
+    if quiet():
+        env_vars[QUIET_ENV] = "1"
     if address:
         env_vars["RAY_ADDRESS"] = address  # the state API in every process of the job asks this cluster
     else:

@@ -26,6 +26,7 @@ from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.scoring import greedy_bleu, teacher_forced_loss
 from pipeline.network.training_step import build_optimizer, train_step
+from pipeline.progress import epoch_line, quiet
 from pipeline.training.state import MID_EPOCH_VAL_LOSS, Checkpointer, EpochProgress, gather_objects
 
 if TYPE_CHECKING:
@@ -169,7 +170,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     n_object_store_readers = int(_all_reduce_sum([float(data.train.from_object_store())], device)[0])
     epoch_logger = loop_config.get("epoch_logger") if rank == 0 else None
 
-    for epoch in range(state.epoch + 1, epochs):
+    run_started = time.perf_counter()
+    for epochs_this_run, epoch in enumerate(range(state.epoch + 1, epochs), 1):
         if state.stale_epochs >= config.early_stopping_patience:
             break  # restored after early stopping had already triggered
         batches = _epoch_batches(train_split, config, epoch, rank, world)
@@ -207,6 +209,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if device.type == "cuda":
             metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         state.record(metrics)
+        if rank == 0 and not quiet():  # Train V2 prints no reported metrics: this is the stage's heartbeat
+            print(epoch_line(metrics, epochs, time.perf_counter() - run_started, epochs_this_run), flush=True)
         if epoch_logger is not None:
             epoch_logger.log(metrics, step=epoch)
         checkpointer.save(state, metrics)
