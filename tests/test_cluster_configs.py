@@ -129,3 +129,57 @@ def test_runtime_env_file_parses_and_keeps_stage_outputs_and_environments_local(
 def test_the_pipeline_script_exists_and_avoids_git() -> None:
     script = (REPO_ROOT / PIPELINE_SCRIPT).read_text()
     assert "core.no_scm true" in script and "repro" in script
+
+
+SCHEMAS = Path(__file__).parent / "schemas"
+KUBERAY_VERSION = "v1.7.0"  # the release the vendored schemas come from (tests/schemas/*.json.gz)
+
+
+def _kuberay_schema(kind: str) -> dict[str, Any]:
+    """KubeRay's own openAPIV3Schema for `kind`, strict: an object that lists its properties allows no
+    others (the API server would prune an unknown field silently; a misspelt key is a mistake here)."""
+    import gzip
+
+    vendored = json.loads(
+        gzip.decompress((SCHEMAS / f"kuberay-{KUBERAY_VERSION}-{kind.lower()}.json.gz").read_bytes())
+    )
+    assert vendored["kuberay_version"] == KUBERAY_VERSION and vendored["kind"] == kind
+
+    def strict(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {key: strict(value) for key, value in node.items()}
+            if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node.setdefault("additionalProperties", False)
+            return node
+        if isinstance(node, list):
+            return [strict(value) for value in node]
+        return node
+
+    return strict(vendored["openAPIV3Schema"])
+
+
+@pytest.mark.parametrize(
+    ("relative", "kind"), [("kuberay/raycluster.yaml", "RayCluster"), ("kuberay/rayjob.yaml", "RayJob")]
+)
+def test_kuberay_manifests_validate_against_kuberays_own_crd_schema(relative: str, kind: str) -> None:
+    import jsonschema
+
+    documents = [
+        doc for doc in yaml.safe_load_all((CLUSTER / relative).read_text()) if doc and doc.get("kind") == kind
+    ]
+    assert documents, f"no {kind} in {relative}"
+    validator = jsonschema.Draft7Validator(_kuberay_schema(kind))
+    for document in documents:
+        errors = sorted(validator.iter_errors(document), key=lambda error: list(error.absolute_path))
+        assert not errors, "\n".join(
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10]
+        )
+
+
+def test_the_strict_schema_catches_a_misspelt_field() -> None:
+    import jsonschema
+
+    manifest = next(d for d in yaml.safe_load_all((CLUSTER / "kuberay/raycluster.yaml").read_text()) if d)
+    broken = copy.deepcopy(manifest)
+    broken["spec"]["headGroupSpec"]["rayStartParam"] = {}  # rayStartParams, misspelt
+    assert list(jsonschema.Draft7Validator(_kuberay_schema("RayCluster")).iter_errors(broken))
