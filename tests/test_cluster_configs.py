@@ -183,3 +183,12 @@ def test_the_strict_schema_catches_a_misspelt_field() -> None:
     broken = copy.deepcopy(manifest)
     broken["spec"]["headGroupSpec"]["rayStartParam"] = {}  # rayStartParams, misspelt
     assert list(jsonschema.Draft7Validator(_kuberay_schema("RayCluster")).iter_errors(broken))
+
+
+def test_every_cluster_file_installs_the_same_cuda_build_and_the_cluster_extra() -> None:
+    texts = {name: (CLUSTER / name).read_text() for name in ("Dockerfile", "aws-gpu.yaml")}
+    builds = {
+        name: set(re.findall(r"download\.pytorch\.org/whl/(cu\d+)", text)) for name, text in texts.items()
+    }
+    assert set().union(*builds.values()) == {"cu128"} and all(builds.values()), builds
+    assert all("[cluster]" in text for text in texts.values()), "dvc-s3 comes with the cluster extra"
