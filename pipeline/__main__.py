@@ -40,6 +40,11 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument("sentences", nargs="*", help="source sentences; read stdin, one a line, if none")
     translate.add_argument("--model", default="models", help="a model folder or an MLflow models:/ URI")
     translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
+    translate.add_argument(
+        "--device",
+        default=None,
+        help="auto (default: a CUDA GPU when present), cpu or cuda; or $PIPELINE_DEVICE",
+    )
 
     set_params = commands.add_parser(
         "set-params", help="rewrite params.yaml with a recipe and/or KEY=VALUE assignments"
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             set_params(args.params, args.assignments, args.recipe)
             return 0
         if args.command == "translate":
-            return run_translate(args.sentences, args.model, args.beam_size)
+            return run_translate(args.sentences, args.model, args.beam_size, args.device)
         from pipeline.jobs.submit import SubmitOptions, run_submit
 
         # Drop only the separator: a later "--" belongs to the entrypoint (`-- pytest -- -k x`).
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
-def run_translate(sentences: Sequence[str], model: str, beam_size: int | None) -> int:
+def run_translate(
+    sentences: Sequence[str], model: str, beam_size: int | None, device: str | None = None
+) -> int:
     """Sentences from arguments or stdin, one translation per line on stdout. `model` is a model folder or
     an MLflow registry URI (models:/name/version or models:/name@alias)."""
     if beam_size is not None and beam_size < 1:
@@ -159,11 +166,11 @@ def run_translate(sentences: Sequence[str], model: str, beam_size: int | None) -
     if model.startswith("models:/"):
         from pipeline.tracking.registered_model import load_translator  # MLflow only when asked for
 
-        translator = load_translator(model)
+        translator = load_translator(model, device)
     else:
         from pipeline.network.translator import Translator  # torch is imported here, not for `--help`
 
-        translator = Translator.from_dir(Path(model))
+        translator = Translator.from_dir(Path(model), device=device or "auto")
     for translation in translator.translate(list(sentences), beam_size=beam_size):
         # One line per input, always: a stray newline in an output would shift every later line.
         print(" ".join(translation.splitlines()))

@@ -248,6 +248,8 @@ class EvaluateConfig(_Section):
     max_len_ratio: float = Field(2.0, gt=0.0, description="decode at most ratio * source length + 5 tokens")
     batch_size: int = Field(128, ge=1)
     n_samples: int = Field(20, ge=0)
+    # auto: a CUDA GPU when there is one (batches cut by tokens there), else the CPU; cpu forces the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def decoding(self) -> dict[str, Any]:
         """The settings a model folder's decoding.json holds (`DECODING_KEYS`)."""

@@ -224,3 +224,39 @@ def test_cli_names_a_missing_model_folder(tmp_path: Path) -> None:
     result = _run_cli("--model", str(tmp_path / "models"), "alpha")
     assert result.returncode == 2
     assert "model folder not found" in result.stderr
+
+
+def test_token_batches_keep_each_padded_batch_within_the_budget() -> None:
+    from pipeline.network.translator import token_batches
+
+    lengths = [40, 30, 30, 10, 10, 10, 10, 5]  # padded sizes, longest first, as the Translator orders them
+    assert token_batches(lengths, 60) == [(0, 1), (1, 3), (3, 8)]
+    assert token_batches([100, 5], 60) == [(0, 1), (1, 2)], "one sentence over the budget goes alone"
+    assert token_batches([], 60) == []
+
+
+@pytest.mark.parametrize("arch", ["gru_attention", "transformer"])
+def test_translations_cut_by_tokens_equal_those_cut_by_count(tmp_path: Path, arch: str) -> None:
+    """What a GPU does differently (batches cut by tokens) changes no translation; checked on the CPU."""
+    path, _ = _random_model_dir(tmp_path, arch)
+    sentences = [s for s, _ in _word_pairs(n=20, seed=9)]
+    by_count = Translator.from_dir(path).translate(sentences, beam_size=2, batch_size=3)
+    loaded = load_model_dir(path)
+    by_tokens = Translator(loaded, device="cpu", batch_tokens=40).translate(sentences, beam_size=2)
+    assert by_tokens == by_count
+
+
+def test_devices_resolve_auto_to_what_there_is_and_refuse_a_missing_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.network.translator import DEVICE_ENV, resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert resolve_device(None).type == "cpu", "$PIPELINE_DEVICE=cpu forces the CPU"
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(PipelineError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")

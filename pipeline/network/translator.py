@@ -9,6 +9,7 @@ caller's order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,37 @@ from pipeline.network.scoring import corpus_scores
 from pipeline.network.tokenization import clean_text, decode_ids, encode_texts
 from pipeline.progress import Progress
 
+DEVICE_ENV = "PIPELINE_DEVICE"  # auto | cpu | cuda: where the served model and `translate` run
+# On a GPU, batches are cut by padded source tokens (count x longest, times the beam), not by count:
+# short sentences then fill the device, long ones cannot run it out of memory.
+GPU_BATCH_TOKENS = 16384
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """ "auto" (the default, or $PIPELINE_DEVICE): CUDA when there is a GPU, else the CPU; "cpu" forces it."""
+    name = str(name or os.environ.get(DEVICE_ENV) or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use auto or cpu)")
+    return device
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) slices of `lengths` (sorted longest first) whose padded size stays within max_tokens."""
+    slices, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while end < len(lengths) and lengths[start] * (end - start + 1) <= max_tokens:
+            end += 1
+        slices.append((start, end))
+        start = end
+    return slices
+
 
 class Translator:
     def __init__(
@@ -31,18 +63,25 @@ class Translator:
         *,
         length_penalty: float | None = None,
         max_len_ratio: float | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = "cpu",
+        batch_tokens: int | None = None,
     ) -> None:
-        """Decoding settings default to the model folder's decoding.json; evaluate may override them."""
+        """Decoding settings default to the model folder's decoding.json; evaluate may override them.
+        `device` None or "auto" picks CUDA when present; `batch_tokens` (default: GPU_BATCH_TOKENS on a
+        GPU, none on the CPU) cuts batches by padded tokens instead of by count."""
         self.loaded = loaded
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.batch_tokens = (
+            GPU_BATCH_TOKENS if batch_tokens is None and self.device.type == "cuda" else batch_tokens
+        )
         self.model = loaded.model.to(self.device).eval()
         self.beam_size: int = loaded.decoding["beam_size"]
         self.length_penalty = loaded.decoding["length_penalty"] if length_penalty is None else length_penalty
         self.max_len_ratio = loaded.decoding["max_len_ratio"] if max_len_ratio is None else max_len_ratio
 
     @classmethod
-    def from_dir(cls, path: Path | str, device: str | torch.device = "cpu") -> Translator:
+    def from_dir(cls, path: Path | str, device: str | torch.device | None = "cpu") -> Translator:
+        device = resolve_device(device)
         return cls(load_model_dir(path, device=device), device=device)
 
     def translate(
@@ -60,8 +99,13 @@ class Translator:
         # Longest first: the first batch shows the worst-case memory at once, not at the end.
         order = sorted((i for i, ids in enumerate(source_ids) if ids), key=lambda i: -len(source_ids[i]))
         progress = Progress(len(order), "translating")
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        if self.batch_tokens:
+            padded = [(len(source_ids[i]) + 1) * beam_size for i in order]
+            slices = token_batches(padded, self.batch_tokens)
+        else:
+            slices = [(start, start + batch_size) for start in range(0, len(order), batch_size)]
+        for start, end in slices:
+            indices = order[start:end]
             src, lengths = source_tensor([source_ids[i] for i in indices])
             hypotheses = decode_batch(
                 self.model,
@@ -83,12 +127,15 @@ def translate_and_score(
     sources: Sequence[str],
     references: Sequence[str],
     settings: EvaluateConfig,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> tuple[list[str], dict[str, float]]:
     """Beam search with the evaluate settings, then BLEU and chrF: what evaluate, the gate and the torch-only
     GPU benchmark use."""
     translator = Translator(
-        loaded, length_penalty=settings.length_penalty, max_len_ratio=settings.max_len_ratio, device=device
+        loaded,
+        length_penalty=settings.length_penalty,
+        max_len_ratio=settings.max_len_ratio,
+        device=device or settings.device,
     )
     hypotheses = translator.translate(
         list(sources), beam_size=settings.beam_size, batch_size=settings.batch_size

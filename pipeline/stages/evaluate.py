@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 
-import torch
-
 from pipeline import paths
 from pipeline.config import PipelineConfig
 from pipeline.data.processed import load_processed
@@ -34,8 +32,11 @@ def run(config: PipelineConfig) -> None:
     logger.info("translating %d test sentences (beam %d)", len(sources), settings.beam_size)
     hypotheses, scores = translate_and_score(loaded, sources, references, settings)
     split = processed.encoded("test")
-    loss, tokens = teacher_forced_loss(
-        loaded.model, split, token_budget_batches(split, 8000, seed=None), torch.device("cpu")
+    loss, tokens = teacher_forced_loss(  # where translate_and_score left the model
+        loaded.model,
+        split,
+        token_budget_batches(split, 8000, seed=None),
+        next(loaded.model.parameters()).device,
     )
     metrics = {
         **scores,

@@ -60,7 +60,8 @@ class TranslatorModel(PythonModel):
         # instance is needed. At load time `pipeline` is the copy in the model's code/ folder.
         from pipeline.network.translator import Translator
 
-        self.translator = Translator.from_dir(context.artifacts[MODEL_DIR_ARTIFACT])
+        # A CUDA GPU when the serving machine has one ($PIPELINE_DEVICE=cpu forces the CPU).
+        self.translator = Translator.from_dir(context.artifacts[MODEL_DIR_ARTIFACT], device=None)
 
     # MLflow applies the signature first, so `model_input` arrives as a one-column DataFrame whatever the
     # request's shape. A DataFrame hint is also one MLflow derives no schema from, so the explicit signature
