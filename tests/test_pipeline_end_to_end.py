@@ -147,7 +147,7 @@ def test_cluster_job_restores_the_cached_pipeline_instead_of_training_again(
 
     result = submit(
         project,
-        *("--address", ray_head.address, "--wait"),
+        *("--address", ray_head.address),
         RAY_AUTH_TOKEN=ray_head.token,
         MLFLOW_TRACKING_URI=tracking_uri,
         PIPELINE_SET=f"runtime.storage_path={tmp_path / 'cluster-ray'} runtime.max_failures=5",

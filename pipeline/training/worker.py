@@ -9,6 +9,7 @@ a barrier.
 from __future__ import annotations
 
 import hashlib
+import logging
 import resource
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from pipeline.network.training_step import build_optimizer, train_step
 from pipeline.progress import epoch_line, quiet
 from pipeline.training.state import MID_EPOCH_VAL_LOSS, Checkpointer, EpochProgress, gather_objects
 
+logger = logging.getLogger("pipeline.progress")
 if TYPE_CHECKING:
     import numpy as np
 
@@ -210,15 +212,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         state.record(metrics)
         if rank == 0 and not quiet():  # Train V2 prints no reported metrics: this is the stage's heartbeat
-            print(epoch_line(metrics, epochs, time.perf_counter() - run_started, epochs_this_run), flush=True)
+            # A log record, not print(): Train V2 patches print() to log *and* echo, which showed every
+            # line twice; its logging configuration forwards a record to the driver once.
+            logger.info(epoch_line(metrics, epochs, time.perf_counter() - run_started, epochs_this_run))
         if epoch_logger is not None:
             epoch_logger.log(metrics, step=epoch)
         checkpointer.save(state, metrics)
         schedule.restart()
         if state.stale_epochs >= config.early_stopping_patience:
             if rank == 0:
-                print(
-                    f"Early stopping after epoch {epoch}: "
-                    f"no val_loss improvement for {state.stale_epochs} epochs"
+                logger.info(
+                    "Early stopping after epoch %d: no val_loss improvement for %d epochs",
+                    epoch,
+                    state.stale_epochs,
                 )
             break
