@@ -303,3 +303,37 @@ def test_dvc_repro_stopped_in_prepare_finishes_on_rerun_with_nothing_left_over(t
     run(["dvc", "repro", "prepare"], project_dir)
     assert json.loads((project_dir / "reports" / "prepare_stats.json").read_text())["pairs"]["train"] > 0
     assert "changed" not in run(["dvc", "status", "prepare"], project_dir).stdout
+
+
+def test_a_worker_group_that_cannot_get_its_cpus_fails_the_stage_in_bounded_time(
+    tmp_path: Path, ray_instance: None
+) -> None:
+    """Another run holds every CPU: Ray would retry the worker group forever (`max allowed: inf`); the
+    stage fails after runtime.worker_start_timeout_s with one message naming what it asked for."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    prepare_project(tmp_path, {"runtime": {"worker_start_timeout_s": 10}, "train": {"epochs": 1}})
+    holder = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # "another run" holds them all
+    ray.get(holder.ready(), timeout=60)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "train"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        remove_placement_group(holder)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "did not start within runtime.worker_start_timeout_s" in error[0], done.stderr[
+        -3000:
+    ]
+    assert "asked for 2 workers x {'CPU': 1.0}" in error[0] and "free now" in error[0]
+    assert time.monotonic() - started < 240, "bounded: seconds after the timeout, not retries forever"

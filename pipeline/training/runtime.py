@@ -107,8 +107,10 @@ def worker_group_start_failure(error: BaseException, asked: str) -> PipelineErro
     while seen is not None and len(chain) < 20:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    # Ray raises a ControllerError whose text says so; the original WorkerGroupStartupTimeoutError may
+    # not travel with it from the controller actor.
     if not any(
-        "WorkerGroupStartupTimeout" in type(e).__name__ or "WorkerGroupStartupTimeout" in str(e)
+        "WorkerGroupStartupTimeout" in type(e).__name__ or "worker group startup timed out" in str(e).lower()
         for e in chain
     ):
         return None
