@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.config import PipelineConfig, config_from_dict, merge_params, read_recipe
+from pipeline.config import PipelineConfig, assignment_overrides, config_from_dict, merge_params, read_recipe
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.network.batching import collate, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
@@ -51,10 +51,7 @@ def recipe_config(recipe: Path, assignments: list[str]) -> PipelineConfig:
     """params.yaml, the recipe over it, then KEY=VALUE assignments: what `set-params --recipe` would make."""
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     raw = merge_params(raw, read_recipe(recipe), str(recipe))
-    for assignment in assignments:
-        dotted, _, value = assignment.partition("=")
-        section, _, key = dotted.partition(".")
-        raw = merge_params(raw, {section: {key: yaml.safe_load(value)}}, assignment)
+    raw = merge_params(raw, assignment_overrides(assignments), " ".join(assignments))
     return config_from_dict(raw, f"{recipe} {' '.join(assignments)}".strip())
 
 

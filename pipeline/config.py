@@ -6,6 +6,7 @@ depends on. Unknown keys are refused (a typo must not silently fall back to a de
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from collections.abc import Iterator
@@ -437,16 +438,30 @@ def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> Pipelin
 
 def merge_params(base: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
     """`base` with `overrides` laid over it, section by section: a nested mapping merges key by key (a
-    recipe that sets `data.builtin.seed` keeps `data.builtin.n_pairs`), any other value replaces it."""
+    recipe that sets `data.builtin.seed` keeps `data.builtin.n_pairs`), any other value replaces it.
+    Returns a new dict; `base` is left as it was."""
     if not isinstance(overrides, dict):
         raise PipelineError(f"{source}: expected a mapping of sections at the top level")
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and value:
-            merged[key] = merge_params(merged[key], value, f"{source}: {key}")
-        else:
-            merged[key] = value
+    merged = copy.deepcopy(base)
+    _merge_into(merged, overrides)
     return merged
+
+
+def assignment_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`section.key=value` assignments (values parsed as YAML) as one nested mapping of overrides."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        dotted, separator, value = assignment.partition("=")
+        keys = dotted.strip().split(".")
+        if not separator or not all(keys):
+            raise PipelineError(f"expected section.key=value, got {assignment!r}")
+        nested: Any = yaml.safe_load(value)
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge_into(overrides, nested)
+    return overrides
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -464,22 +479,13 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy), and to
     apply a recipe. Like `dvc exp run -S`, it edits the file round-trip: comments and key order stay.
     """
-    import yaml
 
     path = Path(path)
     if path.exists():
         read_yaml_mapping(path, "parameters file")  # strict first: a bad file is named with its line
     document = _round_trip_load(path)
     overrides = read_recipe(recipe) if recipe is not None else {}
-    for assignment in assignments:
-        dotted, separator, value = assignment.partition("=")
-        keys = dotted.strip().split(".")
-        if not separator or not all(keys):
-            raise PipelineError(f"expected section.key=value, got {assignment!r}")
-        nested: Any = yaml.safe_load(value)
-        for key in reversed(keys):
-            nested = {key: nested}
-        overrides = merge_params(overrides, nested, assignment)
+    overrides = merge_params(overrides, assignment_overrides(assignments), " ".join(assignments))
     _merge_into(document, overrides)
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
     config = config_from_dict(_plain(document), f"{path} with {described}")
