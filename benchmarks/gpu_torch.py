@@ -17,6 +17,10 @@ Printed per run: parameters, epochs, training target tokens/s, peak GPU memory, 
 BLEU (cased), lowercase BLEU and chrF. MFU = model FLOPs per target token x tokens/s / the GPU's dense
 bf16 peak; the FLOPs are counted by `torch.utils.flop_counter` over forward and backward of sample batches
 (padding included), the peak is the datasheet figure and, beside it, a measured bf16 matrix product.
+
+`--compare-cpu` also translates the test split on the CPU, greedy and with the beam, and reports the share
+of sentences whose translation is the same on both devices (and the CPU's BLEU): the check that evaluate,
+`translate` and the served model give the CPU's output on a GPU.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from pipeline.network.batching import collate, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model, count_parameters
 from pipeline.network.model_files import LoadedModel
+from pipeline.network.scoring import corpus_scores
 from pipeline.network.training_step import build_optimizer, sequence_loss, train_step
-from pipeline.network.translator import translate_and_score
+from pipeline.network.translator import Translator, translate_and_score
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), in FLOP/s, by a name's distinctive part.
@@ -138,6 +143,35 @@ def train_for_budget(
     }
 
 
+def cpu_agreement(
+    loaded: LoadedModel,
+    sources: list[str],
+    references: list[str],
+    config: PipelineConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The share of test sentences translated identically on `device` and on the CPU, greedy and with the
+    recipe's beam (each Translator moves the model to its device), and the CPU's beam BLEU."""
+    settings = config.evaluate
+    result: dict[str, Any] = {}
+    for name, beam_size in (("greedy", 1), ("beam", settings.beam_size)):
+        on_device, on_cpu = (
+            Translator(
+                loaded,
+                length_penalty=settings.length_penalty,
+                max_len_ratio=settings.max_len_ratio,
+                device=where,
+            ).translate(sources, beam_size=beam_size, batch_size=settings.batch_size)
+            for where in (device, torch.device("cpu"))
+        )
+        pairs = list(zip(on_device, on_cpu, strict=True))
+        result[f"cpu_identical_{name}"] = sum(a == b for a, b in pairs) / len(pairs)
+        result[f"cpu_differing_{name}"] = [(i, a, b) for i, (a, b) in enumerate(pairs) if a != b][:5]
+    result["cpu_bleu"] = corpus_scores(on_cpu, references)["bleu"]
+    loaded.model.to(device)
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = recipe_config(args.recipe, args.set)
     device = torch.device(args.device)
@@ -184,6 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_flops_per_target_token": flops,
         "test_decode_seconds": time.perf_counter() - decode_start,
         **scores,
+        **(cpu_agreement(loaded, sources, references, config, device) if args.compare_cpu else {}),
         "history": trained["history"],
     }
     if on_gpu:
@@ -207,6 +242,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     parser.add_argument("--name", default=None, help="the run's name in the table (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")
+    parser.add_argument(
+        "--compare-cpu", action="store_true", help="also translate the test split on the CPU and compare"
+    )
     args = parser.parse_args()
     result = run(args)
     if args.out:
@@ -224,6 +262,12 @@ def print_row(result: dict[str, Any]) -> None:
         f"  BLEU {result['bleu']:.1f} lc {result['bleu_lc']:.1f} chrF {result['chrf']:.1f}",
         flush=True,
     )
+    if "cpu_identical_beam" in result:
+        print(
+            f"{'':<28} same as the CPU: greedy {result['cpu_identical_greedy']:.1%},"
+            f" beam {result['cpu_identical_beam']:.1%} (CPU BLEU {result['cpu_bleu']:.1f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

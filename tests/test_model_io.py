@@ -42,9 +42,8 @@ def _word_pairs(n: int = 14, seed: int = 3) -> list[tuple[str, str]]:
     return pairs
 
 
-@pytest.fixture(scope="module")
-def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
-    """A tiny attention model that has memorised the toy pairs, saved with real word tokenizers."""
+def _save_word_model(folder: Path, arch: str) -> tuple[Path, list[tuple[str, str]]]:
+    """A tiny `arch` model that has memorised the toy pairs, saved with real word tokenizers."""
     pairs = _word_pairs()
     tokenizer_config = PreprocessConfig(tokenizer="word", vocab_size=100)
     src_tokenizer = train_tokenizer([s for s, _ in pairs], tokenizer_config)
@@ -52,12 +51,17 @@ def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     sources = encode_texts(src_tokenizer, [s for s, _ in pairs])
     targets = encode_texts(tgt_tokenizer, [t for _, t in pairs])
     torch.manual_seed(0)
-    config = ModelConfig(arch="gru_attention", **TINY)
+    config = ModelConfig(arch=arch, **TINY)
     model = build_model(config, src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size())
     train_until_memorised(model, sources, targets)
-    path = tmp_path_factory.mktemp("word_model") / "models"
+    path = folder / "models"
     save_model_dir(path, model, config, src_tokenizer, tgt_tokenizer, DECODING)
     return path, pairs
+
+
+@pytest.fixture(scope="module")
+def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    return _save_word_model(tmp_path_factory.mktemp("word_model"), "gru_attention")
 
 
 def _random_model_dir(
@@ -260,3 +264,34 @@ def test_devices_resolve_auto_to_what_there_is_and_refuse_a_missing_gpu(
             resolve_device("cuda")
     with pytest.raises(PipelineError, match="unknown device 'tpu9'"):
         resolve_device("tpu9")
+
+
+def test_decoding_turns_tf32_off_on_a_gpu_and_restores_it() -> None:
+    """TF32 makes near-ties come out differently from the CPU; the switch itself needs no GPU to check."""
+    from pipeline.network.translator import exact_float32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with exact_float32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32, "the CPU's settings are left alone"
+        with pytest.raises(RuntimeError, match="mid-decode"), exact_float32(torch.device("cuda")):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("mid-decode")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compares its translations with the CPU's"
+)
+@pytest.mark.parametrize("arch", ["gru_attention", "transformer"])
+def test_a_gpu_translates_as_the_cpu_does(tmp_path: Path, arch: str) -> None:
+    """evaluate, `translate` and the served model on CUDA (batches cut by tokens) give the CPU's output."""
+    path, _ = _save_word_model(tmp_path, arch)
+    sentences = [s for s, _ in _word_pairs(n=40, seed=11)]  # the memorised pairs and new word orders
+    for beam_size in (1, 2):
+        on_cpu = Translator.from_dir(path, device="cpu").translate(sentences, beam_size=beam_size)
+        on_gpu = Translator.from_dir(path, device="cuda").translate(sentences, beam_size=beam_size)
+        assert on_gpu == on_cpu, f"beam {beam_size}"

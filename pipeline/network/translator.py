@@ -10,7 +10,8 @@ caller's order.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +43,22 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use auto or cpu)")
     return device
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """No TF32 while decoding on a GPU: cuDNN's GRU and float32 matrix products may use it by default,
+    and its 10-bit mantissa turns near-ties in greedy and beam choices into different words from the
+    CPU's. Decoding is latency-bound, so full float32 costs little; the previous settings come back."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -104,20 +121,22 @@ class Translator:
             slices = token_batches(padded, self.batch_tokens)
         else:
             slices = [(start, start + batch_size) for start in range(0, len(order), batch_size)]
-        for start, end in slices:
-            indices = order[start:end]
-            src, lengths = source_tensor([source_ids[i] for i in indices])
-            hypotheses = decode_batch(
-                self.model,
-                src.to(self.device),
-                lengths,
-                beam_size=beam_size,
-                length_penalty=self.length_penalty,
-                max_len_ratio=self.max_len_ratio,
-            )
-            for index, text in zip(indices, decode_ids(self.loaded.tgt_tokenizer, hypotheses), strict=True):
-                translations[index] = text
-            progress.update(len(indices))
+        with exact_float32(self.device):
+            for start, end in slices:
+                indices = order[start:end]
+                src, lengths = source_tensor([source_ids[i] for i in indices])
+                hypotheses = decode_batch(
+                    self.model,
+                    src.to(self.device),
+                    lengths,
+                    beam_size=beam_size,
+                    length_penalty=self.length_penalty,
+                    max_len_ratio=self.max_len_ratio,
+                )
+                texts = decode_ids(self.loaded.tgt_tokenizer, hypotheses)
+                for index, text in zip(indices, texts, strict=True):
+                    translations[index] = text
+                progress.update(len(indices))
         progress.close()
         return translations
 
