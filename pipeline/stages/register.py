@@ -111,7 +111,7 @@ def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
         lineage.experiment_name(config),
         run_key=run_key,
         run_name=run_key,
-        tags=lineage.lineage_tags("register"),
+        tags=lineage.lineage_tags("register", config),
         params=lineage.config_params(config, ("data", "preprocess", "model")),
     )
 

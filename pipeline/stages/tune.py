@@ -59,7 +59,7 @@ def run(config: PipelineConfig) -> None:
         )
         data = put_training_data(processed, settings.max_examples)
         uri = store.tracking_uri()
-        tags = lineage.lineage_tags("tune")
+        tags = lineage.lineage_tags("tune", config)
         parent_run_id = store.get_or_create_run(
             lineage.experiment_name(config),
             run_key=experiment_name,

@@ -45,11 +45,6 @@ SERVING_DISTRIBUTIONS = (
     "pydantic",
     "pyyaml",
 )
-ARCH_DESCRIPTIONS = {
-    "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
-    "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
-    "transformer": "pre-norm Transformer encoder-decoder with multi-head attention (Vaswani et al. 2017)",
-}
 
 
 @dataclass(frozen=True)
@@ -170,22 +165,10 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
 
 
 def version_description(config: PipelineConfig, candidate: Candidate) -> str:
-    model = candidate.model_config.get("model", {})
-    arch = ARCH_DESCRIPTIONS.get(model.get("arch"), str(model.get("arch")))
     vocab = candidate.model_config
-    if model.get("arch") == "transformer":
-        shape = (
-            f"width {model.get('emb_dim')}, {model.get('n_heads')} heads, feed-forward {model.get('ff_dim')} "
-            f"({model.get('ff_activation')}), {model.get('n_layers')} encoder and decoder layer(s)"
-        )
-    else:
-        shape = (
-            f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, "
-            f"{model.get('n_layers')} layer(s)"
-        )
     sizes = (
-        f"{shape}, dropout {model.get('dropout')}; vocabularies {vocab.get('src_vocab_size')} (source) "
-        f"and {vocab.get('tgt_vocab_size')} (target)"
+        f"{lineage.describe_model(vocab.get('model', {}))}; vocabularies {vocab.get('src_vocab_size')}"
+        f" (source) and {vocab.get('tgt_vocab_size')} (target)"
     )
     run = candidate.train_run
     if run:
@@ -197,7 +180,7 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
         training = "Trained outside the train stage (no reports/train_run.json)."
     metrics, data = candidate.metrics, config.data
     return (
-        f"{arch}: {sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
+        f"{sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
         f"(data/processed md5 {lineage.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
         f"chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
     )

@@ -16,6 +16,7 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_USER = "mlflow.user"
 TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's Description panel
 TAG_DATA_HASH = "dvc_data_processed_md5"
 TAG_STAGE = "pipeline_stage"
 # The uploaded copy of a Ray job has no .git, so `submit` passes the commit in this variable, and the
@@ -74,8 +75,52 @@ def user() -> str:
         return "unknown"
 
 
-def lineage_tags(stage: str) -> dict[str, str]:
+ARCH_DESCRIPTIONS = {
+    "gru": "GRU encoder-decoder with a fixed context vector (Cho et al. 2014)",
+    "gru_attention": "bidirectional GRU encoder, GRU decoder with additive attention (Bahdanau et al. 2015)",
+    "transformer": "pre-norm Transformer encoder-decoder with multi-head attention (Vaswani et al. 2017)",
+}
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    """The architecture and its sizes in words, from model.* settings: run and version descriptions."""
+    arch = ARCH_DESCRIPTIONS.get(model.get("arch"), str(model.get("arch")))
+    if model.get("arch") == "transformer":
+        shape = (
+            f"width {model.get('emb_dim')}, {model.get('n_heads')} heads, feed-forward {model.get('ff_dim')} "
+            f"({model.get('ff_activation')}), {model.get('n_layers')} encoder and decoder layer(s)"
+        )
+    else:
+        shape = (
+            f"embeddings {model.get('emb_dim')}, hidden {model.get('hidden_dim')}, "
+            f"{model.get('n_layers')} layer(s)"
+        )
+    return f"{arch}: {shape}, dropout {model.get('dropout')}"
+
+
+def run_description(stage: str, config: PipelineConfig) -> str:
+    """What a stage's MLflow run is, in a sentence or two (Markdown, shown as the run's description)."""
+    data = config.data
+    corpus = f"`{data.source}`, {data.src_lang} -> {data.tgt_lang}"
+    if stage == "tune":
+        keys = ", ".join(f"`{key}`" for key in config.tune.search_space) or "nothing"
+        return (
+            f"Ray Tune search of seq2seq-pipeline: {config.tune.num_samples} trials over {keys}, each a "
+            f"Ray Train run of up to {config.tune.max_epochs} epochs scored by `{config.tune.metric}`; one "
+            f"child run per trial. Data: {corpus}."
+        )
+    if stage == "train":
+        return (
+            f"Ray Train run of seq2seq-pipeline ({config.train.num_workers} DDP workers, up to "
+            f"{config.train.epochs} epochs). {describe_model(config.model.model_dump())}. Data: {corpus}. "
+            "Per-epoch metrics here; the evaluate stage adds the test scores, register the model."
+        )
+    return f"The `{stage}` stage of seq2seq-pipeline. Data: {corpus}."
+
+
+def lineage_tags(stage: str, config: PipelineConfig) -> dict[str, str]:
     return {
+        TAG_DESCRIPTION: run_description(stage, config),
         TAG_GIT_COMMIT: git_commit(),
         TAG_USER: user(),
         TAG_SOURCE_NAME: f"python -m pipeline {stage}",

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.tracking.lineage import config_params, experiment_name, lineage_tags
+from pipeline.tracking.lineage import (
+    TAG_DESCRIPTION,
+    config_params,
+    describe_model,
+    experiment_name,
+    lineage_tags,
+)
 
 if TYPE_CHECKING:  # MLflow and torch are imported where they are used: stages import this module cheaply
     from mlflow.entities.model_registry import ModelVersion
@@ -34,6 +40,13 @@ logger = logging.getLogger(__name__)
 TAG_RUN_KEY = "pipeline_run_key"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 TAG_TRIAL_ID = "tune_trial_id"
+# MLflow 3's UI shows an experiment without this tag as a GenAI one (traces, evaluation runs); this kind
+# gives the classic runs table, charts and models.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "Runs of seq2seq-pipeline: one parent run per Ray Tune search with a child run per trial, one run per "
+    "Ray Train run (the evaluate stage adds its test scores), and the registered model's versions."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,12 +68,15 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version, or by hand
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     artifact_location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # Beside the default SQLite store, not in whatever directory the process happens to run in.
         artifact_location = (Path("mlartifacts").resolve()).as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, TAG_DESCRIPTION: EXPERIMENT_DESCRIPTION}
+    return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
 
 
 def get_or_create_run(
@@ -180,7 +196,11 @@ class TrialRuns:
             self.experiment,
             run_key=run_key,
             run_name=f"trial-{trial_id}",
-            tags={**self.lineage_tags, TAG_TRIAL_ID: trial_id},
+            tags={
+                **self.lineage_tags,
+                TAG_TRIAL_ID: trial_id,
+                TAG_DESCRIPTION: f"Ray Tune trial {trial_id}: {describe_model(config.model.model_dump())}.",
+            },
             params={**config_params(config, ("model", "train")), "tune.trial_id": trial_id},
             parent_run_id=self.parent_run_id,
             uri=self.tracking_uri,
@@ -195,7 +215,7 @@ def start_train_run(config: PipelineConfig, ray_run_name: str) -> EpochMetricsLo
         experiment_name(config),
         run_key=ray_run_name,
         run_name=ray_run_name,
-        tags=lineage_tags("train"),
+        tags=lineage_tags("train", config),
         params=config_params(config, ("data", "preprocess", "model", "train")),
         uri=uri,
     )

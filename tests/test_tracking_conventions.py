@@ -1,0 +1,61 @@
+"""MLflow's own conventions on a real SQLite store: the experiment's kind (so MLflow 3's UI shows runs, not
+GenAI traces) and description, and each run's description (its Description panel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.tracking import lineage, store
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_a_new_experiment_is_a_model_training_one_with_a_description(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri).get_experiment(store.ensure_experiment("translation"))
+    assert experiment.tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert "Ray Tune" in experiment.tags[lineage.TAG_DESCRIPTION]
+
+
+def test_an_existing_experiment_gets_the_kind_only_when_it_has_none(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    plain = client.create_experiment("made-by-hand")
+    chosen = client.create_experiment("kind-chosen", tags={store.EXPERIMENT_KIND_TAG: "forecasting"})
+    assert store.ensure_experiment("made-by-hand") == plain
+    assert store.ensure_experiment("kind-chosen") == chosen
+    assert client.get_experiment(plain).tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[store.EXPERIMENT_KIND_TAG] == "forecasting"
+
+
+def test_runs_describe_their_stage_model_and_data(tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    config = config_from_dict(
+        {
+            "data": {"source": "hf:bentrevett/multi30k", "src_lang": "de", "tgt_lang": "en"},
+            "model": {"arch": "transformer", "emb_dim": 256, "n_heads": 4, "ff_dim": 1024, "n_layers": 3},
+            "train": {"epochs": 40},
+        }
+    )
+    train_tags, tune_tags = lineage.lineage_tags("train", config), lineage.lineage_tags("tune", config)
+    train = store.get_or_create_run("e", "k1", "train-1", tags=train_tags, params={})
+    tune = store.get_or_create_run("e", "k2", "tune-1", tags=tune_tags, params={})
+    client = MlflowClient(tracking_uri)
+    described = client.get_run(train).data.tags[lineage.TAG_DESCRIPTION]
+    assert "Transformer" in described and "width 256, 4 heads, feed-forward 1024" in described
+    assert "`hf:bentrevett/multi30k`, de -> en" in described and "up to 40 epochs" in described
+    searched = client.get_run(tune).data.tags[lineage.TAG_DESCRIPTION]
+    assert all(f"`{key}`" in searched for key in config.tune.search_space)
+    assert "child run per trial" in searched
