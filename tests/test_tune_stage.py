@@ -54,6 +54,10 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
             )
             for run in children
         }
+        parent_description = client.get_run(best["mlflow_parent_run_id"]).data.tags["mlflow.note.content"]
+        descriptions = {
+            run.data.tags["tune_trial_id"]: run.data.tags["mlflow.note.content"] for run in children
+        }
 
     assert len(trials) == 3 and len(children) == 3, "one MLflow child run per trial, no duplicates"
     assert all(run.info.status in ("FINISHED", "KILLED") for run in children), "no trial run left RUNNING"
@@ -65,6 +69,14 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
     winner_row = next(row for row in trials if row["trial_id"] == winner)
     assert best["overrides"]["model.hidden_dim"] == int(winner_row["model.hidden_dim"])
     assert set(best["overrides"]) == set(SEARCH["search_space"])
+    # The run pages' Description: the search names its keys, each trial the sizes it drew.
+    assert "3 trials" in parent_description and all(
+        f"`{key}`" in parent_description for key in SEARCH["search_space"]
+    )
+    for row in trials:
+        described = descriptions[row["trial_id"]]
+        assert described.startswith(f"Ray Tune trial {row['trial_id']}: ")
+        assert f"hidden {row['model.hidden_dim']}," in described
 
 
 def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> None:
