@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     sources, references = processed.texts("test")
     decode_start = time.perf_counter()
-    _, scores = translate_and_score(loaded, sources, references, config.evaluate, device=device)
+    _, scored = translate_and_score(loaded, sources, references, config.evaluate, device=device)
     result = {
         "name": args.name or args.recipe.stem,
         "recipe": str(args.recipe),
@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gpu_mib": round(peak_mib),
         "train_flops_per_target_token": flops,
         "test_decode_seconds": time.perf_counter() - decode_start,
-        **scores,
+        **scored.scores,
+        **scored.signatures,
         **(cpu_agreement(loaded, sources, references, config, device) if args.compare_cpu else {}),
         "history": trained["history"],
     }

@@ -24,10 +24,12 @@ if [ -n "${PIPELINE_SET:-}" ]; then
 fi
 
 if dvc remote default >/dev/null 2>&1; then
-    # With a remote, stages whose inputs did not change restore their outputs instead of recomputing,
-    # and what ran is pushed back so `dvc pull` on a laptop can fetch it.
+    # With a remote, a stage whose inputs already ran anywhere (this cluster, a laptop) is restored from
+    # the remote's run-cache instead of recomputed (--pull fetches the run-cache and the data), and what
+    # ran here is pushed back with its run-cache entries: on a laptop at the same commit and params,
+    # `dvc fetch --run-cache && dvc repro` then restores every stage without running one.
     dvc repro --pull "$@"
-    dvc push
+    dvc push --run-cache
 else
     dvc repro "$@"
     echo "run_pipeline.sh: no DVC remote configured, so the stage outputs stay in $(pwd), a temporary" \

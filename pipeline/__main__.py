@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -44,6 +45,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="auto (default: a CUDA GPU when present), cpu or cuda; or $PIPELINE_DEVICE",
+    )
+    translate.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=None,
+        help="longer sentences are cut to their first N source tokens, with a warning"
+        " (default: $PIPELINE_MAX_INPUT_TOKENS, else 256)",
+    )
+    translate.add_argument(
+        "--max-sentences",
+        type=int,
+        default=None,
+        help="refuse more input sentences than this (default: $PIPELINE_MAX_SENTENCES, else 1000)",
     )
 
     set_params = commands.add_parser(
@@ -126,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             set_params(args.params, args.assignments, args.recipe)
             return 0
         if args.command == "translate":
-            return run_translate(args.sentences, args.model, args.beam_size, args.device)
+            return run_translate(
+                args.sentences,
+                args.model,
+                args.beam_size,
+                args.device,
+                max_input_tokens=args.max_input_tokens,
+                max_sentences=args.max_sentences,
+            )
         from pipeline.jobs.submit import SubmitOptions, run_submit
 
         # Drop only the separator: a later "--" belongs to the entrypoint (`-- pytest -- -k x`).
@@ -155,27 +176,56 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_translate(
-    sentences: Sequence[str], model: str, beam_size: int | None, device: str | None = None
+    sentences: Sequence[str],
+    model: str,
+    beam_size: int | None,
+    device: str | None = None,
+    max_input_tokens: int | None = None,
+    max_sentences: int | None = None,
 ) -> int:
     """Sentences from arguments or stdin, one translation per line on stdout. `model` is a model folder or
-    an MLflow registry URI (models:/name/version or models:/name@alias)."""
+    an MLflow registry URI (models:/name/version or models:/name@alias). `device` None: $PIPELINE_DEVICE,
+    else auto; the bounds: see `InputBounds.resolve`."""
+    from pipeline.network.translator import InputBounds  # torch is imported here, not for `--help`
+
     if beam_size is not None and beam_size < 1:
         raise PipelineError(f"--beam-size must be at least 1, got {beam_size}")
-    if not sentences:
-        sentences = [line.rstrip("\r\n") for line in sys.stdin]
+    bounds = InputBounds.resolve(max_input_tokens, max_sentences)
+    if sentences:  # arguments are one request: too many is refused before the model loads
+        bounds.check_count(len(sentences), "argument")
+        requests: Iterator[list[str]] = iter([list(sentences)])
+        unit = "argument"
+    else:  # stdin is a stream of requests of at most max_sentences lines: any length, bounded memory
+        requests = _stdin_chunks(bounds.max_sentences)
+        unit = "stdin line"
     if model.startswith("models:/"):
         from pipeline.tracking.registered_model import load_translator  # MLflow only when asked for
 
-        translator = load_translator(model, device)
+        translator = load_translator(model, device, bounds)
     else:
-        from pipeline.network.translator import Translator  # torch is imported here, not for `--help`
+        from pipeline.network.translator import Translator
 
-        translator = Translator.from_dir(Path(model), device=device or "auto")
-    for translation in translator.translate(list(sentences), beam_size=beam_size):
-        # One line per input, always: a stray newline in an output would shift every later line.
-        print(" ".join(translation.splitlines()))
-    sys.stdout.flush()
+        translator = Translator.from_dir(Path(model), device=device, bounds=bounds)
+    done = 0
+    for request in requests:
+        for translation in translator.translate(
+            request, beam_size=beam_size, unit=unit, first_number=done + 1
+        ):
+            # One line per input, always: a stray newline in an output would shift every later line.
+            print(" ".join(translation.splitlines()))
+        sys.stdout.flush()
+        done += len(request)
     return 0
+
+
+def _stdin_chunks(size: int) -> Iterator[list[str]]:
+    """stdin in chunks of `size` lines, decoded as UTF-8 whatever the locale (whose decoder would turn a bad
+    byte into a surrogate that the tokenizer then rejects with a TypeError)."""
+    from pipeline.data.folder_source import decode_lines
+
+    lines = (text for _, text in decode_lines(sys.stdin.buffer, "stdin"))
+    while chunk := list(itertools.islice(lines, size)):
+        yield chunk
 
 
 if __name__ == "__main__":

@@ -7,13 +7,23 @@ depends on. Unknown keys are refused (a typo must not silently fall back to a de
 from __future__ import annotations
 
 import copy
+import io
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import PipelineError
 
@@ -24,7 +34,9 @@ DECODING_KEYS = ("beam_size", "length_penalty", "max_len_ratio")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value is taken as the type YAML gives it, never converted ("64" is a string, 1 is not true,
+    # true is not 1); a float key still takes a whole number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class BuiltinCorpusConfig(_Section):
@@ -37,6 +49,9 @@ class BuiltinCorpusConfig(_Section):
 class DataConfig(_Section):
     # builtin | hf:<dataset>[:<config>] | a local folder path
     source: str = "builtin"
+    # hf: sources only: the Hub commit or tag to load. Unset, prepare resolves the current commit once and
+    # records it (reports/prepare_metrics.json, MLflow's dataset inputs); set it to that commit to pin it.
+    revision: str | None = Field(None, min_length=1)
     src_lang: str = Field("en", min_length=1)
     tgt_lang: str = Field("art", min_length=1)
     builtin: BuiltinCorpusConfig = BuiltinCorpusConfig()
@@ -67,6 +82,14 @@ class DataConfig(_Section):
                 f"unknown source scheme in {value!r}: "
                 "use 'builtin', 'hf:<dataset>[:<config>]' or a local folder"
             )
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_for_hub_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source", "")  # validated before revision: fields go in order
+        if value is not None and not source.startswith("hf:"):
+            raise ValueError("applies to hf: sources only (a local corpus is versioned by DVC)")
         return value
 
     @model_validator(mode="after")
@@ -186,6 +209,13 @@ class SearchDimension(_Section):
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = Field(None, description="inclusive bounds")
 
+    @field_validator("uniform", "loguniform", "randint", mode="before")
+    @classmethod
+    def _bounds_from_a_list(cls, value: Any) -> Any:
+        """YAML gives bounds as a list, and strict mode takes only a tuple for a tuple (its items stay
+        strict)."""
+        return tuple(value) if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _exactly_one(self) -> SearchDimension:
         set_keys = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
@@ -267,7 +297,7 @@ class TrackingConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -334,10 +364,54 @@ def _draws(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
         yield dict(zip(dimensions, values, strict=True))
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+# Where each key of a config was written: key path -> (location shown before the key, and whether the value
+# there is a leaf, i.e. not a mapping another source may merge into). The location is "params.yaml:14", or ""
+# for a KEY=VALUE assignment (the message's first line names the assignments).
+KeySources = dict[tuple[str, ...], tuple[str, bool]]
+
+# The type a key takes, as YAML writes it, for pydantic's strict type errors.
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+}
+
+
+def _yaml_kind(value: Any) -> str:
+    """A value as YAML gave it: `the string '64'`, `true`, `null`, `a list`."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"  # a date, bytes from !!binary
+
+
+def _located(key: tuple[str, ...], sources: list[KeySources]) -> str:
+    """Where the value at `key` was written: the last source that set it or a leaf above it."""
+    for source in reversed(sources):
+        for end in range(len(key), 0, -1):
+            found = source.get(key[:end])
+            if found is not None and (found[1] or end == len(key)):
+                return found[0]
+    return ""
+
+
+def _format_validation_error(error: ValidationError, source: str, sources: list[KeySources]) -> str:
     lines = [f"invalid parameters in {source}:"]
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        loc = tuple(str(part) for part in problem["loc"])
+        key = ".".join(loc) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
@@ -345,30 +419,48 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         named, _, rest = message.partition(" ")
         if not problem["loc"] and "." in named and rest:
             key, message = named, rest
+            loc = tuple(named.split("."))
         value = problem.get("input")
-        shown = (
-            f" (got {value!r})"
-            if problem["type"] != "extra_forbidden" and not isinstance(value, dict)
-            else ""
-        )
-        lines.append(f"  {key}: {message}{shown}")
+        if problem["type"] in _EXPECTED:
+            shown = f", got {_yaml_kind(value)}"
+            if problem["type"] == "string_type" and isinstance(value, bool | int | float):
+                shown += " (quote the value to keep it as text)"
+            message = f"expected {_EXPECTED[problem['type']]}"
+        elif problem["type"] != "extra_forbidden" and not isinstance(value, dict):
+            shown = f" (got {value!r})"
+        else:
+            shown = ""
+        where = _located(loc, sources)
+        lines.append(f"  {where + ': ' if where else ''}{key}: {message}{shown}")
     return "\n".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "params") -> PipelineConfig:
+def config_from_dict(
+    raw: dict[str, Any], source: str = "params", sources: list[KeySources] | None = None
+) -> PipelineConfig:
+    """`raw` validated strictly; `sources` (first to last applied) give each key's file and line."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise PipelineError(_format_validation_error(error, source)) from None
+        raise PipelineError(_format_validation_error(error, source, sources or [])) from None
 
 
 def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) -> dict[str, Any]:
     """A YAML file whose top level is a mapping, read strictly: a missing, unreadable, non-UTF-8, invalid,
     empty (unless `allow_empty`) or non-mapping file, or a key given twice at any level (PyYAML would keep
     the last copy silently), is a PipelineError naming the file and line."""
+    return _read_yaml(path, what, allow_empty)[0]
+
+
+def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[dict[str, Any], KeySources]:
+    """`read_yaml_mapping`, and where each key of the file is."""
     import yaml  # here, not at the top: the network layer imports this module on boxes without PyYAML
 
     path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{what} is a folder, not a YAML file: {path}")
+    if path.exists() and not path.is_file():
+        raise PipelineError(f"{what} is not a regular file (a FIFO, a device?): {path}")
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}")
     try:
@@ -379,15 +471,13 @@ def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) ->
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise PipelineError(f"{path}:{line}: not UTF-8 (byte {error.start})") from None
     try:
-        raw = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise PipelineError(f"{where}: {error.problem or error.context}") from None
+        raw, key_lines = _parse_yaml(text)
     except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {error}") from None
+        line, problem = _yaml_problem(error)
+        where = f"{path}:{line}: " if line else f"{path} is not valid YAML: "
+        raise PipelineError(where + problem) from None
     if raw is None and allow_empty:
-        return {}
+        return {}, {}
     if raw is None:
         raise PipelineError(
             f"{path} is empty: expected a mapping of sections (see the project's params.yaml)"
@@ -395,7 +485,49 @@ def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) ->
     if not isinstance(raw, dict):
         kind = type(raw).__name__
         raise PipelineError(f"{path}:1: expected a mapping of sections at the top level, got a {kind}")
-    return raw
+    return raw, {key: (f"{path}:{line}", leaf) for key, (line, leaf) in key_lines.items()}
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], tuple[int, bool]]]:
+    """YAML text read strictly (see `read_yaml_mapping`), and the line of each key path (with whether its
+    value is a leaf). Raises yaml.YAMLError."""
+    loader = _strict_loader()(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    key_lines: dict[tuple[str, ...], tuple[int, bool]] = {}
+    _collect_key_lines(node, (), key_lines)
+    return raw, key_lines
+
+
+def _collect_key_lines(
+    node: Any, prefix: tuple[str, ...], into: dict[tuple[str, ...], tuple[int, bool]]
+) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        children = [(str(key.value), key, value) for key, value in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(index), item, item) for index, item in enumerate(node.value)]
+    else:
+        return
+    for name, marked, value in children:
+        path = (*prefix, name)
+        leaf = not (isinstance(value, yaml.MappingNode) and value.value)
+        into[path] = (marked.start_mark.line + 1, leaf)
+        _collect_key_lines(value, path, into)
+
+
+def _yaml_problem(error: Exception) -> tuple[int | None, str]:
+    """A PyYAML error as (1-based line or None, what is wrong)."""
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        return (mark.line + 1 if mark else None), str(error.problem or error.context)
+    return None, str(error)
 
 
 def _strict_loader() -> type:
@@ -422,7 +554,8 @@ def _strict_loader() -> type:
 
 def load_config(path: str | Path = DEFAULT_PARAMS_PATH) -> PipelineConfig:
     path = Path(path)
-    return config_from_dict(read_yaml_mapping(path, "parameters file"), str(path))
+    raw, key_sources = _read_yaml(path, "parameters file")
+    return config_from_dict(raw, str(path), [key_sources])
 
 
 def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
@@ -449,27 +582,45 @@ def merge_params(base: dict[str, Any], overrides: dict[str, Any], source: str) -
 
 def assignment_overrides(assignments: list[str]) -> dict[str, Any]:
     """`section.key=value` assignments (values parsed as YAML) as one nested mapping of overrides."""
-    import yaml
-
     overrides: dict[str, Any] = {}
     for assignment in assignments:
-        dotted, separator, value = assignment.partition("=")
-        keys = dotted.strip().split(".")
-        if not separator or not all(keys):
-            raise PipelineError(f"expected section.key=value, got {assignment!r}")
-        nested: Any = yaml.safe_load(value)
-        for key in reversed(keys):
-            nested = {key: nested}
-        _merge_into(overrides, nested)
+        keys, value = _parse_assignment(assignment)
+        _merge_into(overrides, _nested(keys, value))
     return overrides
+
+
+def _parse_assignment(assignment: str) -> tuple[tuple[str, ...], Any]:
+    """One `section.key=value` as its key path and its value, read as YAML the way params.yaml is."""
+    import yaml
+
+    dotted, separator, text = assignment.partition("=")
+    keys = tuple(dotted.strip().split("."))
+    if not separator or not all(keys):
+        raise PipelineError(f"expected section.key=value, got {assignment!r}")
+    try:
+        value, _ = _parse_yaml(text)
+    except yaml.YAMLError as error:
+        _, problem = _yaml_problem(error)
+        raise PipelineError(f"{assignment!r}: the value is not valid YAML: {problem}") from None
+    return keys, value
+
+
+def _nested(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe: parameter overrides in params.yaml's own shape (recipes/*.yaml)."""
-    raw = read_yaml_mapping(path, "recipe")
+    return _read_recipe(path)[0]
+
+
+def _read_recipe(path: str | Path) -> tuple[dict[str, Any], KeySources]:
+    raw, key_sources = _read_yaml(path, "recipe")
     if not raw:
         raise PipelineError(f"{path}: a recipe is a mapping of params.yaml sections")
-    return raw
+    return raw, key_sources
 
 
 def set_params(path: str | Path, assignments: list[str], recipe: str | Path | None = None) -> PipelineConfig:
@@ -478,19 +629,52 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
 
     For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy), and to
     apply a recipe. Like `dvc exp run -S`, it edits the file round-trip: comments and key order stay.
+    A symlinked params.yaml is edited where it points, so the link stays a link.
     """
-
     path = Path(path)
+    sources: list[KeySources] = []
     if path.exists():
-        read_yaml_mapping(path, "parameters file")  # strict first: a bad file is named with its line
-    document = _round_trip_load(path)
-    overrides = read_recipe(recipe) if recipe is not None else {}
-    overrides = merge_params(overrides, assignment_overrides(assignments), " ".join(assignments))
-    _merge_into(document, overrides)
+        sources.append(
+            _read_yaml(path, "parameters file")[1]
+        )  # strict first: a bad file is named with its line
+    overrides: dict[str, Any] = {}
+    if recipe is not None:
+        overrides, recipe_sources = _read_recipe(recipe)
+        sources.append(recipe_sources)
+    for assignment in assignments:
+        keys, value = _parse_assignment(assignment)
+        overrides = merge_params(overrides, _nested(keys, value), assignment)
+        sources.append({keys: ("", True)})
+    # Replacing the link would leave its target, the file that is versioned or shared, as it was.
+    target = Path(os.path.realpath(path))
+    document = _round_trip_load(target)
+    _merge_into(document, _quoted_where_ambiguous(overrides))
+    text = _round_trip_text(document)
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
-    config = config_from_dict(_plain(document), f"{path} with {described}")
-    _round_trip_dump(document, path)
+    # What is validated is the text as the stages will read it back, not the values before writing.
+    config = config_from_dict(_parse_yaml(text)[0] or {}, f"{path} with {described}", sources)
+    from pipeline.files import atomic_file
+
+    with atomic_file(target) as handle:
+        handle.write(text)
     return config
+
+
+def _quoted_where_ambiguous(value: Any) -> Any:
+    """`value` with every string that PyYAML (YAML 1.1, which reads params.yaml) would read back as another
+    type if written plain (`no`, `on`, `2:30`) marked to be quoted: ruamel (YAML 1.2) writes those plain."""
+    import yaml
+    from ruamel.yaml.scalarstring import SingleQuotedScalarString
+
+    if isinstance(value, dict):
+        return {key: _quoted_where_ambiguous(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_quoted_where_ambiguous(item) for item in value]
+    if isinstance(value, str):
+        tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, value, (True, False))
+        if tag != "tag:yaml.org,2002:str":
+            return SingleQuotedScalarString(value)
+    return value
 
 
 def _round_trip_load(path: Path) -> Any:
@@ -498,13 +682,14 @@ def _round_trip_load(path: Path) -> Any:
 
     if not path.exists():
         return {}
-    return YAML(typ="rt").load(path.read_text(encoding="utf-8")) or {}
+    # Quotes kept: a value quoted by hand (`src_lang: "no"`) must not come back plain, which reads as false.
+    reader = YAML(typ="rt")
+    reader.preserve_quotes = True
+    return reader.load(path.read_text(encoding="utf-8")) or {}
 
 
-def _round_trip_dump(document: Any, path: Path) -> None:
+def _round_trip_text(document: Any) -> str:
     from ruamel.yaml import YAML
-
-    from pipeline.files import atomic_file
 
     writer = YAML(typ="rt")
     writer.indent(mapping=2, sequence=4, offset=2)
@@ -512,8 +697,9 @@ def _round_trip_dump(document: Any, path: Path) -> None:
     writer.representer.add_representer(  # `null`, as written by hand, not an empty value
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
     )
-    with atomic_file(path) as handle:
-        writer.dump(document, handle)
+    text = io.StringIO()
+    writer.dump(document, text)
+    return text.getvalue()
 
 
 def _merge_into(node: Any, overrides: dict[str, Any]) -> None:
@@ -524,12 +710,3 @@ def _merge_into(node: Any, overrides: dict[str, Any]) -> None:
             _merge_into(current, value)
         else:
             node[key] = value
-
-
-def _plain(node: Any) -> Any:
-    """ruamel's commented containers as plain dicts and lists (what the config models validate)."""
-    if isinstance(node, dict):
-        return {key: _plain(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_plain(value) for value in node]
-    return node

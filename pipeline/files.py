@@ -30,6 +30,11 @@ def _default_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~_umask()
 
 
+def usual_permissions(path: Path) -> None:
+    """Give a file or folder that a library created owner-only the permissions the umask gives others."""
+    path.chmod(_default_mode(is_dir=path.is_dir()))
+
+
 def _owner_tag() -> str:
     """Host and process in every temporary's name: a later run can tell a dead run's leftovers from a
     live run's work in progress (on shared storage, only its own host's processes can be checked)."""

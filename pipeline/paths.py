@@ -5,6 +5,7 @@ These are the paths `dvc.yaml` declares; stages talk to each other only through 
 
 from pathlib import Path
 
+CORPUS_DIR = Path("corpus")  # a dependency of prepare: DVC hashes a local corpus kept here
 PREPARED_DIR = Path("data/prepared")
 PREPARE_STATS = Path("reports/prepare_stats.json")
 PREPARE_METRICS = Path("reports/prepare_metrics.json")

@@ -11,7 +11,14 @@ from typing import Any
 
 from tests.conftest import REPO_ROOT, write_params
 
-PROJECT_FILES = ("dvc.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvc/plots/offline.html")
+PROJECT_FILES = (
+    "dvc.yaml",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots/offline.html",
+    "corpus/README.md",
+)
 
 
 def project_env() -> dict[str, str]:

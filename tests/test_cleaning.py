@@ -123,6 +123,20 @@ def test_too_few_pairs_to_carve_is_refused():
         carve_assignment(2, ("validation", "test"), DataConfig())
 
 
+def test_tiny_carved_splits_are_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Three pairs split 1/1/1 is legal, but a score on one sentence is noise: the user should hear so."""
+    with caplog.at_level("WARNING", logger="pipeline.data.cleaning"):
+        assignment = carve_assignment(3, ("validation", "test"), DataConfig())
+    assert sorted(np.bincount(assignment).tolist()) == [1, 1, 1]
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert "carved 1 validation pair(s) (data.validation_fraction=0.05) and 1 test pair(s)" in warning
+    assert "out of 3 training pairs" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.data.cleaning"):
+        carve_assignment(cleaning.MIN_CARVED_PAIRS * 20, ("validation", "test"), DataConfig())
+    assert not caplog.records, "splits of MIN_CARVED_PAIRS pairs and more are not tiny"
+
+
 def test_length_percentiles_use_nearest_rank():
     assert length_percentiles(np.arange(1, 101)) == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
     assert length_percentiles(np.zeros(0)) == {"p50": 0, "p90": 0, "p99": 0, "max": 0}

@@ -114,7 +114,17 @@ def test_runtime_env_file_parses_and_keeps_stage_outputs_and_environments_local(
     from pathspec import PathSpec
 
     excluded = PathSpec.from_lines("gitwildmatch", [*runtime_env["excludes"], *ALWAYS_EXCLUDE]).match_file
-    for path in ("data", "data/processed/train.pt", "models", ".venv", ".git", "mlflow.db", ".dvc/cache"):
+    for path in (
+        "data",
+        "data/processed/train.pt",
+        "models",
+        ".venv",
+        ".git",
+        "mlflow.db",
+        ".dvc/cache",
+        "build/lib/pipeline/config.py",
+        "dist/seq2seq_pipeline-0.1.0-py3-none-any.whl",
+    ):
         assert excluded(path), f"{path} would be uploaded"
     for path in (
         "pipeline/data/__init__.py",
@@ -192,3 +202,61 @@ def test_every_cluster_file_installs_the_same_cuda_build_and_the_cluster_extra()
     }
     assert set().union(*builds.values()) == {"cu128"} and all(builds.values()), builds
     assert all("[cluster]" in text for text in texts.values()), "dvc-s3 comes with the cluster extra"
+
+
+def _install_commands() -> dict[str, list[str]]:
+    """Each shell command (split at && and ;) of the Dockerfile's RUN lines and of aws-gpu.yaml's
+    *_commands lists that runs `pip install`, by file."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    runs = [line.split("RUN", 1)[1] for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    config = _load("aws-gpu.yaml")
+    setup = [command for key, value in config.items() if key.endswith("_commands") for command in value]
+    found = {}
+    for name, lines in (("Dockerfile", runs), ("aws-gpu.yaml", setup)):
+        commands = [part.strip() for line in lines for part in re.split(r"&&|;|\n", line)]
+        found[name] = [command for command in commands if re.search(r"\bpip3? install\b", command)]
+    return found
+
+
+def test_every_install_in_the_cluster_files_uses_the_constraints_except_cuda_torch() -> None:
+    """The nodes get the versions the tests passed with. torch is the exception, on purpose: it comes first
+    from PyTorch's CUDA index, and constraints.txt leaves it out so pip keeps that build."""
+    constraint = re.compile(r"(^|\s)(-c|--constraint)[\s=]\"?\S*constraints\.txt\b")
+    cuda_torch = re.compile(r"pip install (--no-cache-dir )?torch --index-url \S+$")
+    for name, commands in _install_commands().items():
+        torch_first, *project = commands
+        assert cuda_torch.fullmatch(torch_first), f"{name}: {torch_first}"
+        assert project, f"{name} installs nothing but torch"
+        unconstrained = [command for command in project if not constraint.search(command)]
+        assert not unconstrained, f"{name} installs without -c constraints.txt: {unconstrained}"
+    copied = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("COPY")]
+    assert any("constraints.txt" in line for line in copied), "the image needs constraints.txt to use it"
+
+
+def test_the_cluster_extra_brings_boto3_and_constraints_pin_it() -> None:
+    """`ray up` (here) and the autoscaler (on the head) need boto3 to talk to EC2."""
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^cluster = \[(.*)\]$", pyproject, flags=re.MULTILINE)
+    assert extra and '"boto3' in extra[1]
+    pins = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    for package in ("boto3", "botocore", "dvc-s3"):
+        assert any(line.startswith(f"{package}==") for line in pins), f"constraints.txt lacks {package}"
+
+
+def test_the_submit_commands_shown_in_the_cluster_files_parse() -> None:
+    """Each `python -m pipeline submit ...` written out as a command (not quoted in a sentence) is one the
+    real argument parser accepts."""
+    import shlex
+
+    from pipeline.__main__ import _build_parser
+
+    shown = re.compile(r"(?<!`)python -m pipeline submit(?P<arguments>[^`\n]*)$", flags=re.MULTILINE)
+    commands = [
+        match["arguments"]
+        for path in sorted(CLUSTER.rglob("*"))
+        if path.is_file() and path.suffix in {".md", ".yaml", ""}
+        for match in shown.finditer(path.read_text())
+    ]
+    assert len(commands) >= 3
+    for arguments in commands:
+        _build_parser().parse_args(["submit", *shlex.split(arguments, comments=True)])

@@ -137,3 +137,25 @@ def test_corpus_scores_add_lowercase_bleu_beside_cased_bleu_and_chrf():
     scores = corpus_scores(hypotheses, references)
     assert set(scores) == {"bleu", "bleu_lc", "chrf"}
     assert scores["bleu_lc"] == 100.0 and scores["bleu"] < 100.0
+
+
+def test_each_corpus_score_comes_with_the_sacrebleu_signature_it_was_computed_with():
+    import sacrebleu
+
+    from pipeline.network.scoring import corpus_scores, score_corpus
+
+    references = ["Two dogs play in the snow .", "A man rides a red bike ."]
+    hypotheses = ["two Dogs play in the Snow .", "a man rides a bike ."]
+    scored = score_corpus(hypotheses, references)
+
+    assert scored.scores == corpus_scores(hypotheses, references)
+    # The same numbers as sacreBLEU's own one-call functions with their defaults.
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references], force=True).score
+    assert scored.scores["bleu"] == round(bleu, 2) < 100.0
+    assert scored.scores["chrf"] == round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2)
+    version = sacrebleu.__version__
+    assert scored.signatures == {
+        "bleu_signature": f"BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{version}",
+        "bleu_lc_signature": f"BLEU|nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:{version}",
+        "chrf_signature": f"chrF2|nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:{version}",
+    }

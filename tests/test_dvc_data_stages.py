@@ -54,7 +54,20 @@ def test_exp_run_with_set_param(project: Path) -> None:
     )
     run(["dvc", "repro", "preprocess"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "commit", "-qm", "lock"], project)
+    run(
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@e.invalid",
+            "commit",
+            "-qm",
+            "lock",
+            "--allow-empty",
+        ],
+        project,
+    )
     result = run(["dvc", "exp", "run", "preprocess", "-S", "data.max_examples=500"], project)
     assert "Running stage 'prepare'" in result.stdout
     shown = run(["dvc", "exp", "show", "--json"], project)
@@ -73,11 +86,11 @@ def _snapshot(project: Path) -> dict[str, bytes]:
         ("prepare", "data", "source", "no/such/folder", "no/such/folder"),
     ],
 )
-def test_a_failed_stage_under_dvc_repro_keeps_every_previous_output(
+def test_after_a_failed_stage_dvc_checkout_brings_every_previous_output_back(
     project: Path, stage: str, section: str, key: str, value: object, message: str
 ) -> None:
-    """DVC deletes a stage's outputs before running it unless they persist: they do, and the stages replace
-    them atomically themselves, so data and cache: false reports survive a failed `dvc repro`."""
+    """Outputs are ordinary DVC outputs (the run-cache needs that): DVC removes a stage's outputs before
+    running it, and after a failure `dvc checkout` restores the recorded ones, reports included."""
     run(["dvc", "repro", "preprocess"], project)
     before = _snapshot(project)
     original = (project / "params.yaml").read_text()
@@ -91,4 +104,53 @@ def test_a_failed_stage_under_dvc_repro_keeps_every_previous_output(
     assert result.returncode != 0
     assert "error: " in result.stderr + result.stdout and message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+
+    run(["dvc", "checkout", "--with-deps", "preprocess"], project)  # the later stages never ran here
+
     assert _snapshot(project) == before
+    assert status(project) == {}
+
+
+def status(project: Path) -> dict:
+    """`dvc status` of the data stages (the later ones never ran in these projects)."""
+    return json.loads(run(["dvc", "status", "--json", "--with-deps", "preprocess"], project).stdout or "{}")
+
+
+@pytest.fixture(scope="module")
+def corpus_project(tmp_path_factory) -> Path:
+    """A project whose corpus is a local folder inside corpus/, as the README's own-corpus workflow has it."""
+    from pipeline.data.builtin_corpus import iter_corpus
+
+    directory = make_dvc_project(
+        tmp_path_factory.mktemp("dvc-corpus"),
+        {**TINY_PARAMS, "data": {"source": "corpus/tiny", "src_lang": "en", "tgt_lang": "art"}},
+    )
+    folder = directory / "corpus" / "tiny"
+    folder.mkdir()
+    pairs = list(iter_corpus(600, 5, 1))
+    (folder / "train.en").write_text("".join(f"{src}\n" for src, _ in pairs))
+    (folder / "train.art").write_text("".join(f"{tgt}\n" for _, tgt in pairs))
+    run(["dvc", "repro", "preprocess"], directory)
+    return directory
+
+
+def test_an_untouched_corpus_reruns_nothing(corpus_project: Path) -> None:
+    assert status(corpus_project) == {}
+    result = run(["dvc", "repro", "preprocess"], corpus_project)
+    assert "Running stage" not in result.stdout, result.stdout
+
+
+def test_editing_one_line_of_a_local_corpus_reruns_prepare_and_what_follows(corpus_project: Path) -> None:
+    train = corpus_project / "corpus/tiny/train.art"
+    lines = train.read_text().splitlines(keepends=True)
+    lines[7] = "an edited line .\n"
+    train.write_text("".join(lines))
+
+    changed = status(corpus_project)
+    assert list(changed) == ["prepare"], changed
+    assert changed["prepare"] == [{"changed deps": {"corpus": "modified"}}], changed
+
+    result = run(["dvc", "repro", "preprocess"], corpus_project)
+    assert "Running stage 'prepare'" in result.stdout and "Running stage 'preprocess'" in result.stdout
+    assert b"an edited line" in (corpus_project / "data/prepared/train.arrow").read_bytes()
+    assert status(corpus_project) == {}

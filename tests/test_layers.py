@@ -130,6 +130,7 @@ def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_da
     assert measured["tokens_per_s"] > 0 and measured["train_flops_per_target_token"] > 0
     assert measured["history"][-1]["loss"] < measured["history"][0]["loss"]
     assert {"bleu", "bleu_lc", "chrf"} <= measured.keys()
+    assert measured["bleu_signature"].startswith("BLEU|nrefs:1|case:mixed|")  # what the score means
     # On a CPU-only box the comparison is the CPU against itself: its plumbing, not a GPU's numerics.
     assert (measured["cpu_identical_greedy"], measured["cpu_identical_beam"]) == (1.0, 1.0)
     assert measured["cpu_bleu"] == measured["bleu"]

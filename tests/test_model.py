@@ -162,3 +162,43 @@ def test_tiny_model_memorises_toy_reversal_pairs_quickly(arch: str) -> None:
     assert greedy_accuracy(toy.model, toy.sources, toy.targets) == 1.0
     assert toy.steps <= 600
     assert toy.seconds < 20, f"{arch}: {toy.steps} steps took {toy.seconds:.1f} s"
+
+
+# A value for each setting that differs from ModelConfig's default and keeps every arch buildable.
+OTHER_SETTINGS = {
+    "emb_dim": 24,
+    "hidden_dim": 40,
+    "n_layers": 2,
+    "dropout": 0.3,
+    "n_heads": 2,
+    "ff_dim": 48,
+    "ff_activation": "gelu",
+    "tie_embeddings": False,
+    "share_embeddings": True,
+}
+
+
+def _training_logits(config: ModelConfig) -> torch.Tensor:
+    """The network's output in training mode (dropout on) from fixed seeds: equal iff the config built the
+    same network that computes the same thing."""
+    torch.manual_seed(0)
+    model = build_model(config, VOCAB_SIZE, VOCAB_SIZE).train()
+    src, lengths = source_tensor([[4, 5, 6], [7, 8, 9, 10, 11]])
+    torch.manual_seed(1)
+    return model(src, lengths, _target_batch(2, 4))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_arch_settings_name_exactly_what_build_model_reads(arch: str) -> None:
+    """The table the registry's tags are filtered with: a setting outside it leaves the network as it was,
+    and each one in it changes what the network computes."""
+    from pipeline.network.model import ARCH_SETTINGS, settings_in_use
+
+    base = ModelConfig(arch=arch, emb_dim=16, hidden_dim=32, n_heads=4, ff_dim=32)
+    reference = _training_logits(base)
+    for key, value in OTHER_SETTINGS.items():
+        changed = _training_logits(base.model_copy(update={key: value}))
+        assert torch.equal(changed, reference) == (key not in ARCH_SETTINGS[arch]), (arch, key)
+    assert set(ModelConfig.model_fields) == set().union(*ARCH_SETTINGS.values())
+    assert set(settings_in_use(base.model_dump())) == set(ARCH_SETTINGS[arch])
+    assert settings_in_use({"arch": "future", "width": 3}) == {"arch": "future", "width": 3}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -161,8 +164,13 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path) -> Non
     config = json.loads(config_file.read_text())
     config["model"]["hidden_dim"] *= 2
     config_file.write_text(json.dumps(config))
-    with pytest.raises(PipelineError, match="does not match"):
+    with pytest.raises(PipelineError, match="does not match") as error:
         load_model_dir(path)
+    # One line naming the first tensor that differs, not torch's list of every size mismatch.
+    assert re.search(
+        r"encoder\.rnn\.\S+ is \[\d+, \d+\] in the file, \[\d+, \d+\] by the config", str(error.value)
+    )
+    assert "\n" not in str(error.value)
 
 
 def test_saving_again_replaces_the_folder_whole(tmp_path: Path) -> None:
@@ -201,17 +209,33 @@ def test_translator_returns_translations_in_input_order(word_model_dir: tuple[Pa
     assert translator.translate([]) == []
 
 
-def _run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
+def _run_cli(*args: str, stdin: str | bytes = "", **env: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
         [sys.executable, "-m", "pipeline", "translate", *args],
-        input=stdin,
+        input=stdin.encode() if isinstance(stdin, str) else stdin,
         capture_output=True,
-        text=True,
         cwd=REPO_ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
         timeout=120,
     )
+    out, err = (stream.decode("utf-8", errors="replace") for stream in (done.stdout, done.stderr))
+    return subprocess.CompletedProcess(done.args, done.returncode, out, err)
+
+
+def _translate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`python -m pipeline translate ARGS` in this process: (exit code, stdout, stderr)."""
+    from pipeline.__main__ import main
+
+    capsys.readouterr()
+    code = main(["translate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> str:
+    """The CLI's message for a refused input: exactly one `error:` line on stderr."""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.removeprefix("error: ").rstrip("\n")
 
 
 def test_cli_prints_one_translation_per_input_line(word_model_dir: tuple[Path, list]) -> None:
@@ -228,6 +252,206 @@ def test_cli_names_a_missing_model_folder(tmp_path: Path) -> None:
     result = _run_cli("--model", str(tmp_path / "models"), "alpha")
     assert result.returncode == 2
     assert "model folder not found" in result.stderr
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_cli_names_the_stdin_line_that_is_not_utf8(word_model_dir: tuple[Path, list], locale: str) -> None:
+    """Whatever the locale (a C locale decodes a bad byte to a surrogate, which the tokenizer refuses with a
+    TypeError; a UTF-8 one raises UnicodeDecodeError), the line is named and nothing is translated."""
+    path, pairs = word_model_dir
+    result = _run_cli(
+        "--model", str(path), stdin=f"{pairs[0][0]}\nthe \xff dog .\n".encode("latin-1"), LC_ALL=locale
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        _one_error_line(result.stderr) == "stdin:2: invalid UTF-8 (invalid start byte at byte 4 of the line)"
+    )
+    assert result.stdout == ""
+
+
+def test_text_that_is_not_unicode_is_named_by_its_argument_or_sentence(
+    word_model_dir: tuple[Path, list], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An undecodable byte in an argument (the OS hands Python a surrogate for it), or a lone surrogate
+    escape ("\\udcff") sent to the served model: named, not a TypeError from the tokenizer."""
+    path, pairs = word_model_dir
+    code, out, err = _translate(capsys, "--model", str(path), pairs[0][0], os.fsdecode(b"the \xff dog ."))
+    assert (code, out) == (2, "")
+    assert _one_error_line(err) == "argument 2: not valid text (\\udcff at position 4); give UTF-8"
+    with pytest.raises(PipelineError, match=r"^sentence 1: not valid text \(\\ud800 at position 0\)"):
+        Translator.from_dir(path).translate(["\ud800"])
+
+
+def test_cli_cuts_long_sentences_with_a_warning_naming_their_lines(word_model_dir: tuple[Path, list]) -> None:
+    path, pairs = word_model_dir
+    lines = ["alpha bravo charlie delta", "echo", "golf hotel alpha bravo charlie"]
+    result = _run_cli("--model", str(path), "--max-input-tokens", "2", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "stdin lines 1, 3: over 2 tokens, only the first 2 translated (translate --max-input-tokens,"
+        " $PIPELINE_MAX_INPUT_TOKENS for a served model)"
+    ), result.stderr
+    expected = Translator.from_dir(path).translate(["alpha bravo", "echo", "golf hotel"])
+    assert result.stdout.splitlines() == expected
+
+
+def test_cli_refuses_more_sentences_than_the_bound_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    absent = str(tmp_path / "no-model")  # the count is checked first: no model is needed to refuse
+    code, out, err = _translate(capsys, "--model", absent, "--max-sentences", "2", "a", "b", "c")
+    assert code == 2 and out == ""
+    assert _one_error_line(err) == (
+        "over 2 arguments in one request: give at most 2 (translate --max-sentences, $PIPELINE_MAX_SENTENCES"
+        " for a served model) or split the input"
+    )
+
+
+def test_cli_translates_stdin_of_any_length_in_requests_of_the_bound(
+    word_model_dir: tuple[Path, list],
+) -> None:
+    """stdin is a stream: chunks of --max-sentences lines, numbered on across chunks in messages."""
+    path, _ = word_model_dir
+    lines = ["echo", "alpha bravo", "golf hotel alpha bravo charlie", "echo", "alpha"]
+    result = _run_cli(
+        "--model",
+        str(path),
+        "--max-input-tokens",
+        "2",
+        stdin="\n".join(lines) + "\n",
+        PIPELINE_MAX_SENTENCES="2",
+    )
+    assert result.returncode == 0, result.stderr
+    expected = Translator.from_dir(path).translate(["echo", "alpha bravo", "golf hotel", "echo", "alpha"])
+    assert result.stdout.splitlines() == expected
+    assert "stdin line 3: over 2 tokens" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--max-input-tokens", "0"], {}, "--max-input-tokens must be a positive integer, got 0"),
+        (["--max-sentences", "-1"], {}, "--max-sentences must be a positive integer, got -1"),
+        (
+            [],
+            {"PIPELINE_MAX_INPUT_TOKENS": "lots"},
+            "$PIPELINE_MAX_INPUT_TOKENS must be a positive integer, got 'lots'",
+        ),
+        ([], {"PIPELINE_MAX_SENTENCES": "0"}, "$PIPELINE_MAX_SENTENCES must be a positive integer, got 0"),
+        (
+            [],
+            {"PIPELINE_DEVICE": "tpu9"},
+            "unknown device 'tpu9' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
+        ),
+    ],
+    ids=["tokens-option", "sentences-option", "tokens-env", "sentences-env", "device-env"],
+)
+def test_cli_names_a_bad_bound_or_device_setting(
+    word_model_dir: tuple[Path, list],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = _translate(capsys, "--model", str(word_model_dir[0]), *args, "alpha")
+    assert (code, out) == (2, "") and _one_error_line(err) == message
+
+
+def test_cli_runs_where_pipeline_device_says(
+    word_model_dir: tuple[Path, list], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$PIPELINE_DEVICE is honoured; --device wins over it."""
+    path, pairs = word_model_dir
+    monkeypatch.setenv("PIPELINE_DEVICE", "cpu" if torch.cuda.is_available() else "cuda")
+    code, _, err = _translate(capsys, "--model", str(path), pairs[0][0])
+    if torch.cuda.is_available():
+        assert code == 0, err
+    else:
+        assert code == 2 and "device 'cuda' (from $PIPELINE_DEVICE) asked for" in _one_error_line(err)
+    code, out, err = _translate(capsys, "--model", str(path), "--device", "cpu", pairs[0][0])
+    assert code == 0 and out.splitlines() == [pairs[0][1]], err
+
+
+def test_a_registry_uri_without_a_store_leaves_no_store_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = _translate(capsys, "--model", "models:/nope@champion", "alpha")
+    assert (code, out) == (2, "")
+    assert _one_error_line(err).startswith(
+        f"cannot fetch models:/nope@champion: there is no MLflow store at {tmp_path / 'mlflow.db'}"
+    )
+    assert list(tmp_path.iterdir()) == [], "no mlflow.db (nor anything else) created to find that out"
+
+
+VOCAB_RULE = "must be an integer from 4 to 4,294,967,295 (token ids are 32-bit), got"
+
+
+def _edit_model_config(path: Path, edit: Callable[[dict], object]) -> None:
+    config_file = path / "model_config.json"
+    config = json.loads(config_file.read_text())
+    edit(config)
+    config_file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda config: config.update(src_vocab_size=-5),
+            f"src_vocab_size {VOCAB_RULE} -5",
+        ),
+        (
+            lambda config: config.update(tgt_vocab_size=10**13),
+            f"tgt_vocab_size {VOCAB_RULE} 10000000000000",
+        ),
+        (
+            lambda config: config.update(src_vocab_size="20"),
+            f"src_vocab_size {VOCAB_RULE} '20'",
+        ),
+        (
+            lambda config: config["model"].update(arch="lstm"),
+            "model.arch: Input should be 'gru', 'gru_attention' or 'transformer' (got 'lstm')",
+        ),
+    ],
+    ids=["negative-vocab", "huge-vocab", "text-vocab", "unknown-arch"],
+)
+def test_a_bad_model_config_is_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[dict], object], message: str
+) -> None:
+    path, _ = _random_model_dir(tmp_path, "gru")
+    _edit_model_config(path, edit)
+    code, out, err = _translate(capsys, "--model", str(path), "alpha")
+    assert (code, out) == (2, "") and _one_error_line(err) == f"{path / 'model_config.json'}: {message}"
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """e.g. the target tokenizer copied over the source one: ids past the embedding would be an IndexError
+    on the first sentence that uses one."""
+    path, model = _random_model_dir(tmp_path, "gru")
+    words = [f"word{i}" for i in range(model.src_vocab_size + 10)]
+    bigger = train_tokenizer(words, PreprocessConfig(tokenizer="word", vocab_size=1000))
+    bigger.save(str(path / "src_tokenizer.json"))
+    code, out, err = _translate(capsys, "--model", str(path), "alpha")
+    assert (code, out) == (2, "")
+    assert _one_error_line(err) == (
+        f"{path / 'src_tokenizer.json'} has {bigger.get_vocab_size()} tokens, the model's source vocabulary"
+        f" only {model.src_vocab_size}: they do not belong together"
+    )
+
+
+def test_the_weights_file_gets_the_permissions_of_its_siblings(tmp_path: Path) -> None:
+    path, _ = _random_model_dir(tmp_path, "gru")
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in path.iterdir()}
+    assert modes[WEIGHTS_FILE] == modes["model_config.json"], modes
 
 
 def test_token_batches_keep_each_padded_batch_within_the_budget() -> None:

@@ -10,6 +10,7 @@ cluster restores them instead of training again, even with its own `runtime.stor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,14 @@ def test_small_model_translates_the_builtin_corpus_well(project: Path) -> None:
     assert metrics["bleu"] >= 60, metrics
     assert copy_bleu < 5
     assert metrics["chrf"] > 75
+    assert metrics["bleu_signature"] == (
+        f"BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    )
 
 
 def test_model_is_registered_as_champion_with_lineage(project: Path) -> None:
+    import getpass
+
     from mlflow.tracking import MlflowClient
 
     report = json.loads((project / "reports/registry.json").read_text())
@@ -74,7 +80,11 @@ def test_model_is_registered_as_champion_with_lineage(project: Path) -> None:
     champion = client.get_model_version_by_alias("seq2seq-translator", "champion")
     assert str(report["version"]) == str(champion.version)
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert champion.tags["mlflow.source.git.commit"].startswith(commit)
+    # A plain hash (git's and MLflow's form); uncommitted changes are a tag of their own.
+    assert champion.tags["mlflow.source.git.commit"] == commit
+    assert (
+        champion.tags["git_dirty"] in ("true", "false") and champion.tags["mlflow.user"] == getpass.getuser()
+    )
     data_md5 = champion.tags["dvc_data_processed_md5"]
     assert data_md5 not in ("", "unknown")
     train_run = client.get_run(json.loads((project / "reports/train_run.json").read_text())["mlflow_run_id"])
@@ -92,7 +102,8 @@ def test_the_train_run_fills_mlflows_source_datasets_and_system_metrics_panels(p
     train_run = client.get_run(json.loads((project / "reports/train_run.json").read_text())["mlflow_run_id"])
     tags = train_run.data.tags
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert tags["mlflow.source.git.commit"].startswith(commit) and "git_commit" not in tags
+    assert tags["mlflow.source.git.commit"] == commit and "git_commit" not in tags
+    assert tags["git_dirty"] in ("true", "false")
     assert (tags["mlflow.user"], tags["mlflow.source.name"]) == (
         getpass.getuser(),
         "python -m pipeline train",
@@ -135,6 +146,85 @@ def test_second_repro_runs_no_stage(project: Path) -> None:
     assert "Running stage" not in result.stdout, result.stdout
 
 
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid"]
+STAGES = ("prepare", "preprocess", "tune", "train", "evaluate", "register")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _set_param(project: Path, assignment: str) -> None:
+    run(["python", "-m", "pipeline", "set-params", assignment], project)
+
+
+def test_a_parameter_set_that_already_ran_comes_back_from_the_run_cache(project: Path) -> None:
+    """lr A -> lr B -> lr A: the third `dvc repro` restores train (and what follows it) from DVC's
+    run-cache, byte for byte, instead of training again."""
+    model_a = _snapshot(project / "models")
+    lr_a = SMALL_BUT_LEARNABLE["train"]["lr"]
+    _set_param(project, f"train.lr={lr_a / 2}")
+    try:
+        trained_b = run(["dvc", "repro", "train"], project, timeout=1200)
+        assert "Running stage 'train'" in trained_b.stdout, trained_b.stdout
+        assert "Running stage 'prepare'" not in trained_b.stdout
+        assert _snapshot(project / "models") != model_a
+    finally:
+        _set_param(project, f"train.lr={lr_a}")
+
+    restored = run(["dvc", "repro"], project)
+
+    assert "Stage 'train' is cached - skipping run" in restored.stdout, restored.stdout
+    assert "Running stage" not in restored.stdout, restored.stdout
+    assert _snapshot(project / "models") == model_a
+    assert json.loads(run(["dvc", "status", "--json"], project).stdout or "{}") == {}
+
+
+def test_a_pushed_run_cache_restores_every_stage_in_a_fresh_clone(project: Path, tmp_path: Path) -> None:
+    """The cluster round trip without a cluster: a run pushed with its run-cache (what
+    cluster/run_pipeline.sh does) is restored at the same commit elsewhere with no stage run."""
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "pushed", str(remote)], project)
+    run(["dvc", "push", "--run-cache", "--remote", "pushed"], project)
+    assert len(list((remote / "runs").glob("*/*/*"))) >= len(STAGES), "one run-cache entry per stage"
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "dvc.lock").exists(), "as on a laptop: the job's dvc.lock never reached git"
+    run(["dvc", "remote", "add", "--default", "pushed", str(remote)], clone)
+    run(["dvc", "fetch", "--run-cache"], clone)  # `dvc pull` would also try a checkout: no dvc.lock yet
+    restored = run(["dvc", "repro"], clone)
+
+    assert "Running stage" not in restored.stdout, restored.stdout
+    for stage in STAGES:
+        assert f"Stage '{stage}' is cached - skipping run" in restored.stdout, (stage, restored.stdout)
+    assert json.loads(run(["dvc", "status", "--json"], clone).stdout or "{}") == {}
+    assert _snapshot(clone / "models") == _snapshot(project / "models")
+    assert (clone / "reports/metrics.json").read_bytes() == (project / "reports/metrics.json").read_bytes()
+
+
+def test_an_experiment_in_a_temporary_workspace_logs_into_the_projects_store(project: Path) -> None:
+    """`dvc exp run --temp` runs a copy under .dvc/tmp/exps that DVC deletes afterwards: the evaluate
+    stage's scores must still reach the project's mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    run([*GIT, "add", "-A"], project)
+    run([*GIT, "commit", "-qm", "pipeline run"], project)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    train_run_id = json.loads((project / "reports/train_run.json").read_text())["mlflow_run_id"]
+    logged_before = len(client.get_metric_history(train_run_id, "test_bleu"))
+
+    result = run(["dvc", "exp", "run", "--temp", "evaluate", "-S", "evaluate.n_samples=3"], project)
+
+    assert "Running stage 'evaluate'" in result.stdout, result.stdout
+    assert len(client.get_metric_history(train_run_id, "test_bleu")) == logged_before + 1
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside DVC's workspaces"
+
+
 def test_cluster_job_restores_the_cached_pipeline_instead_of_training_again(
     project: Path, ray_head: RayHead, tmp_path: Path
 ) -> None:
@@ -145,6 +235,7 @@ def test_cluster_job_restores_the_cached_pipeline_instead_of_training_again(
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "--default", "local", str(remote)], project)
     run(["dvc", "push"], project)
+    assert not (remote / "runs").exists(), "a plain push carries no run-cache"
     tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
     versions_before = len(MlflowClient(tracking_uri).search_model_versions("name='seq2seq-translator'"))
 
@@ -153,17 +244,20 @@ def test_cluster_job_restores_the_cached_pipeline_instead_of_training_again(
         *("--address", ray_head.address),
         RAY_AUTH_TOKEN=ray_head.token,
         MLFLOW_TRACKING_URI=tracking_uri,
-        PIPELINE_SET=f"runtime.storage_path={tmp_path / 'cluster-ray'} runtime.max_failures=5",
+        # evaluate.n_samples: one cheap stage runs on the cluster, and its run-cache entry must come home.
+        PIPELINE_SET=(
+            f"runtime.storage_path={tmp_path / 'cluster-ray'} runtime.max_failures=5 evaluate.n_samples=3"
+        ),
     )
 
     assert result.returncode == 0, output(result)
     assert "finished: SUCCEEDED" in result.stdout, output(result)
-    assert "Running stage" not in result.stdout, "the cluster must reuse the cached outputs:\n" + output(
-        result
-    )
-    for stage in ("prepare", "preprocess", "tune", "train", "evaluate", "register"):
+    ran = sorted(set(re.findall(r"Running stage '(\w+)'", result.stdout)))
+    assert ran == ["evaluate"], "the cluster must reuse the cached outputs:\n" + output(result)
+    for stage in ("prepare", "preprocess", "tune", "train", "register"):
         assert f"'{stage}'" in result.stdout, output(result)  # DVC said each was up to date
     assert not (tmp_path / "cluster-ray").exists(), "nothing trained on the cluster"
+    assert list((remote / "runs").glob("*/*/*")), "the job pushed its run-cache: " + output(result)
     assert (
         len(MlflowClient(tracking_uri).search_model_versions("name='seq2seq-translator'")) == versions_before
     )

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.config import PipelineConfig, PreprocessConfig, config_from_dict
@@ -219,12 +220,23 @@ def test_a_million_character_line_is_dropped_by_prepare_and_preprocess_stays_fas
     assert load_processed(tmp_path / "data" / "processed").pairs("train") < 200
 
 
+BAD_COLUMNS = {
+    "other-columns": ([("en", pa.string()), ("de", pa.string())], {"en": ["a"], "de": ["b"]}),
+    "int-column": ([("src", pa.int64()), ("tgt", pa.string())], {"src": [1], "tgt": ["b"]}),
+    "null-values": ([("src", pa.string()), ("tgt", pa.string())], {"src": ["a", "c"], "tgt": ["b", None]}),
+}
+
+
 def _break_prepared(case: str) -> None:
     folder = PREPARED_DIR
     if case == "no-corpus-json":
         (folder / "corpus.json").unlink()
     elif case == "no-validation-split":
         (folder / "validation.arrow").unlink()
+    elif case in BAD_COLUMNS:  # an Arrow file written by something else: it reads, but not as text pairs
+        writer = arrow_text.TextPairWriter(folder / "train.arrow", pa.schema(BAD_COLUMNS[case][0]))
+        writer.write(**BAD_COLUMNS[case][1])
+        writer.close()
     else:  # a truncated Arrow file: a copy cut short, a full disk
         data = (folder / "train.arrow").read_bytes()
         (folder / "train.arrow").write_bytes(data[: len(data) // 2])
@@ -236,6 +248,9 @@ def _break_prepared(case: str) -> None:
         ("no-corpus-json", r"data/prepared is incomplete \(no corpus.json\)"),
         ("no-validation-split", r"data/prepared has no validation split \(validation.arrow\)"),
         ("truncated-arrow", r"cannot read data/prepared/train.arrow: "),
+        ("other-columns", r"data/prepared/train.arrow: no column 'src' \(columns: en, de\); expected"),
+        ("int-column", r"data/prepared/train.arrow: column 'src' holds int64, expected strings"),
+        ("null-values", r"data/prepared/train.arrow: column 'tgt' has 1 null value\(s\); expected text"),
     ],
 )
 def test_a_corrupt_prepared_folder_is_one_message_and_keeps_the_previous_processed_data(

@@ -215,11 +215,28 @@ def test_first_version_becomes_champion_and_registering_it_again_adds_no_version
     assert version.run_id == run_id  # logged into the train run named by reports/train_run.json
     tags = version.tags
     assert tags["model.arch"] == "gru" and tags["model.hidden_dim"] == "32"
+    # Only the settings a GRU reads: none of the Transformer's.
+    assert {key for key in tags if key.startswith("model.") and "vocab" not in key} == {
+        "model.arch",
+        "model.emb_dim",
+        "model.hidden_dim",
+        "model.n_layers",
+        "model.dropout",
+    }
+    # MLflow's open-source registry leaves a version's user_id empty ("Created by"): the user is a tag.
+    assert tags[lineage.TAG_USER] == lineage.user()
     assert (tags["data.source"], tags["data.src_lang"], tags["data.tgt_lang"]) == ("builtin", "en", "art")
     assert float(tags["test_bleu"]) == first["challenger_bleu"] and "test_chrf" in tags
     assert tags["model_content_sha256"] == first["content_hash"]
     assert tags["gate_decision"] == "promoted" and tags["train.ray_run_name"] == "train-test"
-    assert {lineage.TAG_GIT_COMMIT, lineage.TAG_DATA_HASH} <= set(tags)
+    assert {lineage.TAG_GIT_COMMIT, lineage.TAG_GIT_DIRTY, lineage.TAG_DATA_HASH} <= set(tags)
+    # sacreBLEU's signatures: in reports/metrics.json, on the train run evaluate logged to, on the version.
+    metrics = json.loads((project.root / "reports" / "metrics.json").read_text())
+    assert metrics["bleu_signature"].startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert metrics["chrf_signature"].startswith("chrF2|") and "case:lc" in metrics["bleu_lc_signature"]
+    run_tags = project.client.get_run(run_id).data.tags
+    assert run_tags["test_bleu_signature"] == tags["test_bleu_signature"] == metrics["bleu_signature"]
+    assert "test_bleu_signature" not in project.client.get_run(run_id).data.metrics
     assert "GRU encoder-decoder" in version.description
     assert f"BLEU {first['challenger_bleu']}" in version.description
 
@@ -274,6 +291,7 @@ def test_gate_compares_a_transformer_with_a_gru_champion(project: Project) -> No
     assert project.aliases()["champion"] == (2 if transformer > gru else 1)
     version = project.client.get_model_version(MODEL_NAME, "2")
     assert version.tags["model.arch"] == "transformer" and version.tags["model.n_heads"] == "4"
+    assert "model.hidden_dim" not in version.tags  # the Transformer's width is emb_dim
     assert "Transformer" in version.description and "GRU" not in version.description
 
 
@@ -373,6 +391,13 @@ def _post(port: int, payload: dict[str, Any]) -> dict[str, Any]:
         return json.loads(response.read())
 
 
+def _post_refused(port: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A request the server must refuse: its HTTP status and JSON body."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(port, payload)
+    return refused.value.code, json.loads(refused.value.read())
+
+
 def _wait_until_serving(server: subprocess.Popen, port: int, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -390,15 +415,21 @@ def _wait_until_serving(server: subprocess.Popen, port: int, log: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["good", "transformer"])
 def test_served_champion_answers_invocations_like_the_local_model(project: Project, model: str) -> None:
-    from pipeline.network.translator import Translator
+    from pipeline.network.translator import DEFAULT_MAX_INPUT_TOKENS, InputBounds, Translator
 
     project.register(model)
     sentences = _sentences(project.workspace.processed)
-    translator = Translator.from_dir(project.workspace.models[model])
+    # The server's bounds: its environment's, as `translate` reads them; no more sentences than these.
+    bounds = InputBounds(max_sentences=len(sentences))
+    translator = Translator.from_dir(project.workspace.models[model], bounds=bounds)
     local, greedy = translator.translate(sentences), translator.translate(sentences, beam_size=1)
+    words = sentences[0].split()
+    long_sentence = " ".join(words * (DEFAULT_MAX_INPUT_TOKENS // len(words) + 1))
+    (cut,) = translator.translate([long_sentence])
 
     bin_dir = Path(sys.executable).parent  # `mlflow models serve --env-manager local` runs uvicorn from PATH
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env["PIPELINE_MAX_SENTENCES"] = str(bounds.max_sentences)
     port, log = _free_port(), project.root / "serve.log"
     command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
@@ -413,6 +444,15 @@ def test_served_champion_answers_invocations_like_the_local_model(project: Proje
         split = {"columns": ["text"], "data": [[sentence] for sentence in sentences]}
         assert _post(port, {"dataframe_split": split}) == {"predictions": local}
         assert _post(port, {"inputs": sentences, "params": {"beam_size": 1}}) == {"predictions": greedy}
+        # Too long a sentence is cut (and the server log says so), too many sentences refused with a 400.
+        assert _post(port, {"inputs": [long_sentence]}) == {"predictions": [cut]}
+        assert f"sentence 1: over {DEFAULT_MAX_INPUT_TOKENS} tokens, only the first" in log.read_text()
+        status, body = _post_refused(port, {"inputs": [*sentences, "one too many"]})
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert (
+            f"over {len(sentences)} sentences in one request: give at most {len(sentences)}"
+            in body["message"]
+        )
     finally:
         # The server is its own process group (uvicorn workers included): end the group, not just the CLI.
         os.killpg(server.pid, signal.SIGTERM)

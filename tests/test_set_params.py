@@ -104,3 +104,97 @@ def test_set_params_keeps_comments_key_order_and_every_other_line(tmp_path: Path
         ),
         ("  epochs: 10", "  epochs: 3"),
     ]
+
+
+NOT_YAML = {
+    "unclosed-list": ("model.arch=[transformer", "expected ',' or ']', but got '<stream end>'"),
+    "unclosed-mapping": ("model.arch={", "expected the node content, but found '<stream end>'"),
+    "undefined-alias": ("data.source=*foo", "found undefined alias 'foo'"),
+    "python-tag": ("model.arch=!!python/object:os.system", "could not determine a constructor for the tag"),
+    "tab": ("model.arch=\ttransformer", "found character '\\t' that cannot start any token"),
+    "duplicate-key": ("data.builtin={seed: 1, seed: 2}", "duplicate key 'seed'"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_YAML))
+def test_a_value_that_is_not_yaml_is_one_line_naming_the_assignment(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.__main__ import main
+
+    assignment, problem = NOT_YAML[case]
+    path = write_params(tmp_path, {})
+    before = path.read_bytes()
+    assert main(["--params", str(path), "set-params", "train.epochs=3", assignment]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {assignment!r}: the value is not valid YAML: "), error
+    assert problem in error and error.count("\n") == 1, error
+    assert path.read_bytes() == before
+
+
+def test_pipeline_set_with_a_value_that_is_not_yaml_stops_the_cluster_script_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """cluster/run_pipeline.sh applies $PIPELINE_SET before `dvc repro`: a bad value stops it there."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parents[1]
+    shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_bytes()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(project),
+        "PIPELINE_SET": "train.epochs=3 model.arch=[transformer",
+    }
+    done = subprocess.run(
+        ["bash", str(project / "cluster" / "run_pipeline.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: 'model.arch=[transformer': the value is not valid YAML:"
+        " expected ',' or ']', but got '<stream end>'"
+    ]
+    assert (tmp_path / "params.yaml").read_bytes() == before
+
+
+def test_a_symlinked_params_file_is_edited_where_it_points(tmp_path: Path) -> None:
+    target = write_params(tmp_path, {})
+    (tmp_path / "project").mkdir()
+    link = tmp_path / "project" / "params.yaml"
+    link.symlink_to(Path("..") / "params.yaml")
+    set_params(link, ["train.epochs=3"])
+    assert link.is_symlink() and link.resolve() == target.resolve(), "the link stays a link"
+    assert yaml.safe_load(target.read_text())["train"]["epochs"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "project"], "no temporary left"
+    before = target.read_bytes()
+    with pytest.raises(PipelineError, match="train.epochs"):
+        set_params(link, ["train.epochs=0"])
+    assert link.is_symlink() and target.read_bytes() == before
+
+
+@pytest.mark.parametrize("option", ["--params", "--recipe"])
+def test_a_folder_given_as_params_or_recipe_is_named_as_a_folder(
+    tmp_path: Path, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.__main__ import main
+
+    path = write_params(tmp_path, {})
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    arguments = ["--params", str(folder), "set-params", "train.epochs=3"]
+    if option == "--recipe":
+        arguments = ["--params", str(path), "set-params", "--recipe", str(folder)]
+    assert main(arguments) == 2
+    what = "parameters file" if option == "--params" else "recipe"
+    assert capsys.readouterr().err == f"error: {what} is a folder, not a YAML file: {folder}\n"
+    assert list(folder.iterdir()) == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 from pathlib import Path
 
 import datasets
@@ -256,6 +258,33 @@ def test_one_sided_split_names_the_missing_parallel_file(tmp_path):
         read_corpus(data_config(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("kind", "described"),
+    [
+        ("folder", "a folder"),
+        ("fifo", r"a FIFO \(named pipe\)"),
+        ("symlink-loop", "a symlink loop"),
+        ("broken-symlink", "a broken symlink"),
+    ],
+)
+def test_a_split_file_that_is_not_a_file_says_what_it_is(tmp_path, kind, described):
+    """Not "train.de has no parallel file train.en": train.en is there, it is just not a file."""
+    write_lines(tmp_path / "train.de", ["ein Hund"])
+    odd = tmp_path / "train.en"
+    if kind == "folder":
+        odd.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "symlink-loop":
+        odd.symlink_to(odd)
+    else:
+        odd.symlink_to(tmp_path / "absent.en")
+    with pytest.raises(PipelineError) as error:
+        read_corpus(data_config(tmp_path))
+    assert re.fullmatch(rf"{re.escape(str(odd))} is {described}, not a regular file: .*", str(error.value))
+    assert "\n" not in str(error.value)
+
+
 def test_several_test_candidates_are_refused_with_their_names(tmp_path):
     for stem in ("train", "test_2016_flickr", "test_2017_mscoco"):
         write_text_split(tmp_path, stem, PAIRS)
@@ -277,11 +306,12 @@ def test_split_name_that_does_not_exist_is_refused(tmp_path):
     [
         ("train.tsv", "de\ten\nein\tone\nzwei\n", r"train\.tsv:3: expected 2 tab-separated fields"),
         ("train.tsv", "src\ttgt\na\tb\n", r"train\.tsv:1: header has no column 'de' or 'en'; columns found"),
+        ("train.tsv", "en\tde\tde\na\tb\tc\n", r"train\.tsv:1: header has column 'de' 2 times; name each"),
         ("train.jsonl", '{"de": "a", "en": "b"}\n{"de": "a", \n', r"train\.jsonl:2: not valid JSON"),
         ("train.jsonl", '{"de": "a", "fr": "b"}\n', r"train\.jsonl:1: expected string .*keys found: de, fr"),
         ("train.jsonl", '["a", "b"]\n', r"train\.jsonl:1: expected a JSON object"),
     ],
-    ids=["tsv-fields", "tsv-header", "jsonl-syntax", "jsonl-keys", "jsonl-array"],
+    ids=["tsv-fields", "tsv-header", "tsv-header-twice", "jsonl-syntax", "jsonl-keys", "jsonl-array"],
 )
 def test_malformed_tsv_and_jsonl_lines_name_file_and_line(tmp_path, filename, content, expected):
     (tmp_path / filename).write_text(content)

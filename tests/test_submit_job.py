@@ -23,7 +23,7 @@ from pipeline.jobs.submit import (
     entrypoint_command,
     run_submit,
 )
-from pipeline.tracking.lineage import GIT_COMMIT_ENV, user
+from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, user
 from tests.ray_head import REPO_ROOT, RayHead, copy_project, free_ports, output, submit
 
 TRACKING_URI = "http://mlflow.invalid:5000"  # only checked for arrival; nothing connects to it
@@ -190,7 +190,16 @@ def test_runtime_env_merges_file_shell_settings_and_mandatory_excludes(tmp_path:
     assert "AWS_SECRET_ACCESS_KEY" not in env_vars, "AWS keys only when named in PIPELINE_SUBMIT_ENV"
     assert "UNRELATED" not in env_vars
     assert passed == ["MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "AWS_REGION"]
-    assert GIT_COMMIT_ENV not in env_vars  # tmp_path is no git checkout
+    assert GIT_COMMIT_ENV not in env_vars and GIT_DIRTY_ENV not in env_vars  # tmp_path is no git checkout
+
+
+def test_the_job_gets_the_plain_commit_and_whether_the_checkout_had_changes() -> None:
+    import subprocess
+
+    runtime_env, _ = build_runtime_env(None, REPO_ROOT, {}, given={})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert runtime_env["env_vars"][GIT_COMMIT_ENV] == head.stdout.strip()
+    assert runtime_env["env_vars"][GIT_DIRTY_ENV] in ("true", "false")
 
 
 def test_extra_env_names_are_passed_only_when_asked_and_set(tmp_path: Path) -> None:
@@ -232,6 +241,46 @@ def test_cli_drops_only_the_leading_separator(monkeypatch: pytest.MonkeyPatch) -
     assert seen == [(["pytest", "--", "-k", "x"], False), ([], True)], "waits by default, as ray job submit"
     with pytest.raises(SystemExit):  # one runtime env source, as in `ray job submit`
         main(["submit", "--runtime-env", "a.yaml", "--runtime-env-json", "{}"])
+
+
+@pytest.mark.parametrize(
+    ("options", "env_file", "message"),
+    [
+        (
+            ["--runtime-env-json", ""],
+            None,
+            "--runtime-env-json is empty: give a JSON object, or leave the option out",
+        ),
+        (
+            ["--runtime-env-json", '{"working_dir": 5}'],
+            None,
+            "--runtime-env-json: working_dir must be a string (a local folder or a URI such as s3://...),"
+            " got 5",
+        ),
+        (
+            ["--runtime-env", "env.yaml"],
+            "env_vars:\n  A: [1,\n",
+            "env.yaml:3: expected the node content, but found '<stream end>'",
+        ),
+    ],
+    ids=["json-empty", "json-working-dir-number", "yaml-syntax"],
+)
+def test_a_bad_runtime_env_option_is_one_line_naming_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+    env_file: str | None,
+    message: str,
+) -> None:
+    """Refused before any connection is tried: the address leads nowhere."""
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    if env_file is not None:
+        (tmp_path / "env.yaml").write_text(env_file)
+    assert main(["submit", "--address", "http://127.0.0.1:9", *options, "--", "true"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_token_is_read_in_rays_order_and_disabled_sends_none(
@@ -305,6 +354,30 @@ def test_the_job_package_leaves_out_secret_files_and_what_gitignore_ignores(tmp_
     reported = dict(excluded_secrets(project))
     assert set(reported) == set(SECRET_FILES)
     assert reported[".env.local"] == ".env.*" and reported["secrets/db.yaml"] == "secrets/"
+
+
+def test_build_outputs_stay_behind_by_the_projects_own_gitignore(tmp_path: Path) -> None:
+    """`pip wheel .` and `python -m build` leave build/ and dist/ (copies of the code) in the project: its
+    .gitignore alone keeps them out of the upload, without the runtime env file's excludes."""
+    import shutil
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    project = tmp_path / "project"
+    built = ("build/lib/pipeline/config.py", "dist/seq2seq_pipeline-0.1.0-py3-none-any.whl")
+    for name in ("pipeline/config.py", *built):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    shutil.copy(REPO_ROOT / ".gitignore", project / ".gitignore")
+    runtime_env, _ = build_runtime_env(None, project, {}, given={})
+
+    package = tmp_path / "package.zip"
+    create_package(str(project), package, include_gitignore=True, excludes=runtime_env["excludes"])
+    packed = {name for name in zipfile.ZipFile(package).namelist() if not name.endswith("/")}
+
+    assert "pipeline/config.py" in packed
+    assert not packed & set(built), sorted(packed & set(built))
 
 
 def test_runtime_env_json_is_the_starting_point_and_the_project_settings_still_apply(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """MLflow's own conventions on a real SQLite store: the experiment's kind (so MLflow 3's UI shows runs, not
-GenAI traces) and description, and each run's description (its Description panel)."""
+GenAI traces) and description, each run's description (its Description panel), and the git tags."""
 
 from __future__ import annotations
 
@@ -59,3 +59,35 @@ def test_runs_describe_their_stage_model_and_data(tracking_uri: str) -> None:
     searched = client.get_run(tune).data.tags[lineage.TAG_DESCRIPTION]
     assert all(f"`{key}`" in searched for key in config.tune.search_space)
     assert "child run per trial" in searched
+
+
+def _git(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_the_commit_tag_is_a_plain_hash_and_uncommitted_changes_have_a_tag_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(lineage.GIT_COMMIT_ENV, raising=False)
+    assert lineage.git_tags() == {lineage.TAG_GIT_COMMIT: "unknown", lineage.TAG_GIT_DIRTY: "unknown"}
+    _git("init", "-q", cwd=tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    _git("add", "params.yaml", cwd=tmp_path)
+    _git("commit", "-q", "-m", "start", cwd=tmp_path)
+    head = _git("rev-parse", "HEAD", cwd=tmp_path).strip()
+
+    (tmp_path / "notes.txt").write_text("untracked files are not the code that ran\n")
+    assert lineage.git_tags() == {lineage.TAG_GIT_COMMIT: head, lineage.TAG_GIT_DIRTY: "false"}
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    assert lineage.git_tags() == {lineage.TAG_GIT_COMMIT: head, lineage.TAG_GIT_DIRTY: "true"}
+
+    # A Ray job's copy has no .git: the tags come from what `submit` read on the submitting machine.
+    monkeypatch.setenv(lineage.GIT_COMMIT_ENV, "c0ffee")
+    monkeypatch.setenv(lineage.GIT_DIRTY_ENV, "false")
+    config = config_from_dict({})
+    tags = lineage.lineage_tags("train", config)
+    assert (tags[lineage.TAG_GIT_COMMIT], tags[lineage.TAG_GIT_DIRTY]) == ("c0ffee", "false")

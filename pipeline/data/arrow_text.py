@@ -71,13 +71,43 @@ def iter_batches(path: Path) -> Iterator[pa.RecordBatch]:
         raise PipelineError(f"cannot read {path}: {error}") from None
 
 
+def check_text_columns(path: Path, pairs: pa.RecordBatch | pa.Table | None = None) -> None:
+    """`pairs` (default: the file's schema alone) has the string columns `src` and `tgt`, without nulls;
+    a PipelineError naming the file and the column otherwise (a file written by something else, or by an
+    older layout), rather than a KeyError or a TypeError from the tokenizer."""
+    if pairs is None:
+        try:
+            with pa.OSFile(str(path), "rb") as source:
+                schema = pa.ipc.open_stream(source).schema
+        except (OSError, pa.ArrowException) as error:
+            raise PipelineError(f"cannot read {path}: {error}") from None
+    else:
+        schema = pairs.schema
+    for name in SCHEMA.names:
+        if name not in schema.names:
+            raise PipelineError(
+                f"{path}: no column {name!r} (columns: {', '.join(schema.names) or 'none'});"
+                " expected the string columns src and tgt"
+            )
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PipelineError(f"{path}: column {name!r} holds {kind}, expected strings")
+        if pairs is not None and pairs.column(name).null_count:
+            raise PipelineError(
+                f"{path}: column {name!r} has {pairs.column(name).null_count} null value(s);"
+                " expected text in every row"
+            )
+
+
 def iter_text_batches(path: Path) -> Iterator[tuple[list[str], list[str]]]:
     """(sources, targets) per record batch as Python strings: the batch is the only copy made."""
     for batch in iter_batches(path):
+        check_text_columns(path, batch)
         yield batch.column("src").to_pylist(), batch.column("tgt").to_pylist()
 
 
 def read_texts(path: Path) -> tuple[list[str], list[str]]:
     """A whole (small: validation or test) file as two lists of strings."""
     table = open_pairs(path)
+    check_text_columns(path, table)
     return table.column("src").to_pylist(), table.column("tgt").to_pylist()

@@ -24,6 +24,7 @@ pair to its final split.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,8 +43,12 @@ from pipeline.data.sources import Pair, RawCorpus
 from pipeline.errors import PipelineError
 from pipeline.network.tokenization import clean_text
 
+logger = logging.getLogger(__name__)
+
 DROP_REASONS = ("empty", "too_many_chars", "too_long", "length_ratio", "duplicate", "in_eval_split")
 EVAL_DROP_REASONS = ("empty",)  # the only filter evaluation splits get (see above)
+# Below this many pairs a carved validation or test split is noise rather than a measurement: warn.
+MIN_CARVED_PAIRS = 100
 _CLEANED_TRAIN = ".train-cleaned.arrow"  # first-pass training pairs, removed once the splits are written
 
 
@@ -210,6 +215,18 @@ def carve_assignment(n_pairs: int, missing: tuple[str, ...], config: DataConfig)
             f"only {n_pairs} training pairs remain after cleaning: too few to carve "
             f"{' and '.join(missing)} split(s) out of them; use a larger corpus"
         )
+    tiny = {name: size for name, size in sizes.items() if size < MIN_CARVED_PAIRS}
+    if tiny:
+        logger.warning(
+            "carved %s out of %d training pairs: scores on fewer than %d sentences vary by several points"
+            " from one seed to the next; use a larger corpus or larger data.*_fraction",
+            " and ".join(
+                f"{size} {name} pair(s) (data.{name}_fraction={fractions[name]:g})"
+                for name, size in tiny.items()
+            ),
+            n_pairs,
+            MIN_CARVED_PAIRS,
+        )
     order = np.random.default_rng(config.seed).permutation(n_pairs)
     start = 0
     for name in missing:
@@ -261,6 +278,7 @@ def prepare_stats(corpus: RawCorpus, prepared: PreparedCorpus) -> dict:
     """The prepare report: nested dicts of numbers, which `dvc metrics show` flattens to dotted keys."""
     return {
         "source": corpus.source,
+        "hub": corpus.hub.record() if corpus.hub else None,
         "src_lang": corpus.src_lang,
         "tgt_lang": corpus.tgt_lang,
         "pairs": prepared.pairs,

@@ -7,10 +7,12 @@ Each split is `{split}.{lang}` plain-text pairs (Moses / Multi30k convention, op
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import stat
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -90,14 +92,38 @@ def _scan_folder(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, _Split
     except OSError as error:
         raise PipelineError(f"cannot list data.source folder {folder}: {error.strerror}") from None
     for path in entries:
-        parsed = _split_name_and_kind(path.name, src_lang, tgt_lang) if path.is_file() else None
+        parsed = _split_name_and_kind(path.name, src_lang, tgt_lang)
         if parsed is not None:
+            # Named like a split file but not one: say what it is, rather than leave it out and then
+            # blame its partner ("has no parallel file") or the folder ("no training split").
+            kind = _not_a_regular_file(path)
+            if kind:
+                raise PipelineError(f"{path} is {kind}, not a regular file: replace it with the split's file")
             stem, suffix = parsed
             by_stem.setdefault(stem, {}).setdefault(suffix, []).append(path)
     found = {}
     for stem, files in by_stem.items():
         found[stem] = _split_files(folder, stem, files, src_lang, tgt_lang)
     return found
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (following symlinks); None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symlink"
+    except OSError as error:
+        return "a symlink loop" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
 
 
 def _split_files(
@@ -135,17 +161,23 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise PipelineError(
-                        f"{path}:{number}: invalid UTF-8 ({error.reason} at byte {error.start} of the line)"
-                    ) from None
-                text = text.removesuffix("\n").removesuffix("\r")
-                yield number, text.removeprefix("\ufeff") if number == 1 else text
+            yield from decode_lines(handle, str(path))
     except (OSError, EOFError, zlib.error) as error:
         raise PipelineError(f"cannot read {path}: {error}") from None
+
+
+def decode_lines(handle: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a binary stream (a file, stdin), strictly UTF-8, without its
+    line end or a leading byte-order mark; a bad byte is a PipelineError naming `name` and the line."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PipelineError(
+                f"{name}:{number}: invalid UTF-8 ({error.reason} at byte {error.start} of the line)"
+            ) from None
+        text = text.removesuffix("\n").removesuffix("\r")
+        yield number, text.removeprefix("\ufeff") if number == 1 else text
 
 
 def _read_text_pair(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> Iterator[Pair]:
@@ -182,6 +214,12 @@ def _read_tsv(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None)
         raise PipelineError(
             f"{path}:1: header has no column {' or '.join(map(repr, missing))}; "
             f"columns found: {', '.join(columns)}"
+        )
+    twice = [lang for lang in (src_lang, tgt_lang) if columns.count(lang) > 1]
+    if twice:
+        raise PipelineError(
+            f"{path}:1: header has column {twice[0]!r} {columns.count(twice[0])} times; "
+            "name each column once, so it is clear which one to read"
         )
     return _tsv_rows(path, lines, len(columns), columns.index(src_lang), columns.index(tgt_lang), cap)
 
@@ -242,4 +280,4 @@ def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | Non
             yield src, tgt
 
 
-__all__ = ["load_folder_splits", "read_lines"]
+__all__ = ["decode_lines", "load_folder_splits", "read_lines"]

@@ -11,6 +11,8 @@ resident until the end): `hf:wmt14:de-en` (4.5 M pairs) costs a batch of memory,
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import pyarrow as pa
 
 from pipeline.config import DataConfig
 from pipeline.data.arrow_text import BATCH_ROWS, iter_batches
-from pipeline.data.sources import Pair, RawSplit, resolve_split_names, split_cap
+from pipeline.data.sources import HubVersion, Pair, RawSplit, resolve_split_names, split_cap
 from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None]:
@@ -32,9 +36,11 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     return name, subset or None
 
 
-def load_hf_splits(config: DataConfig) -> dict[str, RawSplit]:
+def load_hf_splits(config: DataConfig) -> tuple[dict[str, RawSplit], HubVersion]:
+    """The splits, and the version read: the pinned `data.revision`, else the commit the Hub names now."""
     name, subset = parse_hf_source(config.source)
-    dataset = _open_hf_dataset(name, subset)
+    revision = resolve_revision(name, config.revision)
+    dataset = _open_hf_dataset(name, subset, revision)
     described = f"hf:{name}" + (f":{subset}" if subset else "")
     resolved = resolve_split_names(list(dataset), config.split_names, f"dataset {described}")
     splits = {}
@@ -43,16 +49,52 @@ def load_hf_splits(config: DataConfig) -> dict[str, RawSplit]:
         cap = split_cap(config, canonical)
         pairs = _hf_pairs(dataset[split_name], config.src_lang, config.tgt_lang, where, cap)
         splits[canonical] = RawSplit(pairs, where)
-    return splits
+    if revision is None and not _is_local(name):  # offline: the commit the cache holds
+        revision = _cached_revision(dataset)
+    fingerprints = {canonical: str(dataset[split]._fingerprint) for canonical, split in resolved.items()}
+    return splits, HubVersion(name, subset, revision, fingerprints)
 
 
-def _open_hf_dataset(name: str, subset: str | None) -> Mapping[str, Any]:
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def resolve_revision(name: str, revision: str | None) -> str | None:
+    """The Hub commit to load: `revision` when it is one already, else what the Hub resolves it (or the
+    default branch) to now, so prepare reads and records one fixed version even while the Hub moves.
+    None for a local folder, and when the Hub cannot be asked (offline: the cached copy is read)."""
+    if _is_local(name) or (revision is not None and _COMMIT.fullmatch(revision)):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, revision=revision).sha
+    # huggingface_hub raises its own errors, requests' and OfflineModeIsEnabled; datasets reports them
+    # better, with the cache as a fallback, when it loads the dataset itself.
+    except Exception as error:
+        logger.info("could not resolve the Hub revision of %s (%s): reading what datasets finds", name, error)
+        return revision
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _cached_revision(dataset: Mapping[str, Any]) -> str | None:
+    """The commit in the cache path (…/<dataset>/<config>/<version>/<commit>/…arrow), where there is one."""
+    for split in dataset.values():
+        for entry in split.cache_files:
+            for part in reversed(Path(entry["filename"]).parts):
+                if _COMMIT.fullmatch(part):
+                    return part
+    return None
+
+
+def _open_hf_dataset(name: str, subset: str | None, revision: str | None = None) -> Mapping[str, Any]:
     """A DatasetDict-like mapping of split name -> Dataset; a lone Dataset counts as the train split."""
     import datasets
 
     path = Path(name).expanduser()
-    looks_local = name.startswith(("/", "./", "../", "~")) or path.exists()
-    if looks_local and not path.exists():
+    if _is_local(name) and not path.exists():
         # Without this, datasets would ask the Hub about a path and retry for ~30 s before failing.
         raise PipelineError(f"data.source {name!r}: no such folder")
     try:
@@ -63,7 +105,7 @@ def _open_hf_dataset(name: str, subset: str | None) -> Mapping[str, Any]:
                 )
             loaded = datasets.load_from_disk(str(path))
         else:
-            loaded = datasets.load_dataset(name, subset)
+            loaded = datasets.load_dataset(name, subset, revision=revision)
     except PipelineError:
         raise
     # datasets raises many types here (ConnectionError, FileNotFoundError, ValueError, ...).

@@ -4,8 +4,9 @@ knows its layout.
     data/prepared/
       train.arrow, validation.arrow, test.arrow   Arrow IPC streams, string columns `src` and `tgt`
                                                   (`datasets.Dataset.from_file` opens them too)
-      corpus.json                                 source, languages and pairs per split, so the next
-                                                  stage can tell data made for another language pair
+      corpus.json                                 source (and the Hub version read), languages and pairs
+                                                  per split, so the next stage can tell data made for
+                                                  another language pair
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import SPLITS, DataConfig
-from pipeline.data.arrow_text import iter_text_batches, read_texts
+from pipeline.data.arrow_text import check_text_columns, iter_text_batches, read_texts
 from pipeline.errors import PipelineError
 from pipeline.files import read_json_object, write_json
 
@@ -29,7 +30,13 @@ SPLIT_FILE = "{split}.arrow"
 
 def write_corpus_info(folder: Path, corpus: RawCorpus, pairs: dict[str, int]) -> None:
     """The last file the prepare stage writes into its (temporary) folder: what the splits hold."""
-    info = {"source": corpus.source, "src_lang": corpus.src_lang, "tgt_lang": corpus.tgt_lang, "pairs": pairs}
+    info = {
+        "source": corpus.source,
+        "hub": corpus.hub.record() if corpus.hub else None,
+        "src_lang": corpus.src_lang,
+        "tgt_lang": corpus.tgt_lang,
+        "pairs": pairs,
+    }
     write_json(folder / CORPUS_INFO, info)
 
 
@@ -39,6 +46,7 @@ class PreparedData:
 
     path: Path
     pairs: dict[str, int]
+    hub: dict[str, Any] | None = None  # the Hub version read (`HubVersion.record()`), for hf: sources
 
     def split_path(self, split: str) -> Path:
         return self.path / SPLIT_FILE.format(split=split)
@@ -69,13 +77,17 @@ def load_prepared(path: Path, data: DataConfig) -> PreparedData:
             f"{data.src_lang}->{data.tgt_lang}: run `python -m pipeline prepare` again"
         )
     pairs = info.get("pairs")
-    prepared = PreparedData(path, pairs if isinstance(pairs, dict) else {})
+    hub = info.get("hub")
+    prepared = PreparedData(
+        path, pairs if isinstance(pairs, dict) else {}, hub if isinstance(hub, dict) else None
+    )
     for name in SPLITS:
         if not prepared.split_path(name).is_file() or not isinstance(prepared.pairs.get(name), int):
             raise PipelineError(
                 f"{path} has no {name} split ({SPLIT_FILE.format(split=name)}): "
                 "run `python -m pipeline prepare` again"
             )
+        check_text_columns(prepared.split_path(name))  # before tokenizers are trained on it
     if not prepared.pairs["train"]:
         raise PipelineError(f"{path}: the train split is empty: run `python -m pipeline prepare` again")
     return prepared

@@ -25,7 +25,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from pipeline import paths
 from pipeline.config import SPLITS, DataConfig
 from pipeline.errors import PipelineError
 
@@ -47,6 +50,25 @@ class RawSplit:
 
 
 @dataclass(frozen=True)
+class HubVersion:
+    """Which version of a Hugging Face dataset was read, in the fields MLflow's HuggingFaceDatasetSource
+    names (path, config_name, revision), with each split's `datasets` fingerprint."""
+
+    path: str
+    config_name: str | None
+    revision: str | None  # a Hub commit; None for a folder written by save_to_disk
+    fingerprints: dict[str, str]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "config_name": self.config_name,
+            "revision": self.revision,
+            "fingerprint": dict(self.fingerprints),
+        }
+
+
+@dataclass(frozen=True)
 class RawCorpus:
     """Pairs per canonical split: always "train"; "validation" and "test" when the source has them."""
 
@@ -54,6 +76,7 @@ class RawCorpus:
     src_lang: str
     tgt_lang: str
     splits: dict[str, RawSplit]
+    hub: HubVersion | None = None  # set for hf: sources
 
 
 def load_corpus(config: DataConfig) -> RawCorpus:
@@ -62,19 +85,33 @@ def load_corpus(config: DataConfig) -> RawCorpus:
     The cap applies in source order, before cleaning, so fewer pairs may remain after filtering. Local files
     are still read to the end, so a line-count mismatch or bad byte further down is reported all the same.
     """
+    hub = None
     if config.source == "builtin":
         splits = _load_builtin(config)
     elif config.source.startswith("hf:"):
         from pipeline.data.hf_source import load_hf_splits  # imported here: it imports this module
 
-        splits = load_hf_splits(config)
+        splits, hub = load_hf_splits(config)
     else:
         from pipeline.data.folder_source import load_folder_splits
 
         splits = load_folder_splits(config)
+        _warn_if_unversioned(config.source)
     for name, split in splits.items():
         logger.info("reading %s pairs from %s", name, split.origin)
-    return RawCorpus(config.source, config.src_lang, config.tgt_lang, splits)
+    return RawCorpus(config.source, config.src_lang, config.tgt_lang, splits, hub)
+
+
+def _warn_if_unversioned(source: str) -> None:
+    """dvc.yaml lists corpus/ as prepare's dependency: a folder elsewhere is read, but DVC never hashes it."""
+    if not Path(source).expanduser().resolve().is_relative_to(paths.CORPUS_DIR.resolve()):
+        logger.warning(
+            "data.source %s is outside %s/, which dvc.yaml lists as prepare's dependency: "
+            "dvc status and dvc repro will not see edits to it (see %s/README.md)",
+            source,
+            paths.CORPUS_DIR,
+            paths.CORPUS_DIR,
+        )
 
 
 # --------------------------------------------------------------------------------------------- split names
@@ -162,6 +199,7 @@ def _load_builtin(config: DataConfig) -> dict[str, RawSplit]:
 
 
 __all__ = [
+    "HubVersion",
     "Pair",
     "RawCorpus",
     "RawSplit",

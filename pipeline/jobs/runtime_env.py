@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
+from pipeline.config import read_yaml_mapping
 from pipeline.errors import PipelineError
-from pipeline.tracking.lineage import GIT_COMMIT_ENV, USER_ENV, read_git_commit, user
+from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, USER_ENV, read_git_state, user
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")
 
@@ -118,9 +117,10 @@ def build_runtime_env(
         raise PipelineError(f"{EXTRA_ENV_NAMES} names {', '.join(missing)}, which this shell does not set")
     passed = [name for name in dict.fromkeys((*PASSTHROUGH_ENV, *extra)) if environ.get(name)]
     env_vars.update({name: environ[name] for name in passed})
-    commit = read_git_commit(project_root)
-    if commit:
-        env_vars.setdefault(GIT_COMMIT_ENV, commit)
+    git = read_git_state(project_root)
+    if git:
+        env_vars.setdefault(GIT_COMMIT_ENV, git.commit)
+        env_vars.setdefault(GIT_DIRTY_ENV, git.dirty_flag)
     env_vars.setdefault(USER_ENV, user())
     runtime_env["env_vars"] = env_vars
     return runtime_env, passed
@@ -149,21 +149,20 @@ def load_runtime_env_file(path: Path | None) -> dict[str, Any]:
         if not DEFAULT_RUNTIME_ENV.is_file():
             return {}
         path = DEFAULT_RUNTIME_ENV
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise PipelineError(f"cannot read the runtime env file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {error}") from None
-    if loaded is None:
-        return {}
-    return check_runtime_env(loaded, str(path))
+    # Read as params.yaml is: a syntax error is one line naming the file and line, not PyYAML's excerpt.
+    return check_runtime_env(read_yaml_mapping(path, "runtime env file", allow_empty=True), str(path))
 
 
 def check_runtime_env(loaded: Any, source: str) -> dict[str, Any]:
     """A runtime env from a file or --runtime-env-json, checked so mistakes fail here, not on the cluster."""
     if not isinstance(loaded, dict):
         raise PipelineError(f"{source} must be a mapping of runtime env keys (env_vars, excludes, ...)")
+    working_dir = loaded.get("working_dir")
+    if working_dir is not None and not isinstance(working_dir, str):
+        raise PipelineError(
+            f"{source}: working_dir must be a string (a local folder or a URI such as s3://...),"
+            f" got {working_dir!r}"
+        )
     env_vars = loaded.get("env_vars") or {}
     if not isinstance(env_vars, dict):
         raise PipelineError(f"{source}: env_vars must be a mapping of names to strings")

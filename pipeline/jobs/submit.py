@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
 from pipeline.jobs.runtime_env import build_runtime_env, excluded_secrets, tracking_warnings
-from pipeline.tracking.lineage import GIT_COMMIT_ENV
+from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -73,6 +73,8 @@ class SubmitOptions:
 def _json_object(text: str | None, flag: str) -> dict[str, Any]:
     if text is None:
         return {}
+    if not text.strip():  # e.g. an unset shell variable: not the same as leaving the option out
+        raise PipelineError(f"{flag} is empty: give a JSON object, or leave the option out")
     try:
         value = json.loads(text)
     except ValueError as error:
@@ -98,7 +100,7 @@ def run_submit(options: SubmitOptions) -> int:
         project_root,
         os.environ,
         given=_json_object(options.runtime_env_json, "--runtime-env-json")
-        if options.runtime_env_json
+        if options.runtime_env_json is not None
         else None,
     )
     uploads_here = "://" not in runtime_env["working_dir"]
@@ -332,6 +334,8 @@ def _metadata(env_vars: Mapping[str, str]) -> dict[str, str]:
         metadata["submitted_by"] = getpass.getuser()
     if env_vars.get(GIT_COMMIT_ENV):
         metadata["git_commit"] = env_vars[GIT_COMMIT_ENV]
+    if env_vars.get(GIT_DIRTY_ENV):
+        metadata["git_dirty"] = env_vars[GIT_DIRTY_ENV]
     return metadata
 
 

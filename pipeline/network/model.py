@@ -34,7 +34,8 @@ stacked GRU layers.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -281,6 +282,32 @@ class Seq2Seq(nn.Module):
                 use_reference = coins < teacher_forcing
                 tokens = torch.where(use_reference, reference, step_logits.argmax(dim=-1))
         return torch.stack(steps, dim=1)
+
+
+# The ModelConfig settings each architecture reads in `build_model` (and `_transformer`). The others have
+# no effect on it, so what is recorded about a model (the registry's tags) leaves them out.
+_COMMON_SETTINGS = ("arch", "emb_dim", "n_layers", "dropout")
+ARCH_SETTINGS: dict[str, tuple[str, ...]] = {
+    "gru": (*_COMMON_SETTINGS, "hidden_dim"),
+    "gru_attention": (*_COMMON_SETTINGS, "hidden_dim"),
+    "transformer": (
+        *_COMMON_SETTINGS,
+        "n_heads",
+        "ff_dim",
+        "ff_activation",
+        "tie_embeddings",
+        "share_embeddings",
+    ),
+}
+
+
+def settings_in_use(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `model` (a ModelConfig as a dict) that its architecture reads; all of them for an
+    architecture this code does not know (a model folder written by another version)."""
+    used = ARCH_SETTINGS.get(str(model.get("arch")))
+    if used is None:
+        return dict(model)
+    return {key: value for key, value in model.items() if key in used}
 
 
 def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from pipeline.config import DECODING_KEYS, ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, read_json_object, write_json
+from pipeline.files import atomic_dir, read_json_object, usual_permissions, write_json
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -37,6 +37,8 @@ TGT_TOKENIZER_FILE = "tgt_tokenizer.json"
 DECODING_FILE = "decoding.json"
 MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE, DECODING_FILE)
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+VOCAB_SIZE_KEYS = ("src_vocab_size", "tgt_vocab_size")
+MAX_VOCAB_SIZE = 2**32 - 1  # the tokenizers' ids are unsigned 32-bit integers
 # What DistributedDataParallel and torch.compile put in front of every state-dict key.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -104,15 +106,11 @@ def save_model_dir(
 ) -> None:
     """Write the model folder atomically. Pass the plain module (unwrap DDP / torch.compile first)."""
     decoding = _check_decoding(decoding, "save_model_dir")
-    for side, tokenizer, vocab_size in (
-        ("source", src_tokenizer, model.src_vocab_size),
-        ("target", tgt_tokenizer, model.tgt_vocab_size),
-    ):
-        if tokenizer.get_vocab_size() > vocab_size:
-            raise PipelineError(
-                f"the {side} tokenizer has {tokenizer.get_vocab_size()} tokens, the model's {side} vocabulary"
-                f" only {vocab_size}: they do not belong together"
-            )
+    _check_tokenizers_fit(
+        (src_tokenizer, tgt_tokenizer),
+        (model.src_vocab_size, model.tgt_vocab_size),
+        ("the source tokenizer", "the target tokenizer"),
+    )
     # safetensors refuses shared or strided storage: store plain, contiguous CPU copies, a tied weight once.
     aliases = tied_names(model)
     weights = {
@@ -129,6 +127,7 @@ def save_model_dir(
     }
     with atomic_dir(Path(path)) as tmp:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        usual_permissions(tmp / WEIGHTS_FILE)  # safetensors creates it owner-only; its siblings are not
         write_json(tmp / CONFIG_FILE, config)
         src_tokenizer.save(str(tmp / SRC_TOKENIZER_FILE))
         tgt_tokenizer.save(str(tmp / TGT_TOKENIZER_FILE))
@@ -151,31 +150,14 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
         raise PipelineError(f"{config_path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
     if special_ids != SPECIAL_IDS:
         raise PipelineError(f"{config_path}: special ids {special_ids} differ from this code's {SPECIAL_IDS}")
+    if not isinstance(config.get("model"), dict):
+        raise PipelineError(f"{config_path}: 'model' must be an object of model settings")
     try:
-        model_config = ModelConfig.model_validate(config.get("model"))
-        src_vocab_size, tgt_vocab_size = int(config["src_vocab_size"]), int(config["tgt_vocab_size"])
-    except (ValidationError, KeyError, TypeError, ValueError) as error:
-        raise PipelineError(f"{config_path}: invalid model configuration: {error}") from None
+        model_config = ModelConfig.model_validate(config["model"])
+    except ValidationError as error:
+        raise PipelineError(f"{config_path}: {_first_problem(error)}") from None
+    src_vocab_size, tgt_vocab_size = (_vocab_size(config, key, config_path) for key in VOCAB_SIZE_KEYS)
     decoding = _check_decoding(read_json_object(path / DECODING_FILE), str(path / DECODING_FILE))
-
-    weights_path = path / WEIGHTS_FILE
-    try:
-        weights = load_file(str(weights_path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise PipelineError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    try:
-        model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
-    except PipelineError as error:
-        raise PipelineError(f"{config_path}: {error}") from None
-    weights = {_plain_key(key): value for key, value in weights.items()}
-    for alias, stored in tied_names(model).items():
-        if stored in weights:  # the file holds a tied weight under its first name only
-            weights.setdefault(alias, weights[stored])
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise PipelineError(f"{weights_path} does not match {config_path}: {error}") from None
-    model.eval()
 
     tokenizers = []
     for name in (SRC_TOKENIZER_FILE, TGT_TOKENIZER_FILE):
@@ -183,4 +165,86 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
             tokenizers.append(Tokenizer.from_file(str(path / name)))
         except Exception as error:  # tokenizers raises a bare Exception on a malformed file
             raise PipelineError(f"{path / name} is not a valid tokenizer file: {error}") from None
+    # A token id past the embedding would be an IndexError in the middle of a translation.
+    _check_tokenizers_fit(
+        (tokenizers[0], tokenizers[1]),
+        (src_vocab_size, tgt_vocab_size),
+        (str(path / SRC_TOKENIZER_FILE), str(path / TGT_TOKENIZER_FILE)),
+    )
+
+    weights_path = path / WEIGHTS_FILE
+    try:
+        weights = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PipelineError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    try:
+        # Built without memory first: weights of other shapes (or sizes no machine could allocate) are
+        # refused before anything is allocated.
+        with torch.device("meta"):
+            shapes = build_model(model_config, src_vocab_size, tgt_vocab_size)
+    except PipelineError as error:
+        raise PipelineError(f"{config_path}: {error}") from None
+    weights = {_plain_key(key): value for key, value in weights.items()}
+    for alias, stored in tied_names(shapes).items():
+        if stored in weights:  # the file holds a tied weight under its first name only
+            weights.setdefault(alias, weights[stored])
+    mismatch = _weights_mismatch(shapes.state_dict(), weights)
+    if mismatch:
+        raise PipelineError(f"{weights_path} does not match {config_path}: {mismatch}")
+    model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
+    model.load_state_dict(weights)
+    model.eval()
     return LoadedModel(model, model_config, tokenizers[0], tokenizers[1], decoding, path)
+
+
+def _first_problem(error: ValidationError) -> str:
+    """A model settings error in one line (pydantic's own text adds the types and a documentation link)."""
+    problems = error.errors()
+    first = problems[0]
+    key = ".".join(["model", *(str(part) for part in first["loc"])])
+    message = first["msg"].removeprefix("Value error, ")
+    shown = "" if first["type"] == "extra_forbidden" else f" (got {first.get('input')!r})"
+    more = f"; and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+    return f"{key}: {message}{shown}{more}"
+
+
+def _vocab_size(config: dict[str, Any], key: str, config_path: Path) -> int:
+    value = config.get(key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not len(SPECIAL_IDS) <= value <= MAX_VOCAB_SIZE
+    ):
+        raise PipelineError(
+            f"{config_path}: {key} must be an integer from {len(SPECIAL_IDS)} to {MAX_VOCAB_SIZE:,}"
+            f" (token ids are 32-bit), got {value!r}"
+        )
+    return value
+
+
+def _check_tokenizers_fit(
+    tokenizers: tuple[Tokenizer, Tokenizer], vocab_sizes: tuple[int, int], names: tuple[str, str]
+) -> None:
+    """Every id a tokenizer gives must have a row in the model's embedding of that side."""
+    for side, tokenizer, vocab_size, name in zip(
+        ("source", "target"), tokenizers, vocab_sizes, names, strict=True
+    ):
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise PipelineError(
+                f"{name} has {tokenizer.get_vocab_size()} tokens, the model's {side} vocabulary"
+                f" only {vocab_size}: they do not belong together"
+            )
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between the tensors the config builds and those in the file, in one line."""
+    problems = [
+        f"{key} is {list(weights[key].shape)} in the file, {list(tensor.shape)} by the config"
+        for key, tensor in expected.items()
+        if key in weights and weights[key].shape != tensor.shape
+    ]
+    problems += [f"{key} is missing from the file" for key in expected if key not in weights]
+    problems += [f"{key} is in the file but not in the model" for key in weights if key not in expected]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")

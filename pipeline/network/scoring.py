@@ -7,10 +7,12 @@ Light on purpose: Ray workers import it, so it pulls in no model files, safetens
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import sacrebleu
 import torch
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.base import Metric
 from tokenizers import Tokenizer
 
 from pipeline.network.batching import collate, source_tensor
@@ -23,22 +25,42 @@ from pipeline.network.training_step import sequence_loss
 GREEDY_BLEU_BATCH = 128
 
 
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """sacreBLEU and chrF on detokenized, cased text, and `bleu_lc` (lowercased), the form many published
-    results (Multi30k among them) report."""
-    hypotheses, references = list(hypotheses), list(references)
-
-    def bleu(lowercase: bool) -> float:
-        # force=True only silences sacrebleu's guess that text with spaced punctuation (as in the built-in
-        # corpus) was tokenized by us; both sides are plain text as users write it.
-        score = sacrebleu.corpus_bleu(hypotheses, [references], force=True, lowercase=lowercase).score
-        return round(score, 2)
-
+def _metrics() -> dict[str, Metric]:
+    """The corpus metrics by the key their score is reported under; the one place their settings are made,
+    so a score and its signature always describe the same computation."""
+    # force=True only silences sacrebleu's guess that text with spaced punctuation (as in the built-in
+    # corpus) was tokenized by us; both sides are plain text as users write it.
     return {
-        "bleu": bleu(lowercase=False),
-        "bleu_lc": bleu(lowercase=True),
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+        "bleu": BLEU(force=True),
+        "bleu_lc": BLEU(force=True, lowercase=True),
+        "chrf": CHRF(),
     }
+
+
+@dataclass(frozen=True)
+class CorpusScores:
+    scores: dict[str, float]  # bleu, bleu_lc, chrf
+    # bleu_signature, ...: sacreBLEU's signature of each score, e.g.
+    # "BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0": what makes a score comparable
+    # with a published one (tokenizer, casing, smoothing and sacreBLEU's version).
+    signatures: dict[str, str]
+
+
+def score_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> CorpusScores:
+    """sacreBLEU and chrF on detokenized, cased text, and `bleu_lc` (lowercased), the form many published
+    results (Multi30k among them) report; each with its signature."""
+    hypotheses, references = list(hypotheses), list(references)
+    scores, signatures = {}, {}
+    for key, metric in _metrics().items():
+        result = metric.corpus_score(hypotheses, [references])
+        scores[key] = round(result.score, 2)
+        signatures[f"{key}_signature"] = f"{result.name}|{metric.get_signature()}"
+    return CorpusScores(scores, signatures)
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The scores of `score_corpus` alone."""
+    return score_corpus(hypotheses, references).scores
 
 
 def teacher_forced_loss(

@@ -9,9 +9,11 @@ caller's order.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,11 +23,20 @@ from pipeline.errors import PipelineError
 from pipeline.network.batching import source_tensor
 from pipeline.network.decoding import decode_batch
 from pipeline.network.model_files import LoadedModel, load_model_dir
-from pipeline.network.scoring import corpus_scores
+from pipeline.network.scoring import CorpusScores, score_corpus
 from pipeline.network.tokenization import clean_text, decode_ids, encode_texts
 from pipeline.progress import Progress
 
+logger = logging.getLogger(__name__)
+
 DEVICE_ENV = "PIPELINE_DEVICE"  # auto | cpu | cuda: where the served model and `translate` run
+# What one request (a `translate` run, one call of the served model) may ask for: decoding time grows with
+# both, and one 20,000-word line held a worker for minutes. Longer sentences are cut, more are refused.
+MAX_INPUT_TOKENS_ENV = "PIPELINE_MAX_INPUT_TOKENS"
+MAX_SENTENCES_ENV = "PIPELINE_MAX_SENTENCES"
+DEFAULT_MAX_INPUT_TOKENS = 256  # subword tokens per sentence: well above what training kept (data.max_tokens)
+DEFAULT_MAX_SENTENCES = 1000  # sentences per request: a standard test set (Multi30k's 1,000) in one go
+_LISTED = 10  # sentence numbers a truncation warning lists before "and N more"
 # On a GPU, batches are cut by padded source tokens (count x longest, times the beam), not by count:
 # short sentences then fill the device, long ones cannot run it out of memory.
 GPU_BATCH_TOKENS = 16384
@@ -33,16 +44,81 @@ GPU_BATCH_TOKENS = 16384
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """ "auto" (the default, or $PIPELINE_DEVICE): CUDA when there is a GPU, else the CPU; "cpu" forces it."""
+    # A bad value from the environment names the variable: the user may not know it is set.
+    source = f" (from ${DEVICE_ENV})" if not name and os.environ.get(DEVICE_ENV) else ""
     name = str(name or os.environ.get(DEVICE_ENV) or "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise PipelineError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+        raise PipelineError(f"unknown device {name!r}{source}: use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use auto or cpu)")
+        raise PipelineError(
+            f"device {name!r}{source} asked for, but torch sees no CUDA GPU here (use auto or cpu)"
+        )
     return device
+
+
+@dataclass(frozen=True)
+class InputBounds:
+    """Per request: source tokens per sentence (longer ones are cut) and sentences (more are refused)."""
+
+    max_tokens: int = DEFAULT_MAX_INPUT_TOKENS
+    max_sentences: int = DEFAULT_MAX_SENTENCES
+
+    @classmethod
+    def resolve(cls, max_tokens: int | None = None, max_sentences: int | None = None) -> InputBounds:
+        """Given values (`translate`'s options) first, then $PIPELINE_MAX_INPUT_TOKENS and
+        $PIPELINE_MAX_SENTENCES (how a served model is set), then the defaults."""
+        return cls(
+            _bound(max_tokens, "--max-input-tokens", MAX_INPUT_TOKENS_ENV, DEFAULT_MAX_INPUT_TOKENS),
+            _bound(max_sentences, "--max-sentences", MAX_SENTENCES_ENV, DEFAULT_MAX_SENTENCES),
+        )
+
+    def check_count(self, count: int, unit: str) -> None:
+        if count > self.max_sentences:
+            raise PipelineError(
+                f"over {self.max_sentences} {unit}s in one request: give at most {self.max_sentences}"
+                f" (translate --max-sentences, ${MAX_SENTENCES_ENV} for a served model) or split the input"
+            )
+
+    def cut(self, source_ids: list[list[int]], unit: str, first_number: int = 1) -> list[list[int]]:
+        """Each sentence's first max_tokens ids; a warning names the sentences cut (numbered from
+        `first_number`)."""
+        long = [
+            number for number, ids in enumerate(source_ids, start=first_number) if len(ids) > self.max_tokens
+        ]
+        if not long:
+            return source_ids
+        listed = ", ".join(map(str, long[:_LISTED]))
+        if len(long) > _LISTED:
+            listed += f" and {len(long) - _LISTED} more"
+        logger.warning(
+            "%s %s: over %d tokens, only the first %d translated (translate --max-input-tokens, $%s for a"
+            " served model)",
+            unit if len(long) == 1 else f"{unit}s",
+            listed,
+            self.max_tokens,
+            self.max_tokens,
+            MAX_INPUT_TOKENS_ENV,
+        )
+        return [ids[: self.max_tokens] for ids in source_ids]
+
+
+def _bound(given: int | None, option: str, env: str, default: int) -> int:
+    if given is None:
+        text = os.environ.get(env, "").strip()
+        if not text:
+            return default
+        option = f"${env}"
+        try:
+            given = int(text)
+        except ValueError:
+            raise PipelineError(f"{option} must be a positive integer, got {text!r}") from None
+    if given < 1:
+        raise PipelineError(f"{option} must be a positive integer, got {given}")
+    return given
 
 
 @contextmanager
@@ -82,11 +158,14 @@ class Translator:
         max_len_ratio: float | None = None,
         device: str | torch.device | None = "cpu",
         batch_tokens: int | None = None,
+        bounds: InputBounds | None = None,
     ) -> None:
         """Decoding settings default to the model folder's decoding.json; evaluate may override them.
         `device` None or "auto" picks CUDA when present; `batch_tokens` (default: GPU_BATCH_TOKENS on a
-        GPU, none on the CPU) cuts batches by padded tokens instead of by count."""
+        GPU, none on the CPU) cuts batches by padded tokens instead of by count. `bounds`: what one call
+        of `translate` may ask for (None: anything, for evaluate's own test split)."""
         self.loaded = loaded
+        self.bounds = bounds
         self.device = resolve_device(device)
         self.batch_tokens = (
             GPU_BATCH_TOKENS if batch_tokens is None and self.device.type == "cuda" else batch_tokens
@@ -97,21 +176,43 @@ class Translator:
         self.max_len_ratio = loaded.decoding["max_len_ratio"] if max_len_ratio is None else max_len_ratio
 
     @classmethod
-    def from_dir(cls, path: Path | str, device: str | torch.device | None = "cpu") -> Translator:
+    def from_dir(
+        cls, path: Path | str, device: str | torch.device | None = "cpu", bounds: InputBounds | None = None
+    ) -> Translator:
         device = resolve_device(device)
-        return cls(load_model_dir(path, device=device), device=device)
+        return cls(load_model_dir(path, device=device), device=device, bounds=bounds)
 
     def translate(
-        self, sentences: Sequence[str], beam_size: int | None = None, batch_size: int = 64
+        self,
+        sentences: Sequence[str],
+        beam_size: int | None = None,
+        batch_size: int = 64,
+        unit: str = "sentence",
+        first_number: int = 1,
     ) -> list[str]:
-        """One translation per sentence, in order; an empty (or all-whitespace) sentence gives ""."""
+        """One translation per sentence, in order; an empty (or all-whitespace) sentence gives "".
+
+        `unit` is what messages call an input ("stdin line", "argument"), numbered from `first_number`
+        (a later chunk of a stream goes on counting)."""
         beam_size = self.beam_size if beam_size is None else beam_size
         if beam_size < 1:
             raise PipelineError(f"beam size must be at least 1, got {beam_size}")
         if batch_size < 1:
             raise PipelineError(f"batch size must be at least 1, got {batch_size}")
+        if self.bounds is not None:
+            self.bounds.check_count(len(sentences), unit)
+        for number, sentence in enumerate(sentences, start=first_number):
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: an undecodable byte, or a "\ud800" escape
+                raise PipelineError(
+                    f"{unit} {number}: not valid text (\\u{ord(sentence[error.start]):04x} at position"
+                    f" {error.start}); give UTF-8"
+                ) from None
         cleaned = [clean_text(sentence) for sentence in sentences]
         source_ids = encode_texts(self.loaded.src_tokenizer, cleaned)
+        if self.bounds is not None:
+            source_ids = self.bounds.cut(source_ids, unit, first_number)
         translations = [""] * len(cleaned)
         # Longest first: the first batch shows the worst-case memory at once, not at the end.
         order = sorted((i for i, ids in enumerate(source_ids) if ids), key=lambda i: -len(source_ids[i]))
@@ -147,9 +248,9 @@ def translate_and_score(
     references: Sequence[str],
     settings: EvaluateConfig,
     device: str | torch.device | None = None,
-) -> tuple[list[str], dict[str, float]]:
-    """Beam search with the evaluate settings, then BLEU and chrF: what evaluate, the gate and the torch-only
-    GPU benchmark use."""
+) -> tuple[list[str], CorpusScores]:
+    """Beam search with the evaluate settings, then BLEU and chrF with their signatures: what evaluate, the
+    gate and the torch-only GPU benchmark use."""
     translator = Translator(
         loaded,
         length_penalty=settings.length_penalty,
@@ -159,4 +260,4 @@ def translate_and_score(
     hypotheses = translator.translate(
         list(sources), beam_size=settings.beam_size, batch_size=settings.batch_size
     )
-    return hypotheses, corpus_scores(hypotheses, references)
+    return hypotheses, score_corpus(hypotheses, references)

@@ -30,7 +30,7 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the test split is empty")
     settings = config.evaluate
     logger.info("translating %d test sentences (beam %d)", len(sources), settings.beam_size)
-    hypotheses, scores = translate_and_score(loaded, sources, references, settings)
+    hypotheses, scored = translate_and_score(loaded, sources, references, settings)
     split = processed.encoded("test")
     loss, tokens = teacher_forced_loss(  # where translate_and_score left the model
         loaded.model,
@@ -39,10 +39,12 @@ def run(config: PipelineConfig) -> None:
         next(loaded.model.parameters()).device,
     )
     metrics = {
-        **scores,
+        **scored.scores,
         "test_loss": round(loss / max(tokens, 1), 4),
         "n_test": len(references),
         "beam_size": settings.beam_size,
+        # Strings: `dvc metrics show` leaves them out, the registered version's tags keep them.
+        **scored.signatures,
     }
     with outputs_together():
         write_json(paths.METRICS, metrics)
@@ -58,15 +60,16 @@ def run(config: PipelineConfig) -> None:
     )
 
 
-def _log_to_train_run(metrics: dict[str, float]) -> None:
-    """The evaluate metrics belong to the run that trained the model (reports/train_run.json)."""
+def _log_to_train_run(metrics: dict[str, float | int | str]) -> None:
+    """The evaluate metrics belong to the run that trained the model (reports/train_run.json): the numbers
+    as metrics, the sacreBLEU signatures as tags, both named test_<key>."""
     if not paths.TRAIN_RUN.is_file():
         return
     run_id = read_json_object(paths.TRAIN_RUN).get("mlflow_run_id")
     if run_id:
         from pipeline.tracking import store
 
-        store.log_metrics(
-            run_id, {f"test_{k}" if not k.startswith("test") else k: v for k, v in metrics.items()}
-        )
+        named = {key if key.startswith("test") else f"test_{key}": value for key, value in metrics.items()}
+        store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
+        store.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
         store.log_artifact(run_id, paths.SAMPLES)

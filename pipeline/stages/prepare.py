@@ -34,8 +34,12 @@ def run(config: PipelineConfig) -> None:
 
 
 def headline_metrics(stats: dict[str, Any]) -> dict[str, Any]:
-    """Pairs per split and pairs dropped: the columns worth comparing across experiments."""
-    return {"pairs": stats["pairs"], "dropped_total": stats["dropped_total"]}
+    """Pairs per split and pairs dropped: the columns worth comparing across experiments; for a Hub
+    dataset also the version read (revision and fingerprints), so an experiment names its data."""
+    headline = {"pairs": stats["pairs"], "dropped_total": stats["dropped_total"]}
+    if stats["hub"]:
+        headline["hub"] = stats["hub"]
+    return headline
 
 
 def _summary(corpus: RawCorpus, prepared: PreparedCorpus) -> str:

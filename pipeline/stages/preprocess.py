@@ -42,6 +42,7 @@ def run(config: PipelineConfig) -> None:
             "joint_vocab": config.preprocess.joint_vocab,
             "lowercase": config.preprocess.lowercase,
             "tokenizer_sample": config.preprocess.tokenizer_sample,
+            "hub": prepared.hub,  # carried forward: the training run logs it as its dataset's source
         },
     )
     logger.info(

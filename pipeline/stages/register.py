@@ -150,9 +150,8 @@ def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candida
             f"models:/{name}/{version}", Path(tmp), candidates.MODEL_DIR_ARTIFACT
         )
         loaded = load_model_dir(folder)
-    return translate_and_score(loaded, candidate.test_sources, candidate.test_references, config.evaluate)[1][
-        "bleu"
-    ]
+    sources, references = candidate.test_sources, candidate.test_references
+    return translate_and_score(loaded, sources, references, config.evaluate)[1].scores["bleu"]
 
 
 def _apply(name: str, version: str, decision: gate.Decision) -> None:

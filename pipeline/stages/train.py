@@ -61,6 +61,7 @@ def run(config: PipelineConfig) -> None:
                 )
                 for split in ("train", "validation", "test")
             },
+            hub=processed.meta.get("hub"),
         )
         loop_config = train_loop_config(
             config.model,

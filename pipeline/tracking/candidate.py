@@ -24,6 +24,7 @@ from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json_object, write_json
+from pipeline.network.model import settings_in_use
 from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
 from pipeline.tracking import lineage
 
@@ -145,7 +146,8 @@ def _metric_tag(key: str) -> str:
 def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
     model = candidate.model_config
     tags = {
-        lineage.TAG_GIT_COMMIT: lineage.git_commit(),
+        **lineage.git_tags(),
+        lineage.TAG_USER: lineage.user(),
         lineage.TAG_DATA_HASH: lineage.processed_data_hash(),
         "data.source": config.data.source,
         "data.src_lang": config.data.src_lang,
@@ -155,7 +157,9 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
         TAG_CONTENT_HASH: candidate.content_hash,
         TAG_TEST_HASH: candidate.test_hash,
     }
-    tags.update({f"model.{key}": str(value) for key, value in model.get("model", {}).items()})
+    # Only what the architecture reads: a GRU version tagged with n_heads would claim a setting it ignores.
+    settings = settings_in_use(model.get("model", {}))
+    tags.update({f"model.{key}": str(value) for key, value in settings.items()})
     tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
     tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
     for key in ("ray_run_name", "best_epoch", "mlflow_run_id"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +13,34 @@ from pipeline import paths
 from pipeline.config import PipelineConfig
 
 # MLflow's own tag names, so its UI fills in the run's source, commit and user.
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # a plain hash, as MLflow and git itself write it
 TAG_USER = "mlflow.user"
 TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's Description panel
+# "true" when tracked files had uncommitted changes: the code that ran was not exactly the commit's.
+TAG_GIT_DIRTY = "git_dirty"
 TAG_DATA_HASH = "dvc_data_processed_md5"
 TAG_STAGE = "pipeline_stage"
-# The uploaded copy of a Ray job has no .git, so `submit` passes the commit in this variable, and the
-# submitting user in the next (on the cluster the job runs as the cluster's user).
+# The uploaded copy of a Ray job has no .git, so `submit` passes the commit and whether the tree was dirty
+# in these variables, and the submitting user in the last (on the cluster the job runs as its own user).
 GIT_COMMIT_ENV = "PIPELINE_GIT_COMMIT"
+GIT_DIRTY_ENV = "PIPELINE_GIT_DIRTY"
 USER_ENV = "PIPELINE_USER"
 
 
-def read_git_commit(project_root: Path = Path(".")) -> str | None:
-    """`<sha>` or `<sha>-dirty`; None outside a git checkout."""
+@dataclass(frozen=True)
+class GitState:
+    commit: str  # the full hash of HEAD
+    dirty: bool  # tracked files differ from it (untracked files do not count)
+
+    @property
+    def dirty_flag(self) -> str:
+        return "true" if self.dirty else "false"
+
+
+def read_git_state(project_root: Path = Path(".")) -> GitState | None:
+    """HEAD and whether tracked files were changed; None outside a git checkout."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, timeout=10
@@ -34,7 +48,7 @@ def read_git_commit(project_root: Path = Path(".")) -> str | None:
         if commit.returncode != 0:
             return None
         # --no-optional-locks: only read the index, even when git would like to refresh it.
-        dirty = subprocess.run(
+        changes = subprocess.run(
             ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
             cwd=project_root,
             capture_output=True,
@@ -43,13 +57,21 @@ def read_git_commit(project_root: Path = Path(".")) -> str | None:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    sha = commit.stdout.strip()
-    return f"{sha}-dirty" if dirty else sha
+    return GitState(commit.stdout.strip(), dirty=bool(changes))
 
 
-def git_commit() -> str:
-    """The commit the code came from: the one `submit` passed, else git's answer, else "unknown"."""
-    return os.environ.get(GIT_COMMIT_ENV) or read_git_commit() or "unknown"
+def git_tags() -> dict[str, str]:
+    """The commit the code came from and whether it had uncommitted changes: what `submit` passed, else
+    git's answer, else "unknown" for both."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return {
+            TAG_GIT_COMMIT: os.environ[GIT_COMMIT_ENV],
+            TAG_GIT_DIRTY: os.environ.get(GIT_DIRTY_ENV) or "unknown",
+        }
+    state = read_git_state()
+    if state is None:
+        return {TAG_GIT_COMMIT: "unknown", TAG_GIT_DIRTY: "unknown"}
+    return {TAG_GIT_COMMIT: state.commit, TAG_GIT_DIRTY: state.dirty_flag}
 
 
 def processed_data_hash() -> str:
@@ -121,7 +143,7 @@ def run_description(stage: str, config: PipelineConfig) -> str:
 def lineage_tags(stage: str, config: PipelineConfig) -> dict[str, str]:
     return {
         TAG_DESCRIPTION: run_description(stage, config),
-        TAG_GIT_COMMIT: git_commit(),
+        **git_tags(),
         TAG_USER: user(),
         TAG_SOURCE_NAME: f"python -m pipeline {stage}",
         TAG_SOURCE_TYPE: "JOB" if os.environ.get(GIT_COMMIT_ENV) else "LOCAL",

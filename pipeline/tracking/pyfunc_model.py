@@ -18,8 +18,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from pipeline.errors import PipelineError
 from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
 
 TEXT_COLUMN = "text"
@@ -58,10 +61,13 @@ class TranslatorModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         # Imported here, not at the top: MLflow also runs this file when it logs the model, where only the
         # instance is needed. At load time `pipeline` is the copy in the model's code/ folder.
-        from pipeline.network.translator import Translator
+        from pipeline.network.translator import InputBounds, Translator
 
-        # A CUDA GPU when the serving machine has one ($PIPELINE_DEVICE=cpu forces the CPU).
-        self.translator = Translator.from_dir(context.artifacts[MODEL_DIR_ARTIFACT], device=None)
+        # A CUDA GPU when the serving machine has one ($PIPELINE_DEVICE=cpu forces the CPU). A request's
+        # size is bounded as `translate`'s is: $PIPELINE_MAX_INPUT_TOKENS, $PIPELINE_MAX_SENTENCES.
+        self.translator = Translator.from_dir(
+            context.artifacts[MODEL_DIR_ARTIFACT], device=None, bounds=InputBounds.resolve()
+        )
 
     # MLflow applies the signature first, so `model_input` arrives as a one-column DataFrame whatever the
     # request's shape. A DataFrame hint is also one MLflow derives no schema from, so the explicit signature
@@ -70,11 +76,16 @@ class TranslatorModel(PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
         beam_size = (params or {}).get(BEAM_SIZE_PARAM)
-        return self.translator.translate(
-            input_sentences(model_input),
-            beam_size=int(beam_size) if beam_size is not None else None,
-            batch_size=BATCH_SIZE,
-        )
+        try:
+            return self.translator.translate(
+                input_sentences(model_input),
+                beam_size=int(beam_size) if beam_size is not None else None,
+                batch_size=BATCH_SIZE,
+            )
+        except PipelineError as error:
+            # The server answers an MlflowException with its message and a 400, any other exception
+            # with a generic message and a stack trace.
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 mlflow.models.set_model(TranslatorModel())

@@ -3,7 +3,8 @@ registry, and logging or fetching a pyfunc model. The rest of the pipeline calls
 MLflow's client itself.
 
 Tracking URI: $MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the project root (the model
-registry needs a database), with artifacts in `mlartifacts/` beside it. Runs are found again by a key
+registry needs a database; $DVC_ROOT when DVC runs the project in a temporary copy), with artifacts in
+`mlartifacts/` beside it. Runs are found again by a key
 tag (the Ray run name, the Tune trial id), so a restarted worker group or driver logs into the same run
 instead of creating a duplicate.
 """
@@ -54,8 +55,15 @@ EXPERIMENT_DESCRIPTION = (
 # ---------------------------------------------------------------------------------------------------------
 
 
+def project_root() -> Path:
+    """Where the default store lives: $DVC_ROOT, which `dvc exp run --temp` and `dvc queue` set to the
+    project while they run it in a temporary copy (a store there would be deleted with the copy), else the
+    working directory (`dvc repro` and `python -m pipeline` run in the project root)."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def _client(uri: str | None = None):
@@ -74,7 +82,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     artifact_location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # Beside the default SQLite store, not in whatever directory the process happens to run in.
-        artifact_location = (Path("mlartifacts").resolve()).as_uri()
+        artifact_location = (project_root() / "mlartifacts").as_uri()
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, TAG_DESCRIPTION: EXPERIMENT_DESCRIPTION}
     return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
 
@@ -242,9 +250,16 @@ def system_metrics(run: EpochMetricsLogger) -> Iterator[None]:
         monitor.finish()
 
 
-def log_split_inputs(run: EpochMetricsLogger, source: str, splits: dict[str, tuple[str, int]]) -> None:
+def log_split_inputs(
+    run: EpochMetricsLogger,
+    source: str,
+    splits: dict[str, tuple[str, int]],
+    hub: dict[str, Any] | None = None,
+) -> None:
     """The splits a model was trained and scored on as the run's dataset inputs (MLflow's Datasets panel and
-    lineage): name, digest (DVC's md5 of data/processed when dvc.lock has it), source, number of pairs."""
+    lineage): name, digest (DVC's md5 of data/processed when dvc.lock has it), source, number of pairs.
+    A Hub dataset's source is MLflow's own HuggingFaceDatasetSource (path, config_name, revision, split),
+    with the version prepare read (`hub`)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source_type = "code" if source == "builtin" else "hugging_face" if source.startswith("hf:") else "local"
@@ -254,7 +269,7 @@ def log_split_inputs(run: EpochMetricsLogger, source: str, splits: dict[str, tup
                 name=split,
                 digest=digest[:36],
                 source_type=source_type,
-                source=json.dumps({"uri": source, "split": split}),
+                source=_split_source(source, split, hub),
                 profile=json.dumps({"num_rows": rows}),
             ),
             tags=[InputTag("mlflow.data.context", split)],
@@ -262,6 +277,17 @@ def log_split_inputs(run: EpochMetricsLogger, source: str, splits: dict[str, tup
         for split, (digest, rows) in splits.items()
     ]
     _client(run.tracking_uri).log_inputs(run.run_id, datasets=inputs)
+
+
+def _split_source(source: str, split: str, hub: dict[str, Any] | None) -> str:
+    if hub is None:
+        return json.dumps({"uri": source, "split": split})
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    # `split` is the canonical name; the pipeline's split names are what its runs and tables use.
+    return HuggingFaceDatasetSource(
+        path=hub["path"], config_name=hub["config_name"], split=split, revision=hub["revision"]
+    ).to_json()
 
 
 def finish_train_run(run: EpochMetricsLogger, best_epoch: int, history_csv: Path) -> None:
@@ -378,13 +404,18 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
     from mlflow.models import Model
 
     uri = tracking_uri()
+    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    for store_uri in dict.fromkeys((uri, registry_uri)):
+        missing = _missing_local_store(store_uri)
+        if missing is not None:
+            raise PipelineError(
+                f"cannot fetch {model_uri}: there is no MLflow store at {missing} (run the register stage"
+                " first, or set MLFLOW_TRACKING_URI to the store that holds the model)"
+            )
     try:
         local = Path(
             download_artifacts(
-                artifact_uri=model_uri,
-                dst_path=str(dst),
-                tracking_uri=uri,
-                registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri,
+                artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=registry_uri
             )
         )
     except MlflowException as error:
@@ -396,3 +427,23 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
             f"{model_uri} has no '{artifact}' artifact: not a model logged by the register stage"
         )
     return local / relative
+
+
+def _missing_local_store(uri: str) -> Path | None:
+    """The file or folder of a local store (SQLite, file) that does not exist: MLflow would create it (an
+    empty 1 MB database in the project) only to report that the model is not there."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        location = uri.removeprefix("sqlite:///")  # sqlite:///relative.db, sqlite:////absolute.db
+        if not location or location.startswith(":memory:"):
+            return None
+    elif scheme == "file":
+        location = urlparse(uri).path
+    elif scheme == "":
+        location = uri
+    else:
+        return None
+    path = Path(location.split("?")[0])
+    return None if path.exists() else path
