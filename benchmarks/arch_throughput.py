@@ -1,6 +1,7 @@
 """CPU training throughput of the Transformer against GRU + attention at equal parameter count.
 
-    python -m benchmarks.arch_throughput [--data ../shared/data/multi30k] [--batches 10] [--epochs 3]
+    python -m benchmarks.arch_throughput [--data ../shared/data/multi30k] [--batches 10] [--epochs 3] \\
+        [--out FILE]
 
 The Transformer is `recipes/multi30k-transformer-cpu.yaml`'s; the `gru_attention` model takes the
 hidden size that brings its parameter count closest to it (same embedding width, same joint vocabulary,
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from benchmarks.common import REPO_ROOT, bare_loop_tokens_per_sec, median, prepared_builtin_corpus
 from benchmarks.quality import DEFAULT_DATA
-from pipeline.config import read_recipe
+from benchmarks.results import write_result
+from pipeline.config import ModelConfig, read_recipe
 from pipeline.network.model import build_model, count_parameters
 
 RECIPE = REPO_ROOT / "recipes" / "multi30k-transformer-cpu.yaml"
@@ -32,11 +34,21 @@ def matching_gru_attention(transformer, vocab: tuple[int, int]):
     return min(candidates, key=lambda config: abs(count_parameters(build_model(config, *vocab)) - target))
 
 
+def model_name(model_config: ModelConfig) -> str:
+    sizes = (
+        f"d {model_config.emb_dim}"
+        if model_config.arch == "transformer"
+        else f"emb {model_config.emb_dim}, hidden {model_config.hidden_dim}"
+    )
+    return f"{model_config.arch} ({sizes})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder")
     parser.add_argument("--batches", type=int, default=10, help="batches per epoch")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
     recipe = read_recipe(RECIPE)
     data = {"source": str(args.data.resolve()), "src_lang": "de", "tgt_lang": "en"}
@@ -56,15 +68,16 @@ def main() -> None:
         rows.append((model_config, parameters, median(rates[1:] or rates)))
     base = rows[0][2] * rows[0][1]
     for model_config, parameters, rate in rows:
-        sizes = (
-            f"d {model_config.emb_dim}"
-            if model_config.arch == "transformer"
-            else (f"emb {model_config.emb_dim}, hidden {model_config.hidden_dim}")
-        )
         print(
-            f"| {model_config.arch} ({sizes}) | {parameters / 1e6:.2f} M | {rate:,.0f}"
+            f"| {model_name(model_config)} | {parameters / 1e6:.2f} M | {rate:,.0f}"
             f" | {rate * parameters / base:.2f} |"
         )
+    if args.out:
+        figures = [
+            {"model": model_name(model_config), "parameters M": parameters / 1e6, "target tokens/s": rate}
+            for model_config, parameters, rate in rows
+        ]
+        write_result(args.out, "arch_throughput", figures)
 
 
 if __name__ == "__main__":

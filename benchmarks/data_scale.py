@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_scale                                  # 20k, 200k, 2M pairs (about 30 min)
     python -m benchmarks.data_scale --sentences-per-pair 3 --no-train   # news-like lengths (WMT: ~25 tokens)
-    python -m benchmarks.data_scale --sizes 20000,200000 --out scale.md
+    python -m benchmarks.data_scale --sizes 20000,200000 --out scale.json
     python -m benchmarks.data_scale --hf --no-train      # the same pairs as a saved Hugging Face dataset
 
 Each stage runs as its own process in a fresh project on the built-in corpus (tune off, a small GRU), the
@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import REPO_ROOT, bare_loop_tokens_per_sec
+from benchmarks.results import write_result
 
 TARGET_TIME_RATIO = 11.0
 TARGET_PEAK_RSS_MIB = 1536.0
@@ -184,7 +185,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="prepare and preprocess only")
     parser.add_argument("--hf", action="store_true", help="read the corpus as a saved Hugging Face dataset")
     parser.add_argument("--bare-batches", type=int, default=200, help="batches the bare-loop baseline trains")
-    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--out", type=Path, help="also write the result (JSON) here")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
 
@@ -199,7 +200,7 @@ def main() -> None:
     if len(sizes) > 1:
         print("\n" + "\n".join(verdict(sizes, rows)))
     if args.out:
-        args.out.write_text(result + "\n")
+        write_result(args.out, "data_scale", [{"pairs": n, **rows[n]} for n in sizes])
 
 
 if __name__ == "__main__":

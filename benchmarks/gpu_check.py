@@ -1,6 +1,6 @@
 """GPU check: a short Ray Train run with train.use_gpu and bf16 beside a bare PyTorch loop on the same GPU.
 
-    python -m benchmarks.gpu_check [--pairs 20000] [--epochs 3]      # from the project root
+    python -m benchmarks.gpu_check [--pairs 20000] [--epochs 3] [--out FILE]     # from the project root
 
 Needs one NVIDIA GPU and a CUDA build of torch. Prints target tokens/s and peak GPU memory for both,
 measured in the same run. The model is params.yaml's, the batch train.batch_size target tokens.
@@ -22,12 +22,14 @@ from benchmarks.common import (
     ray_train_tokens_per_sec,
     training_splits,
 )
+from benchmarks.results import write_result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible to torch (is this a CUDA build of torch?)")
@@ -67,6 +69,22 @@ def main() -> None:
     print(f"{'bare PyTorch loop, bf16':<34}{bare_rate:>20.0f}{bare_peak:>14.0f}{bare_wall:>10.1f}")
     print(f"{'Ray Train 1 GPU worker, bf16':<34}{ray_rate:>20.0f}{ray_peak:>14.0f}{ray_wall:>10.1f}")
     print(f"Ray / bare: {ray_rate / bare_rate:.2f}")
+    if args.out:
+        runs = (
+            ("bare PyTorch loop, bf16", bare_rate, bare_peak, bare_wall),
+            ("Ray Train, 1 GPU worker, bf16", ray_rate, ray_peak, ray_wall),
+        )
+        rows = [
+            {
+                "run": run,
+                "target tokens/s": rate,
+                "vs bare loop": rate / bare_rate,
+                "peak GPU MiB": peak,
+                "wall s": wall,
+            }
+            for run, rate, peak, wall in runs
+        ]
+        write_result(args.out, "gpu_check", rows, [f"{len(train)} training pairs"])
 
 
 if __name__ == "__main__":

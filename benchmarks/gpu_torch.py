@@ -2,7 +2,7 @@
 and training step, on a box with PyTorch but no Ray, MLflow, DVC or `datasets`.
 
     python -m benchmarks.gpu_torch --recipe recipes/multi30k-transformer.yaml --processed DIR \\
-        [--budget-s 300] [--set train.epochs=30 ...] [--out results.jsonl]          # from the project root
+        [--budget-s 300] [--set train.epochs=30 ...] [--out FILE] [--result FILE]      # from the project root
 
 DIR is a data/processed folder made by `dvc repro preprocess` (or `python -m pipeline preprocess`) with the
 recipe's data and preprocess settings: the encoded splits, the tokenizers and the test text. Copy it to
@@ -12,6 +12,9 @@ The model, optimizer, schedule and step (`train_step`: bf16 autocast on CUDA) ar
 worker runs. One process takes the recipe's global batch (train.batch_size x train.num_workers target
 tokens), so its updates match the recipe's DDP run. Training stops at the recipe's epochs or at the time
 budget, whichever comes first; then the test split is translated with the recipe's beam search.
+
+`--out` appends every figure of the run, per-epoch history included, as a JSON line; `--result` writes the
+run's table row in the result format of benchmarks/results.py.
 
 Printed per run: parameters, epochs, training target tokens/s, peak GPU memory, an MFU estimate and test
 BLEU (cased), lowercase BLEU and chrF. MFU = model FLOPs per target token x tokens/s / the GPU's dense
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks.results import write_result
 from pipeline.config import PipelineConfig, assignment_overrides, config_from_dict, merge_params, read_recipe
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.network.batching import collate, token_budget_batches
@@ -243,6 +247,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     parser.add_argument("--name", default=None, help="the run's name in the table (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")
+    parser.add_argument("--result", type=Path, default=None, help="write the run's table row (JSON) here")
     parser.add_argument(
         "--compare-cpu", action="store_true", help="also translate the test split on the CPU and compare"
     )
@@ -251,7 +256,39 @@ def main() -> None:
     if args.out:
         with args.out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")
+    if args.result:
+        write_result(args.result, "gpu_torch", [table_row(result)], result_notes(result))
     print_row(result)
+
+
+def table_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures as one row of the benchmark's table."""
+    mfu = result.get("mfu")
+    return {
+        "run": result["name"],
+        "parameters M": result["parameters"] / 1e6,
+        "epochs": result["epochs"],
+        "train s": result["train_seconds"],
+        "target tokens/s": result["tokens_per_s"],
+        "peak GPU GiB": round(result["peak_gpu_mib"] / 1024, 1),
+        "MFU %": None if mfu is None else 100 * mfu,
+        "test BLEU": result["bleu"],
+        "lowercase BLEU": result["bleu_lc"],
+        "chrF": result["chrf"],
+        "test decode s": result["test_decode_seconds"],
+    }
+
+
+def result_notes(result: dict[str, Any]) -> list[str]:
+    notes = [f"{result['batch_target_tokens']:,} target tokens a batch"]
+    if "measured_bf16_peak_tflops" in result:
+        notes.append(f"a 8192³ bf16 matrix product ran at {result['measured_bf16_peak_tflops']:.0f} TFLOP/s")
+    if "cpu_identical_beam" in result:
+        notes.append(
+            f"translated as on the CPU: greedy {result['cpu_identical_greedy']:.1%},"
+            f" beam {result['cpu_identical_beam']:.1%} of test sentences"
+        )
+    return notes
 
 
 def print_row(result: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Quality on real text: each architecture's Multi30k recipe through the pipeline's own stages, one table.
 
     python -m benchmarks.quality [--archs gru,gru_attention,transformer] [--data ../shared/data/multi30k]
-                                 [--out reports/quality.json]                     # from the project root
+                                 [--out quality.json]                             # from the project root
 
 For each architecture: a fresh folder with params.yaml, `set-params --recipe recipes/multi30k-<arch>.yaml
 data.source=<data>`, then `python -m pipeline prepare, preprocess, tune, train, evaluate` (tune is off in
@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.results import write_result
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k"
@@ -102,6 +104,34 @@ def print_table(results: list[dict[str, Any]]) -> None:
         )
 
 
+def table_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One run's figures beside the published figure for its architecture (the baseline of the table)."""
+    return {
+        "architecture": result["arch"],
+        "recipe": result["recipe"],
+        "parameters M": result["parameters"] / 1e6,
+        "epochs": result["epochs"],
+        "train min": result["stage_seconds"]["train"] / 60,
+        "wall min": result["wall_seconds"] / 60,
+        "target tokens/s": result["train_tokens_per_sec"],
+        "test BLEU": result["bleu"],
+        "lowercase BLEU": result["bleu_lc"],
+        "chrF": result["chrf"],
+        "published lowercase BLEU": PUBLISHED[result["arch"]],
+    }
+
+
+def curve_note(result: dict[str, Any]) -> str:
+    """The run's learning curve, which one final figure does not show."""
+    bleu = ", ".join(_figure(row.get("val_bleu"), ".1f") for row in result["history"])
+    seconds = ", ".join(_figure(row.get("epoch_seconds"), ".0f") for row in result["history"])
+    return f"{result['arch']}: validation BLEU (greedy) by epoch {bleu}; epoch seconds {seconds}"
+
+
+def _figure(value: str | None, spec: str) -> str:
+    return "-" if value in (None, "") else format(float(value), spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -109,7 +139,7 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder (train/val/test)")
     parser.add_argument("--full-transformer", action="store_true", help="the GPU recipe, not the CPU one")
-    parser.add_argument("--out", type=Path, default=None, help="write every result here as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     parser.add_argument("--keep-reports", type=Path, default=None, help="copy each run's reports/ here")
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -124,8 +154,9 @@ def main() -> None:
             "multi30k-transformer.yaml" if arch == "transformer" and args.full_transformer else RECIPES[arch]
         )
         results.append(run_recipe(arch, REPO_ROOT / "recipes" / name, args.data, args.keep_reports))
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2))
+        if args.out:  # after each architecture: a run of hours keeps what it has measured
+            rows, notes = [table_row(r) for r in results], [curve_note(r) for r in results]
+            write_result(args.out, "quality", rows, notes)
     print_table(results)
 
 

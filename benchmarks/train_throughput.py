@@ -1,6 +1,6 @@
 """Training throughput: Ray Train (1 worker) vs a bare PyTorch loop, and 2 workers vs 1, in one run.
 
-    python -m benchmarks.train_throughput [--pairs 6000] [--epochs 3]      # from the project root
+    python -m benchmarks.train_throughput [--pairs 6000] [--epochs 3] [--out FILE]  # from the project root
 
 Same model (params.yaml's model section), same length-bucketed batches (train.batch_size target tokens),
 same optimizer step, one torch thread per worker. Figures are target tokens per second over each
@@ -23,12 +23,14 @@ from benchmarks.common import (
     ray_train_tokens_per_sec,
     training_splits,
 )
+from benchmarks.results import write_result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=6000, help="built-in corpus size")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
 
     import ray
@@ -38,10 +40,11 @@ def main() -> None:
     )
     train, _ = training_splits(processed)
     vocab = (processed.src_vocab_size, processed.tgt_vocab_size)
-    print(
+    setup = (
         f"model {config.model.arch} emb {config.model.emb_dim} hidden {config.model.hidden_dim}; "
         f"{len(train)} training pairs; batch {config.train.batch_size} target tokens; 1 thread per worker"
     )
+    print(setup)
 
     started = time.perf_counter()
     bare, _ = bare_loop_tokens_per_sec(config.model, config.train, train, vocab, args.epochs)
@@ -71,6 +74,17 @@ def main() -> None:
     )
     print(f"1 Ray worker / bare loop: {one_rate / bare_rate:.2f} (target >= 0.9)")
     print(f"2 workers / 1 worker:     {two_rate / one_rate:.2f}")
+    if args.out:
+        runs = (
+            ("bare PyTorch loop", bare_rate, bare_wall),
+            ("Ray Train, 1 worker", one_rate, one_wall),
+            ("Ray Train, 2 workers (DDP)", two_rate, two_wall),
+        )
+        rows = [
+            {"run": run, "target tokens/s": rate, "vs bare loop": rate / bare_rate, "wall s": wall}
+            for run, rate, wall in runs
+        ]
+        write_result(args.out, "train_throughput", rows, [setup])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""One result format for every benchmark: its table rows inside an envelope saying where they were measured.
+
+    {"benchmark": "train_throughput", "command": "python -m benchmarks.train_throughput --epochs 3",
+     "date": "2026-11-27", "commit": "<hash>", "dirty": false,
+     "machine": {"cpu": ..., "cores": 2, "memory_gib": 23.5, "gpu": null, "torch": "2.13.0+cpu",
+                 "cuda": null, "ray": "2.60.0"},
+     "rows": [{"run": "bare PyTorch loop", "target tokens/s": 2878.0, ...}, ...],
+     "notes": ["..."]}
+
+Rows are flat: each value a number, a string or null. `benchmarks/report.py` renders the files in
+benchmarks/results/ as docs/benchmarks.md. Only the standard library is imported at module level, so a
+torch-only box (benchmarks/gpu_torch.py) can write results too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENVELOPE_KEYS = ("benchmark", "command", "date", "commit", "dirty", "machine", "rows")
+MACHINE_KEYS = ("cpu", "cores", "memory_gib", "gpu", "torch", "cuda", "ray")
+Row = dict[str, Any]
+
+
+def command_line(benchmark: str) -> str:
+    """The command as typed: under `python -m`, argv[0] is the module's file path, not its name."""
+    return shlex.join(["python", "-m", f"benchmarks.{benchmark}", *sys.argv[1:]])
+
+
+def git_state() -> tuple[str, bool | None]:
+    """(commit hash, whether the work tree differs from it); ("unknown", None) outside a git checkout."""
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", None
+    return commit, dirty
+
+
+def _git(*arguments: str) -> str:
+    done = subprocess.run(
+        ["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+    )
+    return done.stdout.strip()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on: CPU, cores, memory, GPU and the versions of torch and Ray."""
+    import torch  # every benchmark has imported it already
+
+    on_gpu = torch.cuda.is_available()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if on_gpu else None,
+        "ray": _installed_version("ray"),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else None
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _installed_version(package: str) -> str | None:
+    # The installed distribution, not an import: importing Ray costs seconds and may be blocked on purpose.
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def envelope(benchmark: str, rows: list[Row], notes: list[str] | None = None) -> dict[str, Any]:
+    commit, dirty = git_state()
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "command": command_line(benchmark),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "dirty": dirty,
+        "machine": machine(),
+        "rows": rows,
+    }
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def write_result(
+    path: Path, benchmark: str, rows: list[Row], notes: list[str] | None = None
+) -> dict[str, Any]:
+    """Write one benchmark run's rows, in the envelope, as a JSON document at `path`; returns the document."""
+    result = envelope(benchmark, rows, notes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    result = json.loads(path.read_text(encoding="utf-8"))
+    missing = [key for key in ENVELOPE_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"{path}: not a benchmark result, missing {missing}")
+    return result
