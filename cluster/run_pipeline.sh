@@ -27,7 +27,7 @@ if dvc remote default >/dev/null 2>&1; then
     # With a remote, a stage whose inputs already ran anywhere (this cluster, a laptop) is restored from
     # the remote's run-cache instead of recomputed (--pull fetches the run-cache and the data), and what
     # ran here is pushed back with its run-cache entries: on a laptop at the same commit and params,
-    # `dvc fetch --run-cache && dvc repro` then restores every stage without running one.
+    # `dvc repro --pull` then restores every stage without running one.
     dvc repro --pull "$@"
     dvc push --run-cache
 else

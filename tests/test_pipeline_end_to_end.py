@@ -196,8 +196,7 @@ def test_a_pushed_run_cache_restores_every_stage_in_a_fresh_clone(project: Path,
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     assert not (clone / "dvc.lock").exists(), "as on a laptop: the job's dvc.lock never reached git"
     run(["dvc", "remote", "add", "--default", "pushed", str(remote)], clone)
-    run(["dvc", "fetch", "--run-cache"], clone)  # `dvc pull` would also try a checkout: no dvc.lock yet
-    restored = run(["dvc", "repro"], clone)
+    restored = run(["dvc", "repro", "--pull"], clone)
 
     assert "Running stage" not in restored.stdout, restored.stdout
     for stage in STAGES:
