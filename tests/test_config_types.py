@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.__main__ import main
-from pipeline.config import PipelineConfig, config_from_dict, load_config, set_params, with_overrides
+from pipeline.config import PipelineConfig, config_from_dict, with_overrides
 from pipeline.errors import PipelineError
-from tests.conftest import REPO_ROOT
+from pipeline.params_file import load_config, set_params
+from tests.helpers import REPO_ROOT
 
 SHIPPED = (REPO_ROOT / "params.yaml").read_text()
 

@@ -98,7 +98,7 @@ def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_da
     beam search and sacreBLEU, with only what a torch-only box has (PyYAML reads the recipe)."""
     import json
 
-    from tests.conftest import prepare_project
+    from tests.helpers import prepare_project
 
     prepare_project(tmp_path, {"data": {"builtin": {"n_pairs": 300}}})
     recipe = tmp_path / "tiny-transformer.yaml"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import set_params
 from pipeline.errors import PipelineError
-from tests.conftest import write_params
+from pipeline.params_file import set_params
+from tests.helpers import write_params
 
 
 def test_assignments_are_typed_nested_and_validated(tmp_path: Path) -> None:

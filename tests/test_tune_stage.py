@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.training.resources import plan_tune
-from tests.conftest import prepare_project, working_directory
+from tests.helpers import prepare_project, working_directory
 
 SEARCH = {
     "num_samples": 3,
@@ -34,7 +34,7 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
     """The stage starts its own Ray with its own resource plan: it must not hang on this 2-core machine."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import tune
 
     prepare_project(tmp_path, {"tune": SEARCH})
@@ -80,10 +80,10 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
 
 
 def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import tune
     from pipeline.training.best_params import effective_config
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(tmp_path, {"tune": {"num_samples": 0}, "model": {"hidden_dim": 40}})
     with working_directory(tmp_path):
@@ -94,9 +94,9 @@ def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> No
 
 
 def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.training.best_params import effective_config
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(tmp_path, {"model": {"hidden_dim": 40, "emb_dim": 16}})
     (tmp_path / "reports").mkdir()

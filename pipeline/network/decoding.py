@@ -1,6 +1,6 @@
 """Batched greedy decoding and batched beam search for any `Seq2Seq`.
 
-Both take an encoded source batch (ids + </s>, padded, with lengths; see `data.batching.source_tensor`)
+Both take an encoded source batch (ids + </s>, padded, with lengths; see `network.batching.source_tensor`)
 and return, per sentence, the generated target ids without <s> and </s>. Each sentence stops at its own
 </s> or at its own length limit, `floor(max_len_ratio * source_length) + 5` generated tokens (</s>
 included), optionally capped by a fixed `max_len`.

@@ -101,8 +101,8 @@ def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersio
 
 def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
     """The train run from reports/train_run.json if this store has it, else a register run of its own."""
-    run_id = candidate.train_run.get("mlflow_run_id")
-    if run_id:
+    if candidate.train_run is not None:
+        run_id = candidate.train_run.mlflow_run_id
         if store.existing_run(run_id):
             return run_id
         logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)

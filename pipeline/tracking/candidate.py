@@ -27,6 +27,7 @@ from pipeline.files import file_sha256, read_json_object, write_json
 from pipeline.network.model import settings_in_use
 from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
 from pipeline.tracking import lineage
+from pipeline.tracking.train_run import TrainRun, read_train_run
 
 LOGGED_MODEL_NAME = "model"
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the model folder
@@ -57,7 +58,8 @@ class Candidate:
     model_config: dict[str, Any]  # model_config.json
     decoding: dict[str, Any]  # decoding.json
     metrics: dict[str, Any]  # reports/metrics.json
-    train_run: dict[str, Any]  # reports/train_run.json + best_epoch from train_metrics.json; {} when absent
+    train_run: TrainRun | None  # None when models/ did not come from the train stage
+    best_epoch: int | None  # from reports/train_metrics.json
     test_sources: list[str]
     test_references: list[str]
     test_hash: str
@@ -106,9 +108,10 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
             f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
             f"{len(sources)}: it is stale, run `python -m pipeline evaluate` again"
         )
-    train_run = read_json_object(paths.TRAIN_RUN) if paths.TRAIN_RUN.is_file() else {}
-    if train_run and paths.TRAIN_METRICS.is_file():
-        train_run["best_epoch"] = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
+    train_run = read_train_run()
+    best_epoch = None
+    if train_run is not None and paths.TRAIN_METRICS.is_file():
+        best_epoch = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
     return Candidate(
         model_dir=model_dir,
         content_hash=model_content_hash(model_dir),
@@ -116,6 +119,7 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         decoding=read_json_object(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
         metrics=metrics,
         train_run=train_run,
+        best_epoch=best_epoch,
         test_sources=sources,
         test_references=references,
         test_hash=test_split_hash(sources, references),
@@ -162,9 +166,11 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
     tags.update({f"model.{key}": str(value) for key, value in settings.items()})
     tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
     tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
-    for key in ("ray_run_name", "best_epoch", "mlflow_run_id"):
-        if candidate.train_run.get(key) is not None:
-            tags[f"train.{key}"] = str(candidate.train_run[key])
+    run = candidate.train_run
+    if run is not None:
+        tags.update({"train.ray_run_name": run.ray_run_name, "train.mlflow_run_id": run.mlflow_run_id})
+    if candidate.best_epoch is not None:
+        tags["train.best_epoch"] = str(candidate.best_epoch)
     return tags
 
 
@@ -175,10 +181,10 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
         f" (source) and {vocab.get('tgt_vocab_size')} (target)"
     )
     run = candidate.train_run
-    if run:
+    if run is not None:
         training = (
-            f"Trained with Ray Train (run {run.get('ray_run_name')}, MLflow run {run.get('mlflow_run_id')}): "
-            f"best epoch {run.get('best_epoch')} of at most {config.train.epochs} by validation loss."
+            f"Trained with Ray Train (run {run.ray_run_name}, MLflow run {run.mlflow_run_id}): "
+            f"best epoch {candidate.best_epoch} of at most {config.train.epochs} by validation loss."
         )
     else:
         training = "Trained outside the train stage (no reports/train_run.json)."
