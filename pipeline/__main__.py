@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     set_params.add_argument(
         "--recipe", type=Path, default=None, help="overrides in params.yaml's shape, e.g. recipes/*.yaml"
     )
-    set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
+    set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. runtime.use_gpu=true")
 
     submit = commands.add_parser(
         "submit",

@@ -103,6 +103,8 @@ class PreprocessConfig(_Section):
     min_frequency: int = Field(1, ge=1)
     joint_vocab: bool = False
     lowercase: bool = False
+    # bpe: characters unseen in training become their UTF-8 bytes (256 more tokens), not <unk>.
+    byte_fallback: bool = True
     # Train the tokenizers on a seeded random sample of this many training pairs (null: all of them).
     tokenizer_sample: int | None = Field(None, ge=1)
 
@@ -135,18 +137,23 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(4000, ge=16, description="target tokens per batch on each worker")
+    # The global batch: target tokens per optimizer update, across all workers (each takes its share), so
+    # the number of workers changes no update; `accumulate` splits each worker's share further.
+    batch_size: int = Field(8000, ge=16, description="target tokens per optimizer update, all workers")
+    accumulate: int = Field(1, ge=1, le=256, description="micro-batches per worker and update")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    compile: bool = False  # torch.compile the model (CUDA graphs on a GPU)
+    pad_multiple: int = Field(8, ge=1, le=128, description="padded lengths are multiples of this")
+    average_last: int = Field(1, ge=1, le=100, description="average the weights of the last N epochs")
     lr: float = Field(3e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)  # on weight matrices; never on biases, norms, embeddings
+    adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     teacher_forcing: float = Field(1.0, ge=0.0, le=1.0)
     early_stopping_patience: int = Field(3, ge=1)
     val_bleu_sentences: int = Field(200, ge=0, description="validation sentences decoded for BLEU each epoch")
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
     seed: int = 0
 
 
@@ -180,6 +187,10 @@ class RuntimeConfig(_Section):
     """How a run is carried out, not what it computes: no DVC stage lists this section, so changing it
     (e.g. the cluster's storage_path) re-runs nothing, and run names (content hashes) ignore it."""
 
+    # The hardware a run uses: with the global batch (train.batch_size) they change no update.
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks); one GPU each with use_gpu
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
     storage_path: str = "runs/ray"
     max_failures: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)

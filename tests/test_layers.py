@@ -104,7 +104,7 @@ def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_da
     recipe = tmp_path / "tiny-transformer.yaml"
     recipe.write_text(
         "model: {arch: transformer, emb_dim: 32, n_heads: 4, ff_dim: 64, n_layers: 1}\n"
-        "train: {epochs: 2, batch_size: 1500, num_workers: 1}\nevaluate: {beam_size: 2}\n"
+        "train: {epochs: 2, batch_size: 1500}\nruntime: {num_workers: 1}\nevaluate: {beam_size: 2}\n"
     )
     out = tmp_path / "result.jsonl"
     absent = tuple(name for name in NOT_ON_A_TORCH_ONLY_BOX if name != "yaml")

@@ -108,21 +108,21 @@ def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
 
 def test_resource_plan_on_a_cluster_counts_cpus_and_gpus_per_trial(caplog: pytest.LogCaptureFixture) -> None:
     config = config_from_dict(
-        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
     )
     assert plan_tune(config, {"CPU": 6.0}).concurrent_trials == 2
     gpu_config = config_from_dict(
-        {"train": {"num_workers": 2, "use_gpu": True}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "use_gpu": True}, "tune": {"max_concurrent_trials": 4}}
     )
     assert plan_tune(gpu_config, {"CPU": 64.0, "GPU": 4.0}).concurrent_trials == 2
     # Too small for one trial now: an autoscaler may add nodes, so it warns (naming the keys) and waits.
     assert plan_tune(config, {"CPU": 2.0}).concurrent_trials == 1
-    assert "train.num_workers=2" in caplog.text
+    assert "runtime.num_workers=2" in caplog.text
 
 
 def test_local_resource_plan_runs_no_more_trials_than_the_cores_feed() -> None:
     config = config_from_dict(
-        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
     )
     local = plan_tune(config, None)
     assert 1 <= local.concurrent_trials <= max(1, (os.cpu_count() or 1) // 2)

@@ -72,8 +72,8 @@ def _fit(
     from pipeline.training.resources import check_training_fits, training_cpus
     from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
-    with ray_session(training_cpus(config.train), config.runtime.worker_start_timeout_s):
-        check_training_fits(config.train, cluster_resources(), joined=cluster_address() is not None)
+    with ray_session(training_cpus(config.runtime), config.runtime.worker_start_timeout_s):
+        check_training_fits(config.runtime, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
         mlflow_run = store.start_train_run(config, run_name)
@@ -85,15 +85,16 @@ def _fit(
             config.train.epochs,
             mlflow_run,
             checkpoint_every=config.runtime.checkpoint_interval(),
+            cpus_per_worker=config.runtime.cpus_per_worker,
         )
         logger.info(
-            "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
+            "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.runtime.num_workers
         )
         with store.failed_on_error(mlflow_run.run_id, mlflow_run.tracking_uri):
             trainer = build_trainer(loop, config.runtime, run_name, storage_path)
             with store.system_metrics(mlflow_run), _start_failure_named(config):
                 result = trainer.fit()
-    return _trained_run(result, run_name), mlflow_run
+    return _trained_run(result, run_name, config.train.average_last), mlflow_run
 
 
 def _log_data_inputs(
@@ -123,15 +124,17 @@ def _start_failure_named(config: PipelineConfig) -> Iterator[None]:
         from pipeline.training.ray_session import worker_group_start_failure
         from pipeline.training.resources import worker_resources
 
-        asked = f"{config.train.num_workers} workers x {worker_resources(config.train)}"
+        asked = f"{config.runtime.num_workers} workers x {worker_resources(config.runtime)}"
         failure = worker_group_start_failure(error, asked)
         if failure is None:
             raise
         raise failure from None
 
 
-def _trained_run(result: Any, run_name: str) -> TrainedRun:
-    from pipeline.training.checkpoint import read_checkpoint
+def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
+    """The best checkpoint's weights by validation loss; with `train.average_last` over 1, the mean of the
+    last epochs' weights instead (kept in the latest checkpoint)."""
+    from pipeline.training.checkpoint import average_weights, read_checkpoint
 
     best_checkpoint = result.get_best_checkpoint(metric="val_loss", mode="min")
     if best_checkpoint is None:
@@ -139,7 +142,12 @@ def _trained_run(result: Any, run_name: str) -> TrainedRun:
     best = read_checkpoint(best_checkpoint)
     # The latest checkpoint holds the whole history; it is often the best one too: read it once then.
     latest_is_best = result.checkpoint is None or result.checkpoint.path == best_checkpoint.path
-    history = (best if latest_is_best else read_checkpoint(result.checkpoint))["state"]["history"]
+    latest = best if latest_is_best else read_checkpoint(result.checkpoint)
+    history = latest["state"]["history"]
+    recent = latest["state"].get("recent_weights") or []
+    if average_last > 1 and recent:
+        logger.info("averaging the weights of the last %d epochs", len(recent))
+        return TrainedRun(average_weights(recent), latest["state"]["epoch"], history[-1]["val_loss"], history)
     return TrainedRun(best["model"], best["state"]["epoch"], best["state"]["best_val_loss"], history)
 
 

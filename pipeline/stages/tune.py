@@ -95,7 +95,7 @@ def _worker_group_failure(config: PipelineConfig, error: BaseException | str) ->
 
     if isinstance(error, str):
         return None
-    asked = f"{config.train.num_workers} workers x {worker_resources(config.train)} per trial"
+    asked = f"{config.runtime.num_workers} workers x {worker_resources(config.runtime)} per trial"
     return worker_group_start_failure(error, asked)
 
 

@@ -25,7 +25,8 @@ from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json_object, write_json
 from pipeline.network.model import settings_in_use
-from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES, TGT_TOKENIZER_FILE
+from pipeline.network.tokenization import load_tokenizer, lowercases
 from pipeline.tracking import lineage
 from pipeline.tracking.train_run import TrainRun, read_train_run
 
@@ -35,6 +36,7 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 TAG_CONTENT_HASH = "model_content_sha256"
 TAG_TEST_HASH = "test_data_sha256"
 TAG_TEST_BLEU = "test_bleu"
+TAG_LOWERCASE = "output_lowercase"  # "true" when the model writes lowercase only (the gate then uses bleu_lc)
 # What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
 # network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
 SERVING_DISTRIBUTIONS = (
@@ -63,10 +65,14 @@ class Candidate:
     test_sources: list[str]
     test_references: list[str]
     test_hash: str
+    lowercases: bool  # its target tokenizer lowercases: every output is lowercase
 
     @property
     def bleu(self) -> float:
         return float(self.metrics["bleu"])
+
+    def score(self, metric: str) -> float:
+        return float(self.metrics[metric])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,6 +129,7 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         test_sources=sources,
         test_references=references,
         test_hash=test_split_hash(sources, references),
+        lowercases=lowercases(load_tokenizer(model_dir / TGT_TOKENIZER_FILE)),
     )
 
 
@@ -142,7 +149,7 @@ def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Pa
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _metric_tag(key: str) -> str:
+def metric_tag(key: str) -> str:
     """bleu -> test_bleu, test_loss stays: the names evaluate logs to the train run."""
     return key if key.startswith("test") else f"test_{key}"
 
@@ -160,12 +167,13 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
         "model.tgt_vocab_size": str(model.get("tgt_vocab_size")),
         TAG_CONTENT_HASH: candidate.content_hash,
         TAG_TEST_HASH: candidate.test_hash,
+        TAG_LOWERCASE: str(candidate.lowercases).lower(),
     }
     # Only what the architecture reads: a GRU version tagged with n_heads would claim a setting it ignores.
     settings = settings_in_use(model.get("model", {}))
     tags.update({f"model.{key}": str(value) for key, value in settings.items()})
     tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
-    tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
+    tags.update({metric_tag(key): str(value) for key, value in candidate.metrics.items()})
     run = candidate.train_run
     if run is not None:
         tags.update({"train.ray_run_name": run.ray_run_name, "train.mlflow_run_id": run.mlflow_run_id})

@@ -53,6 +53,7 @@ class TrainingData:
     src_vocab_size: int
     tgt_vocab_size: int
     tgt_tokenizer_json: str
+    validation_references: tuple[str, ...]  # the cleaned text, what per-epoch BLEU scores against
 
 
 class EpochLogger(Protocol):
@@ -81,6 +82,7 @@ def put_training_data(processed: ProcessedData, max_examples: int | None = None)
         processed.src_vocab_size,
         processed.tgt_vocab_size,
         processed.tgt_tokenizer.to_str(),
+        tuple(processed.texts("validation")[1]),
     )
 
 
@@ -98,6 +100,7 @@ class TrainLoop:
     epochs: int
     epoch_logger: EpochLogger | None = None
     checkpoint_every: CheckpointInterval | None = None
+    cpus_per_worker: float = 1.0  # the worker's torch threads follow its CPUs
 
 
 def build_trainer(
@@ -107,12 +110,13 @@ def build_trainer(
     storage_path: str,
     callbacks: list | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    train = loop.train
     return ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config={LOOP_KEY: loop},  # Ray Train hands the worker a dict: one key, the typed loop
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=worker_resources(train)
+            num_workers=runtime.num_workers,
+            use_gpu=runtime.use_gpu,
+            resources_per_worker=worker_resources(runtime),
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -82,7 +82,14 @@ def run_trial(trial_config: dict[str, Any], base: SearchBase) -> None:
     trial_id = tune.get_context().get_trial_id()
     train_run_name = f"{base.experiment_name}-{trial_id}"
     trial_logger = base.trial_runs.open(trial_id, train_run_name, effective) if base.trial_runs else None
-    loop = TrainLoop(effective.model, effective.train, base.data, base.config.tune.max_epochs, trial_logger)
+    loop = TrainLoop(
+        effective.model,
+        effective.train,
+        base.data,
+        base.config.tune.max_epochs,
+        trial_logger,
+        cpus_per_worker=base.config.runtime.cpus_per_worker,
+    )
     # A trial's best checkpoint is only read for its metrics: keep one.
     runtime = base.config.runtime.model_copy(update={"checkpoints_to_keep": 1})
     trainer = build_trainer(
