@@ -18,8 +18,9 @@ from pathlib import Path
 from benchmarks.common import REPO_ROOT, bare_loop_tokens_per_sec, median, prepared_builtin_corpus
 from benchmarks.quality import DEFAULT_DATA
 from benchmarks.results import write_result
-from pipeline.config import ModelConfig, read_recipe
+from pipeline.config import ModelConfig
 from pipeline.network.model import build_model, count_parameters
+from pipeline.params_file import read_recipe
 
 RECIPE = REPO_ROOT / "recipes" / "multi30k-transformer-cpu.yaml"
 

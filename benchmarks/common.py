@@ -91,19 +91,15 @@ def ray_train_tokens_per_sec(
     config: Any, processed: Any, num_workers: int, epochs: int, storage: Path, name: str
 ) -> list[dict[str, float]]:
     """Per-epoch metrics of a real Ray Train run of the project's training function."""
-    from pipeline.training.state import read_checkpoint
-    from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
+    from pipeline.training.checkpoint import read_checkpoint
+    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
     data = put_training_data(processed)
     train_config = config.train.model_copy(
         update={"num_workers": num_workers, "val_bleu_sentences": 0, "early_stopping_patience": 1000}
     )
     trainer = build_trainer(
-        train_loop_config(config.model, train_config, data, epochs),
-        train_config,
-        config.runtime,
-        name,
-        str(storage),
+        TrainLoop(config.model, train_config, data, epochs), config.runtime, name, str(storage)
     )
     result = trainer.fit()
     return read_checkpoint(result.checkpoint)["state"]["history"]

@@ -16,7 +16,7 @@ if [ ! -d .dvc ]; then
 fi
 dvc config --local core.no_scm true
 
-# Parameter overrides for this run, e.g. PIPELINE_SET="train.use_gpu=true train.num_workers=4": the
+# Parameter overrides for this run, e.g. PIPELINE_SET="runtime.use_gpu=true runtime.num_workers=4": the
 # cluster's counterpart of `dvc exp run -S`, which needs git. Validated before anything runs.
 if [ -n "${PIPELINE_SET:-}" ]; then
     # shellcheck disable=SC2086  # one word per assignment, by design

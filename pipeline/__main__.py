@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     set_params.add_argument(
         "--recipe", type=Path, default=None, help="overrides in params.yaml's shape, e.g. recipes/*.yaml"
     )
-    set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. train.use_gpu=true")
+    set_params.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help="e.g. runtime.use_gpu=true")
 
     submit = commands.add_parser(
         "submit",
@@ -126,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command in STAGES:
-            from pipeline.config import load_config
+            from pipeline.params_file import load_config
 
             config = load_config(args.params)
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
             stage.run(config)
             return 0
         if args.command == "set-params":
-            from pipeline.config import set_params
+            from pipeline.params_file import set_params
 
             if args.recipe is None and not args.assignments:
                 raise PipelineError("set-params needs --recipe FILE or KEY=VALUE assignments")

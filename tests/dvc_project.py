@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO_ROOT, write_params
+from tests.helpers import REPO_ROOT, write_params
 
 PROJECT_FILES = (
     "dvc.yaml",

@@ -21,7 +21,7 @@ from pipeline.network.decoding import greedy_decode
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.tokenization import PAD_ID
-from tests.conftest import torch_threads
+from tests.helpers import torch_threads
 
 Ids = Sequence[Sequence[int]]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, prepare_project
+from tests.helpers import REPO_ROOT, prepare_project
 
 pytestmark = pytest.mark.slow
 

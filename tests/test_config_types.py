@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.__main__ import main
-from pipeline.config import PipelineConfig, config_from_dict, load_config, set_params, with_overrides
+from pipeline.config import PipelineConfig, config_from_dict, with_overrides
 from pipeline.errors import PipelineError
-from tests.conftest import REPO_ROOT
+from pipeline.params_file import load_config, set_params
+from tests.helpers import REPO_ROOT
 
 SHIPPED = (REPO_ROOT / "params.yaml").read_text()
 
@@ -82,7 +83,7 @@ def test_the_walk_reaches_every_section_and_nested_key() -> None:
     assert {
         "data.builtin.n_pairs",
         "data.split_names.train",
-        "train.use_gpu",
+        "runtime.use_gpu",
         "runtime.checkpoint_every",
     } <= dotted
     assert "tune.search_space.model.dropout.uniform" in dotted and "register.model_name" in dotted
@@ -116,8 +117,8 @@ def test_every_key_refuses_every_wrong_yaml_type_naming_key_line_and_type(
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('  use_gpu: "yes"', "train.use_gpu: expected true or false, got the string 'yes'"),
-        ("  use_gpu: 1", "train.use_gpu: expected true or false, got the number 1"),
+        ('  use_gpu: "yes"', "runtime.use_gpu: expected true or false, got the string 'yes'"),
+        ("  use_gpu: 1", "runtime.use_gpu: expected true or false, got the number 1"),
         ('  max_tokens: "64"', "data.max_tokens: expected a whole number, got the string '64'"),
         ("  max_tokens: true", "data.max_tokens: expected a whole number, got true"),
         ("  max_tokens: 64.0", "data.max_tokens: expected a whole number, got the number 64.0"),
@@ -138,7 +139,7 @@ def test_a_stage_refuses_a_value_of_the_wrong_type_before_any_work(
 ) -> None:
     name = line.split(":")[0]
     lines = SHIPPED.splitlines()
-    section = {"use_gpu": "train:", "lr": "train:"}.get(name.strip(), "data:")
+    section = {"use_gpu": "runtime:", "lr": "train:"}.get(name.strip(), "data:")
     start = next(i for i, text in enumerate(lines) if text.startswith(section))
     number = next(i for i in range(start, len(lines)) if lines[i].startswith(name + ":"))
     lines[number] = line
@@ -153,10 +154,12 @@ def test_a_stage_refuses_a_value_of_the_wrong_type_before_any_work(
 
 
 def test_a_float_key_takes_a_whole_number_and_the_shipped_files_load() -> None:
-    config = config_from_dict({"model": {"dropout": 0}, "train": {"cpus_per_worker": 2, "lr": 1}})
-    assert (config.model.dropout, config.train.cpus_per_worker, config.train.lr) == (0.0, 2.0, 1.0)
+    config = config_from_dict(
+        {"model": {"dropout": 0}, "runtime": {"cpus_per_worker": 2}, "train": {"lr": 1}}
+    )
+    assert (config.model.dropout, config.runtime.cpus_per_worker, config.train.lr) == (0.0, 2.0, 1.0)
     assert isinstance(config.model.dropout, float)
-    assert load_config(REPO_ROOT / "params.yaml").train.cpus_per_worker == 1.0
+    assert load_config(REPO_ROOT / "params.yaml").runtime.cpus_per_worker == 1.0
     space = load_config(REPO_ROOT / "params.yaml").tune.search_space
     assert space["model.dropout"].uniform == (0.0, 0.3) and space["model.n_layers"].randint == (1, 2)
 
@@ -205,8 +208,8 @@ def test_a_recipe_value_of_the_wrong_type_names_the_recipe_line(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
-        ('train.use_gpu="yes"', "train.use_gpu: expected true or false, got the string 'yes'"),
-        ("train.use_gpu=1", "train.use_gpu: expected true or false, got the number 1"),
+        ('runtime.use_gpu="yes"', "runtime.use_gpu: expected true or false, got the string 'yes'"),
+        ("runtime.use_gpu=1", "runtime.use_gpu: expected true or false, got the number 1"),
         ('data.max_tokens="64"', "data.max_tokens: expected a whole number, got the string '64'"),
         ("data.max_tokens=true", "data.max_tokens: expected a whole number, got true"),
         ("data.builtin=5", "data.builtin: expected a mapping, got the number 5"),

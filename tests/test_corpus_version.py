@@ -14,7 +14,7 @@ from pipeline.config import config_from_dict
 from pipeline.data.hf_source import _cached_revision, resolve_revision
 from pipeline.errors import PipelineError
 from pipeline.tracking import store
-from tests.conftest import prepare_project
+from tests.helpers import prepare_project
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PAIRS = [(f"ein satz nummer {i} .", f"sentence number {i} .") for i in range(60)]

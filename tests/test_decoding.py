@@ -10,7 +10,7 @@ import torch
 from pipeline.network.batching import source_tensor
 from pipeline.network.decoding import beam_search, decode_batch, greedy_decode, max_lengths
 from pipeline.network.model import Seq2Seq
-from pipeline.network.tokenization import BOS_ID, EOS_ID
+from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID
 from tests.seq2seq_toys import random_model, trained_reverser
 
 ARCHS = ["gru", "gru_attention", "transformer"]
@@ -84,12 +84,13 @@ def test_output_respects_the_length_limits(arch: str) -> None:
 
 
 def _exhaustive_best(model: Seq2Seq, source: list[int], vocab: int, limit: int, alpha: float) -> list[int]:
-    """Score every possible output (ending in </s> within the limit, or cut at the limit) by brute force."""
-    others = [t for t in range(vocab) if t != EOS_ID]
+    """Score every possible output by brute force: any tokens but <pad> and <s>, ending in </s> within the
+    limit (a hypothesis at the limit must end there)."""
+    others = [t for t in range(vocab) if t not in (EOS_ID, PAD_ID, BOS_ID)]
     outputs = [
         list(output)
         for n in range(1, limit + 1)
-        for output in itertools.product(*[others] * (n - 1), [EOS_ID, *(others if n == limit else [])])
+        for output in itertools.product(*[others] * (n - 1), [EOS_ID])
     ]
     # One batch; positions after an output's end hold padding, which a left-to-right decoder never reads.
     tgt_out = torch.tensor([output + [0] * (limit - len(output)) for output in outputs])
@@ -111,8 +112,9 @@ def test_a_beam_that_keeps_every_hypothesis_finds_the_exhaustive_optimum(arch: s
     """Checks the scoring (length penalty, </s>, length limit) by brute force over a 6-token vocabulary."""
     vocab, limit = 6, 3
     model = random_model(arch, seed=11, vocab_size=vocab)
-    with torch.no_grad():  # a rarer </s>: the optimum is then [] for alpha 0 but a length-3 output for 1
-        model.decoder.W_o.bias[EOS_ID] -= 1.5
+    with torch.no_grad():  # a likelier symbol 5, a rarer </s>: for the GRU archs the optimum is then []
+        model.decoder.W_o.bias[5] += 1.0  # for alpha 0 but a longer output for alpha 1
+        model.decoder.W_o.bias[EOS_ID] -= 1.0
     for source in ([4, 5, 4], [5]):
         src, lengths = source_tensor([source])
         found = beam_search(
@@ -159,3 +161,36 @@ def test_each_corpus_score_comes_with_the_sacrebleu_signature_it_was_computed_wi
         "bleu_lc_signature": f"BLEU|nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:{version}",
         "chrf_signature": f"chrF2|nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:{version}",
     }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pad_and_bos_are_never_generated(arch: str) -> None:
+    model = random_model(arch, seed=3)
+    with torch.no_grad():  # the likeliest tokens by far: a search that may emit them would
+        model.decoder.W_o.bias[PAD_ID] += 20.0
+        model.decoder.W_o.bias[BOS_ID] += 20.0
+    src, lengths = source_tensor(SOURCES)
+    for beam_size in (1, 3):
+        for hypothesis in decode_batch(model, src, lengths, beam_size=beam_size, max_len_ratio=1.0):
+            assert PAD_ID not in hypothesis and BOS_ID not in hypothesis, hypothesis
+
+
+@pytest.mark.parametrize("arch", ("gru", "gru_attention"))
+def test_a_hypothesis_cut_at_the_length_limit_ends_with_its_eos_scored(arch: str) -> None:
+    """A likely symbol and a rare </s>: the best hypotheses run to the limit, where </s> is forced; the one
+    returned is the best complete sentence, its closing </s>'s probability included (brute force agrees),
+    and beam 1 is still greedy decoding."""
+    vocab, limit = 6, 3
+    model = random_model(arch, seed=5, vocab_size=vocab)
+    with torch.no_grad():
+        model.decoder.W_o.bias[5] += 6.0
+        model.decoder.W_o.bias[EOS_ID] -= 6.0
+    for source in ([4, 5, 4], [5]):
+        src, lengths = source_tensor([source])
+        found = beam_search(
+            model, src, lengths, beam_size=200, length_penalty=1.0, max_len_ratio=None, max_len=limit
+        )
+        assert found == [_exhaustive_best(model, source, vocab, limit, 1.0)]
+        assert len(found[0]) == limit - 1, found  # two symbols, then the </s> the limit forced
+        greedy = greedy_decode(model, src, lengths, max_len_ratio=None, max_len=limit)
+        assert greedy == beam_search(model, src, lengths, beam_size=1, max_len_ratio=None, max_len=limit)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS
 from tests.dvc_project import make_dvc_project, run
+from tests.helpers import TINY_PARAMS
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, TINY_PARAMS
 from tests.dvc_project import make_dvc_project, run
+from tests.helpers import REPO_ROOT, TINY_PARAMS
 from tests.import_graph import import_closure, package_files
 
 STAGES = ("prepare", "preprocess", "tune", "train", "evaluate", "register")
@@ -25,9 +25,10 @@ CLI = Path("pipeline/__main__.py")
 
 def stage_code(stage: str) -> set[Path]:
     """What `python -m pipeline <stage>` runs: the CLI module itself (its other commands' imports are lazy
-    and not run), the config it loads and the stage module, with everything they import."""
+    and not run), the params file reader it loads the config with and the stage module, with everything
+    they import."""
     return {CLI} | import_closure(
-        Path(f"pipeline/stages/{stage}.py"), Path("pipeline/config.py"), Path("pipeline/errors.py")
+        Path(f"pipeline/stages/{stage}.py"), Path("pipeline/params_file.py"), Path("pipeline/errors.py")
     )
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_PARAMS, deep_merge, prepare_project, working_directory
 from tests.dvc_project import make_dvc_project, project_env, run
+from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, prepare_project, working_directory
 from tests.test_registry import MODEL_NAME, Project, project, workspace  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ MID_EPOCH_CHECKPOINTS = {
 def trained_project(tmp_path_factory, ray_instance) -> Path:
     """A tiny project after one uninterrupted train stage, with mid-epoch checkpoints (the reference
     that the killed run below must match, so the module trains it only once)."""
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import train
 
     directory = tmp_path_factory.mktemp("train-project")
@@ -133,10 +133,10 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
     import ray.train
     import torch
 
-    from pipeline.config import load_config
     from pipeline.data.processed import load_processed
-    from pipeline.training.state import read_checkpoint
-    from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
+    from pipeline.params_file import load_config
+    from pipeline.training.checkpoint import read_checkpoint
+    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
     with working_directory(trained_project):
         config = load_config("params.yaml")
@@ -145,7 +145,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
         uninterrupted = ray.train.Result.from_path(Path("runs/ray", run_name).resolve())
     reference = read_checkpoint(uninterrupted.checkpoint)
     assert config.model.dropout > 0, "dropout draws random numbers: the RNG restore must matter"
-    loop_config = train_loop_config(
+    loop = TrainLoop(
         config.model,
         config.train,
         data,
@@ -159,7 +159,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
         daemon=True,
     )
     killer.start()
-    result = build_trainer(loop_config, config.train, config.runtime, "killed", str(tmp_path)).fit()
+    result = build_trainer(loop, config.runtime, "killed", str(tmp_path)).fit()
     killer.join(timeout=5)
 
     assert killed, "no Ray Train worker was killed after a mid-epoch checkpoint"
@@ -235,7 +235,7 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
 KILL_BEFORE_ALIASES = textwrap.dedent(
     """
     import os, signal
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import register
 
     def die(*args, **kwargs):  # the version is registered and tagged; its aliases are not set yet

@@ -98,13 +98,13 @@ def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_da
     beam search and sacreBLEU, with only what a torch-only box has (PyYAML reads the recipe)."""
     import json
 
-    from tests.conftest import prepare_project
+    from tests.helpers import prepare_project
 
     prepare_project(tmp_path, {"data": {"builtin": {"n_pairs": 300}}})
     recipe = tmp_path / "tiny-transformer.yaml"
     recipe.write_text(
         "model: {arch: transformer, emb_dim: 32, n_heads: 4, ff_dim: 64, n_layers: 1}\n"
-        "train: {epochs: 2, batch_size: 1500, num_workers: 1}\nevaluate: {beam_size: 2}\n"
+        "train: {epochs: 2, batch_size: 1500}\nruntime: {num_workers: 1}\nevaluate: {beam_size: 2}\n"
     )
     out = tmp_path / "result.jsonl"
     absent = tuple(name for name in NOT_ON_A_TORCH_ONLY_BOX if name != "yaml")

@@ -7,9 +7,10 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import ModelConfig, config_from_dict, load_config
+from pipeline.config import ModelConfig, config_from_dict
 from pipeline.errors import PipelineError
-from tests.conftest import REPO_ROOT
+from pipeline.params_file import load_config
+from tests.helpers import REPO_ROOT
 
 TRANSFORMER_SEARCH = {
     "model.arch": {"choice": ["gru_attention", "transformer"]},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import prepare_project, working_directory
+from tests.helpers import prepare_project, working_directory
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import train
 
     prepare_project(tmp_path, {"train": {"epochs": 1}})

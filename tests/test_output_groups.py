@@ -11,7 +11,7 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, atomic_file, outputs_together
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

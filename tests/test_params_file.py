@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.__main__ import main
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 SHIPPED = (REPO_ROOT / "params.yaml").read_text()
 

@@ -193,7 +193,7 @@ def test_a_million_character_line_is_dropped_by_prepare_and_preprocess_stays_fas
     import subprocess
     import sys
 
-    from tests.conftest import REPO_ROOT, write_params
+    from tests.helpers import REPO_ROOT, write_params
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -257,7 +257,7 @@ def test_a_corrupt_prepared_folder_is_one_message_and_keeps_the_previous_process
     case: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from pipeline.__main__ import main
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(Path.cwd(), {"data": {"builtin": {"n_pairs": 400}}, "preprocess": {"vocab_size": 200}})
     assert main(["prepare"]) == 0 and main(["preprocess"]) == 0

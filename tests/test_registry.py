@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import deep_merge, prepare_project, working_directory
+from tests.helpers import deep_merge, prepare_project, working_directory
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,7 +143,8 @@ class Project:
         self.workspace = workspace
 
     def config(self, **register: Any):
-        from pipeline.config import load_config, with_overrides
+        from pipeline.config import with_overrides
+        from pipeline.params_file import load_config
 
         overrides = {f"register.{key}": value for key, value in register.items()}
         return with_overrides(load_config(self.root / "params.yaml"), overrides)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, write_params
+from tests.helpers import REPO_ROOT, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 

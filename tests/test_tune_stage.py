@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.training.resources import plan_tune
-from tests.conftest import prepare_project, working_directory
+from tests.helpers import prepare_project, working_directory
 
 SEARCH = {
     "num_samples": 3,
@@ -34,7 +34,7 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
     """The stage starts its own Ray with its own resource plan: it must not hang on this 2-core machine."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import tune
 
     prepare_project(tmp_path, {"tune": SEARCH})
@@ -80,10 +80,10 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
 
 
 def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.stages import tune
     from pipeline.training.best_params import effective_config
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(tmp_path, {"tune": {"num_samples": 0}, "model": {"hidden_dim": 40}})
     with working_directory(tmp_path):
@@ -94,9 +94,9 @@ def test_num_samples_zero_passes_the_model_section_through(tmp_path: Path) -> No
 
 
 def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.params_file import load_config
     from pipeline.training.best_params import effective_config
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(tmp_path, {"model": {"hidden_dim": 40, "emb_dim": 16}})
     (tmp_path / "reports").mkdir()
@@ -108,21 +108,21 @@ def test_best_params_override_params_yaml_for_train(tmp_path: Path) -> None:
 
 def test_resource_plan_on_a_cluster_counts_cpus_and_gpus_per_trial(caplog: pytest.LogCaptureFixture) -> None:
     config = config_from_dict(
-        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
     )
     assert plan_tune(config, {"CPU": 6.0}).concurrent_trials == 2
     gpu_config = config_from_dict(
-        {"train": {"num_workers": 2, "use_gpu": True}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "use_gpu": True}, "tune": {"max_concurrent_trials": 4}}
     )
     assert plan_tune(gpu_config, {"CPU": 64.0, "GPU": 4.0}).concurrent_trials == 2
     # Too small for one trial now: an autoscaler may add nodes, so it warns (naming the keys) and waits.
     assert plan_tune(config, {"CPU": 2.0}).concurrent_trials == 1
-    assert "train.num_workers=2" in caplog.text
+    assert "runtime.num_workers=2" in caplog.text
 
 
 def test_local_resource_plan_runs_no_more_trials_than_the_cores_feed() -> None:
     config = config_from_dict(
-        {"train": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
+        {"runtime": {"num_workers": 2, "cpus_per_worker": 1}, "tune": {"max_concurrent_trials": 4}}
     )
     local = plan_tune(config, None)
     assert 1 <= local.concurrent_trials <= max(1, (os.cpu_count() or 1) // 2)

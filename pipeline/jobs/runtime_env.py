@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import read_yaml_mapping
 from pipeline.errors import PipelineError
+from pipeline.params_file import read_yaml_mapping
 from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, USER_ENV, read_git_state, user
 
 DEFAULT_RUNTIME_ENV = Path("cluster/runtime_env.yaml")

@@ -53,10 +53,24 @@ def _cut_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[n
     return batches
 
 
-def shard_batches(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
-    """Every rank gets the same number of batches: DDP's all-reduce would hang on a rank with more."""
-    per_rank = len(batches) // world_size
-    return batches[rank : per_rank * world_size : world_size]
+def update_shares(batch: np.ndarray, rank: int, world_size: int, accumulate: int) -> list[np.ndarray | None]:
+    """This rank's micro-batches of one global batch: the batch is cut into `world_size x accumulate`
+    shares of (nearly) equal sentence counts, the same cut whatever the rank, and each rank takes
+    `accumulate` consecutive ones. None for a share that is empty (a global batch of very few sentences):
+    the rank must still take part in the gradient all-reduce."""
+    shares = np.array_split(batch, world_size * accumulate)[rank * accumulate : (rank + 1) * accumulate]
+    return [share if len(share) else None for share in shares]
+
+
+def target_tokens(split: EncodedSplit, indices: np.ndarray) -> int:
+    """The target tokens a batch is scored on (every target token and </s>), from the lengths alone."""
+    return int(split.tgt_lengths()[indices].sum()) + len(indices)
+
+
+def padded_length(longest: int, multiple: int) -> int:
+    """`longest` rounded up to a multiple of `multiple`: a small fixed set of shapes, so kernels, compiled
+    graphs and allocator blocks are reused from batch to batch."""
+    return -(-longest // multiple) * multiple
 
 
 @dataclass
@@ -77,11 +91,12 @@ class Batch:
         )
 
 
-def collate(split: EncodedSplit, indices: np.ndarray) -> Batch:
+def collate(split: EncodedSplit, indices: np.ndarray, pad_multiple: int = 1) -> Batch:
+    """The padded tensors of a batch; source and target widths rounded up to `pad_multiple`."""
     sources = [split.src(i) for i in indices]
     targets = [split.tgt(i) for i in indices]
-    src_len = max(len(s) for s in sources) + 1
-    tgt_len = max(len(t) for t in targets) + 1
+    src_len = padded_length(max(len(s) for s in sources) + 1, pad_multiple)
+    tgt_len = padded_length(max(len(t) for t in targets) + 1, pad_multiple)
     src = np.full((len(indices), src_len), PAD_ID, dtype=np.int64)
     tgt_in = np.full((len(indices), tgt_len), PAD_ID, dtype=np.int64)
     tgt_out = np.full((len(indices), tgt_len), PAD_ID, dtype=np.int64)

@@ -1,6 +1,6 @@
 """Batched greedy decoding and batched beam search for any `Seq2Seq`.
 
-Both take an encoded source batch (ids + </s>, padded, with lengths; see `data.batching.source_tensor`)
+Both take an encoded source batch (ids + </s>, padded, with lengths; see `network.batching.source_tensor`)
 and return, per sentence, the generated target ids without <s> and </s>. Each sentence stops at its own
 </s> or at its own length limit, `floor(max_len_ratio * source_length) + 5` generated tokens (</s>
 included), optionally capped by a fixed `max_len`.
@@ -12,21 +12,25 @@ average. The search rule is the one of Hugging Face's BeamSearchScorer: at each 
 extensions are ranked; an </s> among the first k finishes a hypothesis, and the first k that are not </s>
 go on. A sentence is done when it has k finished hypotheses and its best live hypothesis, scored as if it
 ended now, does not beat the worst of them (exact for length_penalty = 0, where scores can only fall; a
-standard heuristic otherwise), or when it reaches its length limit (live hypotheses then count as
-finished). With k = 1 this is exactly greedy decoding.
+standard heuristic otherwise), or when it reaches its length limit. With k = 1 this is exactly greedy
+decoding.
+
+As in fairseq: <pad> and <s> are never generated (their log-probabilities are -inf), and at its length
+limit a hypothesis must end, with </s> and its probability: the last step offers </s> only, so a cut
+hypothesis is scored as the complete sentence it becomes. A sentence that is done leaves the batch: its
+rows are dropped from the decoder's state, so the remaining ones decode faster.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.network.model import Seq2Seq, select_rows, select_state
-from pipeline.network.tokenization import BOS_ID, EOS_ID
+from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID
 
 
 def max_lengths(
@@ -58,6 +62,19 @@ def _until_eos(ids: list[int]) -> list[int]:
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
+def next_token_log_probs(logits: Tensor, at_limit: Tensor) -> Tensor:
+    """log p(y_t | ...) [N,V] as the search may use it: never <pad> or <s>; only </s> for rows at their
+    length limit (`at_limit` [N] bool), so a hypothesis cut there still ends, with its </s> scored."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs[:, PAD_ID] = float("-inf")
+    log_probs[:, BOS_ID] = float("-inf")
+    if bool(at_limit.any()):
+        eos = log_probs[:, EOS_ID].clone()
+        log_probs[at_limit] = float("-inf")
+        log_probs[at_limit, EOS_ID] = eos[at_limit]
+    return log_probs
+
+
 def greedy_decode(
     model: Seq2Seq,
     src: Tensor,
@@ -76,17 +93,13 @@ def greedy_decode(
         generated = []
         for step in range(max(limits)):
             logits, state = model.decode_step(tokens, state, memory)
-            tokens = logits.argmax(dim=-1)
+            tokens = next_token_log_probs(logits, limit <= step + 1).argmax(dim=-1)
             generated.append(tokens)
             finished |= (tokens == EOS_ID) | (limit <= step + 1)
             if bool(finished.all()):
                 break
         rows = torch.stack(generated, dim=1).tolist()
     return [_until_eos(row[:n]) for row, n in zip(rows, limits, strict=True)]
-
-
-def _length_penalty(length: int, alpha: float) -> float:
-    return ((5.0 + length) / 6.0) ** alpha
 
 
 def beam_search(
@@ -102,80 +115,111 @@ def beam_search(
     """The k best-scoring translations per sentence are searched in one batch of B*k decoder rows."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    limits = max_lengths(src_lengths, max_len_ratio, max_len)
-    batch, k, device = src.size(0), beam_size, src.device
     with _evaluating(model):
+        search = _BeamSearch(
+            model,
+            src,
+            src_lengths,
+            beam_size,
+            length_penalty,
+            max_lengths(src_lengths, max_len_ratio, max_len),
+        )
+        return search.run()
+
+
+class _BeamSearch:
+    """The search's state for the sentences still being decoded (`active`, original indices): their beams'
+    scores, tokens and decoder rows; row a*k + j of every decoder tensor is beam j of active sentence a."""
+
+    def __init__(
+        self, model: Seq2Seq, src: Tensor, src_lengths: Tensor, k: int, alpha: float, limits: list[int]
+    ) -> None:
+        self.model, self.k, self.alpha, self.device = model, k, alpha, src.device
+        batch = src.size(0)
+        self.limits = torch.tensor(limits, device=self.device)
+        self.active = torch.arange(batch, device=self.device)
         memory, state = model.encode(src, src_lengths)
-        # Row b*k + j of every decoder tensor is beam j of sentence b.
-        rows = torch.arange(batch, device=device).repeat_interleave(k)
-        memory, state = select_rows(memory, rows), select_state(state, rows)
-        offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # [B,1]
-        tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
+        rows = torch.arange(batch, device=self.device).repeat_interleave(k)
+        self.memory, self.state = select_rows(memory, rows), select_state(state, rows)
+        self.tokens = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=self.device)
         # All k beams start identical: only the first is live, or the search would keep k copies of it.
-        scores = torch.full((batch, k), float("-inf"), device=device)
-        scores[:, 0] = 0.0
-        history = torch.zeros((batch, k, 0), dtype=torch.long, device=device)  # tokens so far per beam
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # best first, at most k
-        worst_kept = torch.full((batch,), float("-inf"))  # k-th finished score, -inf until there are k
-        done = [False] * batch
+        self.scores = torch.full((batch, k), float("-inf"), device=self.device)
+        self.scores[:, 0] = 0.0
+        self.history = torch.zeros((batch, k, 0), dtype=torch.long, device=self.device)
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # best first, <= k
+        self.worst_kept = torch.full((batch,), float("-inf"), device=self.device)  # k-th finished, or -inf
 
-        def keep(sentence: int, score: float, ids: list[int]) -> None:
-            hypotheses = finished[sentence]
-            hypotheses.append((score, ids))
+    def run(self) -> list[list[int]]:
+        length = 0
+        while len(self.active):
+            length += 1  # tokens generated so far, including the one chosen now
+            self._step(length)
+        return [hypotheses[0][1] if hypotheses else [] for hypotheses in self.finished]
+
+    def _step(self, length: int) -> None:
+        k, n_active = self.k, len(self.active)
+        penalty = ((5.0 + length) / 6.0) ** self.alpha
+        logits, self.state = self.model.decode_step(self.tokens, self.state, self.memory)
+        at_limit = (self.limits[self.active] <= length).repeat_interleave(k)
+        log_probs = next_token_log_probs(logits, at_limit)
+        vocab = log_probs.size(-1)
+        candidates = (self.scores.unsqueeze(-1) + log_probs.view(n_active, k, vocab)).view(
+            n_active, k * vocab
+        )
+        n_candidates = min(2 * k, k * vocab)
+        cand_scores, cand_ids = candidates.topk(n_candidates, dim=1)  # best first
+        cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
+        is_eos = cand_tokens == EOS_ID
+        self._keep_finished(
+            is_eos[:, :k] & torch.isfinite(cand_scores[:, :k]), cand_scores, cand_beams, penalty
+        )
+        # The k best candidates that are not </s> go on (there are at least k of the 2k).
+        rank_key = is_eos.long() * n_candidates + torch.arange(n_candidates, device=self.device)
+        chosen = rank_key.argsort(dim=1)[:, :k]
+        self.scores = cand_scores.gather(1, chosen)
+        beams = cand_beams.gather(1, chosen)
+        new_tokens = cand_tokens.gather(1, chosen)
+        self.history = torch.cat(
+            [
+                self.history.gather(1, beams.unsqueeze(-1).expand(-1, -1, self.history.size(2))),
+                new_tokens.unsqueeze(-1),
+            ],
+            dim=2,
+        )
+        offsets = (torch.arange(n_active, device=self.device) * k).unsqueeze(1)
+        self.state = select_state(self.state, (beams + offsets).view(-1))
+        self.tokens = new_tokens.view(-1)
+        # Done: at the length limit (every hypothesis ended there), or no live one can beat the k-th finished.
+        done = (self.limits[self.active] <= length) | (
+            self.scores[:, 0] / penalty <= self.worst_kept[self.active]
+        )
+        if bool(done.any()):
+            self._drop(~done)
+
+    def _keep_finished(self, hits: Tensor, cand_scores: Tensor, cand_beams: Tensor, penalty: float) -> None:
+        """Hypotheses ended by one of the k best candidates being </s>, kept with their penalised score."""
+        found = hits.nonzero().tolist()
+        if not found:
+            return
+        scores, beams, active = cand_scores.tolist(), cand_beams.tolist(), self.active.tolist()
+        for position, rank in found:
+            sentence = active[position]
+            ids = self.history[position, beams[position][rank]].tolist()
+            hypotheses = self.finished[sentence]
+            hypotheses.append((scores[position][rank] / penalty, ids))
             hypotheses.sort(key=lambda pair: -pair[0])  # stable: the earlier of equal scores stays first
-            del hypotheses[k:]
-            if len(hypotheses) == k:
-                worst_kept[sentence] = hypotheses[-1][0]
+            del hypotheses[self.k :]
+            if len(hypotheses) == self.k:
+                self.worst_kept[sentence] = hypotheses[-1][0]
 
-        for step in range(max(limits)):
-            length = step + 1  # tokens generated so far, including the one chosen now
-            penalty = _length_penalty(length, length_penalty)
-            logits, state = model.decode_step(tokens, state, memory)
-            vocab = logits.size(-1)
-            log_probs = torch.log_softmax(logits.float(), dim=-1).view(batch, k, vocab)
-            candidates = (scores.unsqueeze(-1) + log_probs).view(batch, k * vocab)
-            n_candidates = min(2 * k, k * vocab)
-            cand_scores, cand_ids = candidates.topk(n_candidates, dim=1)  # best first
-            cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
-            is_eos = cand_tokens == EOS_ID
-
-            # 1. </s> among the k best candidates: a finished hypothesis.
-            eos_hits = (is_eos[:, :k] & torch.isfinite(cand_scores[:, :k])).nonzero().tolist()
-            if eos_hits:
-                eos_scores, eos_beams = cand_scores.tolist(), cand_beams.tolist()
-                for sentence, rank in eos_hits:
-                    if not done[sentence]:
-                        ids = history[sentence, eos_beams[sentence][rank]].tolist()
-                        keep(sentence, eos_scores[sentence][rank] / penalty, ids)
-
-            # 2. The k best candidates that are not </s> go on (there are at least k of the 2k).
-            rank_key = is_eos.long() * n_candidates + torch.arange(n_candidates, device=device)
-            chosen = rank_key.argsort(dim=1)[:, :k]  # [B,k]
-            scores = cand_scores.gather(1, chosen)
-            beams = cand_beams.gather(1, chosen)
-            new_tokens = cand_tokens.gather(1, chosen)
-            history = history.gather(1, beams.unsqueeze(-1).expand(-1, -1, history.size(2)))
-            history = torch.cat([history, new_tokens.unsqueeze(-1)], dim=2)
-            state = select_state(state, (beams + offsets).view(-1))
-            tokens = new_tokens.view(-1)
-
-            # 3. Which sentences are done? (Scores are sorted: beam 0 is the best live hypothesis.)
-            best_live = (scores[:, 0] / penalty).cpu()
-            cannot_improve = (best_live <= worst_kept).tolist()
-            for sentence in range(batch):
-                if done[sentence]:
-                    continue
-                if length >= limits[sentence]:
-                    live_scores = scores[sentence].tolist()
-                    for beam, ids in enumerate(history[sentence].tolist()):
-                        if math.isfinite(live_scores[beam]):
-                            keep(sentence, live_scores[beam] / penalty, ids)
-                    done[sentence] = True
-                elif cannot_improve[sentence]:
-                    done[sentence] = True
-            if all(done):
-                break
-    return [hypotheses[0][1] if hypotheses else [] for hypotheses in finished]
+    def _drop(self, keep: Tensor) -> None:
+        """Only the sentences still searching stay in the batch."""
+        positions = keep.nonzero().squeeze(1)
+        rows = (positions.unsqueeze(1) * self.k + torch.arange(self.k, device=self.device)).view(-1)
+        self.active = self.active[positions]
+        self.scores, self.history = self.scores[positions], self.history[positions]
+        self.tokens = self.tokens[rows]
+        self.memory, self.state = select_rows(self.memory, rows), select_state(self.state, rows)
 
 
 def decode_batch(

@@ -79,9 +79,15 @@ def teacher_forced_loss(
     return total, tokens
 
 
-def greedy_bleu(model: Seq2Seq, split: EncodedSplit, tokenizer: Tokenizer, device, limit: int) -> float:
-    """Greedy BLEU on the first `limit` pairs of `split`: a cheap per-epoch quality signal."""
-    sample = split.head(limit)
+def greedy_bleu(
+    model: Seq2Seq, split: EncodedSplit, tokenizer: Tokenizer, device, references: Sequence[str]
+) -> float:
+    """Greedy BLEU on the first pairs of `split`, one per reference: a cheap per-epoch quality signal.
+
+    Scored like the evaluate stage's BLEU: detokenized hypotheses against `references`, the cleaned text
+    of the split (not references rebuilt from token ids, which would lose <unk> pieces and the case a
+    lowercasing tokenizer drops, and so flatter the score)."""
+    sample = split.head(len(references))
     if len(sample) == 0:
         return 0.0
     was_training = model.training
@@ -93,5 +99,4 @@ def greedy_bleu(model: Seq2Seq, split: EncodedSplit, tokenizer: Tokenizer, devic
             src, lengths = source_tensor([sample.src(i) for i in indices])
             hypotheses.extend(greedy_decode(model, src.to(device), lengths, max_len=int(src.size(1) * 2 + 5)))
     model.train(was_training)
-    references = decode_ids(tokenizer, [sample.tgt(i) for i in range(len(sample))])
-    return corpus_scores(decode_ids(tokenizer, hypotheses), references)["bleu"]
+    return corpus_scores(decode_ids(tokenizer, hypotheses), list(references)[: len(sample)])["bleu"]

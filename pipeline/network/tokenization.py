@@ -75,7 +75,43 @@ def train_tokenizer(texts: Iterable[str], config: PreprocessConfig) -> Tokenizer
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:
             raise AssertionError(f"special token {token} must have id {expected_id}")
+    if config.tokenizer == "bpe" and config.byte_fallback:
+        tokenizer = with_byte_fallback(tokenizer)
     return tokenizer
+
+
+BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]
+
+
+def with_byte_fallback(tokenizer: Tokenizer) -> Tokenizer:
+    """The trained BPE tokenizer, with the 256 byte tokens appended to its vocabulary and byte fallback on:
+    a character never seen in training (a rare letter, a name's accent, an emoji) becomes its UTF-8 bytes
+    instead of <unk>, so it survives into the model's input and, on the target side, back out of it."""
+    import json
+
+    spec = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    for token in BYTE_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    merges = [
+        tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
+        for merge in spec["model"]["merges"]
+    ]
+    rebuilt = Tokenizer(models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True))
+    rebuilt.add_special_tokens(SPECIAL_TOKENS)
+    rebuilt.normalizer = tokenizer.normalizer
+    rebuilt.pre_tokenizer = tokenizer.pre_tokenizer
+    # Byte tokens back to characters first, then the metaspace back to spaces.
+    rebuilt.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    return rebuilt
+
+
+def lowercases(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer lowercases its input (`preprocess.lowercase`): a model trained with it on the
+    target side writes lowercase only."""
+    import json
+
+    return '"Lowercase"' in json.dumps(json.loads(tokenizer.to_str()).get("normalizer"))
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -1,10 +1,22 @@
-"""One optimizer update on one batch: what every Ray Train worker runs, and what the throughput benchmark's
-bare PyTorch loop runs too, so the two measure the very same step (scheduler included)."""
+"""One optimizer update: what every Ray Train worker runs, and what the benchmarks' bare PyTorch loop runs
+too, so the two measure the very same step (precision, accumulation, clipping and schedule included).
+
+An update is one global batch of `train.batch_size` target tokens, cut the same way whatever the number
+of workers, split into `workers x train.accumulate` micro-batches; each rank runs its micro-batches and DDP
+sums the gradients. Every micro-batch's loss is divided by the global batch's token count (as fairseq
+does), not by its own, so the update is the same with 1 worker or 8: the gradient of the summed loss over
+all of the global batch's tokens, divided by their number.
+
+Nothing in an update waits for the device: the losses come back as device tensors, summed by the caller
+and read only when it reports.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,16 +25,31 @@ from pipeline.config import TrainConfig
 from pipeline.network.batching import Batch
 from pipeline.network.tokenization import PAD_ID
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sequence_losses(
+    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label-smoothed, plain) cross-entropy, each summed over the non-padding target tokens, from one
+    log-softmax of the same logits: the first is what training minimises, the second what it reports (the
+    smoothed loss sits well above the validation loss and would read as underfitting)."""
+    log_probs = F.log_softmax(logits.reshape(-1, logits.size(-1)).float(), dim=-1)
+    flat = target.reshape(-1)
+    real = flat != PAD_ID
+    nll = -log_probs.gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
+    nll_sum = (nll * real).sum()
+    if not label_smoothing:
+        return nll_sum, nll_sum
+    # PyTorch's definition: (1 - e) * nll + e * the mean negative log-probability over the vocabulary.
+    uniform = -log_probs.mean(dim=-1)
+    smoothed_sum = ((1.0 - label_smoothing) * nll + label_smoothing * uniform).mul(real).sum()
+    return smoothed_sum, nll_sum
+
 
 def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy over the non-padding target tokens (callers divide by the token count)."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        target.reshape(-1),
-        ignore_index=PAD_ID,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
+    """The summed cross-entropy that training minimises (callers divide by the token count)."""
+    return sequence_losses(logits, target, label_smoothing)[0]
 
 
 def lr_factor(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -38,36 +65,112 @@ def lr_factor(total_steps: int, warmup_fraction: float) -> Callable[[int], float
     return factor
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the weight matrices only: not on biases and norms (vectors) nor on embeddings (a
+    tied output projection is the target embedding), as fairseq and Hugging Face's trainers do."""
+    decayed, exempt = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        no_decay = parameter.ndim < 2 or "embedding" in name
+        (exempt if no_decay else decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
 def build_optimizer(
-    model: torch.nn.Module, config: TrainConfig, total_steps: int
+    model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and its warm-up + cosine schedule over `total_steps` updates."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    """AdamW (fused on CUDA, multi-tensor elsewhere: one kernel for all parameters instead of one each)
+    and its warm-up + cosine schedule over `total_steps` updates."""
+    on_cuda = device is not None and device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(0.9, config.adam_beta2),
+        fused=on_cuda or None,
+        foreach=None if on_cuda else True,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(max(1, total_steps), config.warmup_fraction)
     )
     return optimizer, scheduler
 
 
-def train_step(
-    model: torch.nn.Module,
-    batch: Batch,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: TrainConfig,
-    device: torch.device,
-) -> float:
-    """Forward (bf16 autocast on GPU), per-token loss, backward, clipping, update; returns the summed loss.
+def compiled(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """`train.compile`: the model through torch.compile (its compile time shows in the first epoch); on CUDA
+    with CUDA graphs (`reduce-overhead`), which replay kernels without launching them one by one and which
+    the padded lengths (`train.pad_multiple`) let repeat. The returned module shares the parameters."""
+    if not config.compile:
+        return model
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
-    `model` may be wrapped in DistributedDataParallel: its backward then all-reduces the gradients.
-    """
-    batch = batch.to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(batch.src, batch.src_lengths, batch.tgt_in, config.teacher_forcing)
-    loss = sequence_loss(logits, batch.tgt_out, config.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    (loss / batch.n_target_tokens).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach())
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 on a GPU, fp32 on the CPU; a precision the device cannot do is one clear error."""
+    from pipeline.errors import PipelineError
+
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise PipelineError(f"train.precision bf16: {name} has no bfloat16; use fp16 (with loss scaling)")
+    return precision
+
+
+@dataclass
+class UpdateStep:
+    """One optimizer update over this rank's micro-batches of a global batch. Holds what persists from one
+    update to the next: the loss scaler of fp16 (its scale is part of a checkpoint)."""
+
+    model: torch.nn.Module  # may be wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    device: torch.device
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.precision = resolve_precision(self.config.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def __call__(
+        self, micro_batches: Sequence[Batch | None], global_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of each micro-batch (None: this rank has no share of a small global batch,
+        but must still take part in DDP's gradient all-reduce), clipping, update, schedule. Returns the
+        summed (smoothed, plain) losses as device tensors: reading them would wait for the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; scaled by world/global tokens, the sum over ranks is the
+        # gradient of the whole global batch's summed loss over its token count.
+        scale = self.world_size / max(global_tokens, 1)
+        smoothed_total = torch.zeros((), device=self.device)
+        nll_total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with self._gradient_sync(last):
+                smoothed, nll = self._forward(batch)
+                self.scaler.scale(smoothed * scale).backward()
+            smoothed_total += smoothed.detach()
+            nll_total += nll.detach()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return smoothed_total, nll_total
+
+    def _forward(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch is None:  # a zero loss through every parameter: DDP's hooks fire, the gradients stay 0
+            zero = sum(parameter.sum() for parameter in self.model.parameters()) * 0.0
+            return zero, zero.detach()
+        batch = batch.to(self.device)
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
+            logits = self.model(batch.src, batch.src_lengths, batch.tgt_in, self.config.teacher_forcing)
+        return sequence_losses(logits, batch.tgt_out, self.config.label_smoothing)
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces on the last micro-batch only: the earlier ones accumulate locally."""
+        if last or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()

@@ -13,11 +13,12 @@ from pipeline import paths
 from pipeline.config import PipelineConfig
 from pipeline.data.processed import load_processed
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_file, outputs_together, read_json_object, write_json
+from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.network.batching import token_budget_batches
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
+from pipeline.tracking.train_run import read_train_run
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def run(config: PipelineConfig) -> None:
 def _log_to_train_run(metrics: dict[str, float | int | str]) -> None:
     """The evaluate metrics belong to the run that trained the model (reports/train_run.json): the numbers
     as metrics, the sacreBLEU signatures as tags, both named test_<key>."""
-    if not paths.TRAIN_RUN.is_file():
-        return
-    run_id = read_json_object(paths.TRAIN_RUN).get("mlflow_run_id")
-    if run_id:
+    train_run = read_train_run()
+    if train_run is not None:
         from pipeline.tracking import store
+
+        run_id = train_run.mlflow_run_id
 
         named = {key if key.startswith("test") else f"test_{key}": value for key, value in metrics.items()}
         store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})

@@ -35,6 +35,7 @@ TAG_DECISION = "gate_decision"
 TAG_REASON = "gate_reason"
 TAG_GATE_CHAMPION = "gate_champion_version"
 TAG_GATE_CHAMPION_BLEU = "gate_champion_bleu"
+TAG_GATE_METRIC = "gate_metric"  # bleu, or bleu_lc when either model writes lowercase only
 RESCORED_TAG_PREFIX = "bleu_on_test_"  # + test hash prefix: a champion's re-score, kept so it runs once
 REGISTERED_MODEL_DESCRIPTION = "Encoder-decoder translation models from the seq2seq pipeline"
 
@@ -68,7 +69,10 @@ def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
         return _report(name, existing.version, candidate, "unchanged", gate.Decision(False, reason), False)
     version = existing or _create_version(config, candidate)
     champion = _champion_score(config, name, str(version.version), candidate)
-    decision = gate.decide(str(version.version), candidate.bleu, champion, config.registry.min_improvement)
+    metric = champion.metric if champion is not None else "bleu"
+    decision = gate.decide(
+        str(version.version), candidate.score(metric), champion, config.registry.min_improvement
+    )
     _apply(name, str(version.version), decision)
     outcome = "promoted" if decision.promote else "rejected"
     return _report(name, version.version, candidate, outcome, decision, existing is None)
@@ -101,8 +105,8 @@ def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersio
 
 def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
     """The train run from reports/train_run.json if this store has it, else a register run of its own."""
-    run_id = candidate.train_run.get("mlflow_run_id")
-    if run_id:
+    if candidate.train_run is not None:
+        run_id = candidate.train_run.mlflow_run_id
         if store.existing_run(run_id):
             return run_id
         logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
@@ -119,27 +123,28 @@ def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
 def _champion_score(
     config: PipelineConfig, name: str, version: str, candidate: Candidate
 ) -> gate.ChampionScore | None:
-    """The champion's BLEU on the candidate's test split: its own tag if scored there, else a re-score."""
+    """The champion's score on the candidate's test split, in the metric the gate compares (lowercase BLEU
+    when either model writes lowercase only): its own tag if scored there, else a re-score."""
     number = store.model_aliases(name).get(CHAMPION)
     if number is None:
         return None
     if number == version:  # an interrupted gate had already moved the alias: nothing to compare
         return gate.ChampionScore(number, candidate.bleu, rescored=False)
     champion = store.get_model_version(name, number)
-    if champion.tags.get(candidates.TAG_TEST_HASH) == candidate.test_hash and (
-        candidates.TAG_TEST_BLEU in champion.tags
-    ):
-        return gate.ChampionScore(number, float(champion.tags[candidates.TAG_TEST_BLEU]), rescored=False)
-    cache_tag = RESCORED_TAG_PREFIX + candidate.test_hash[:16]
+    metric = gate.gate_metric(candidate.lowercases, champion.tags.get(candidates.TAG_LOWERCASE) == "true")
+    own_tag = candidates.metric_tag(metric)
+    if champion.tags.get(candidates.TAG_TEST_HASH) == candidate.test_hash and own_tag in champion.tags:
+        return gate.ChampionScore(number, float(champion.tags[own_tag]), rescored=False, metric=metric)
+    cache_tag = f"{RESCORED_TAG_PREFIX}{candidate.test_hash[:16]}" + ("_lc" if metric == "bleu_lc" else "")
     if cache_tag not in champion.tags:
-        bleu = _rescore(config, name, number, candidate)
-        store.set_version_tags(name, number, {cache_tag: str(bleu)})
-        return gate.ChampionScore(number, bleu, rescored=True)
-    return gate.ChampionScore(number, float(champion.tags[cache_tag]), rescored=True)
+        score = _rescore(config, name, number, candidate)[metric]
+        store.set_version_tags(name, number, {cache_tag: str(score)})
+        return gate.ChampionScore(number, score, rescored=True, metric=metric)
+    return gate.ChampionScore(number, float(champion.tags[cache_tag]), rescored=True, metric=metric)
 
 
-def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candidate) -> float:
-    """Download a registered version and compute its sacreBLEU on the candidate's test split."""
+def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candidate) -> dict[str, float]:
+    """Download a registered version and compute its scores on the candidate's test split."""
     from pipeline.network.model_files import load_model_dir
     from pipeline.network.translator import translate_and_score
 
@@ -151,7 +156,7 @@ def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candida
         )
         loaded = load_model_dir(folder)
     sources, references = candidate.test_sources, candidate.test_references
-    return translate_and_score(loaded, sources, references, config.evaluate)[1].scores["bleu"]
+    return translate_and_score(loaded, sources, references, config.evaluate)[1].scores
 
 
 def _apply(name: str, version: str, decision: gate.Decision) -> None:
@@ -163,6 +168,7 @@ def _apply(name: str, version: str, decision: gate.Decision) -> None:
     if decision.champion_version is not None:
         tags[TAG_GATE_CHAMPION] = decision.champion_version
         tags[TAG_GATE_CHAMPION_BLEU] = str(decision.champion_bleu)
+        tags[TAG_GATE_METRIC] = decision.metric
     store.set_version_tags(name, version, tags)
 
 
@@ -186,6 +192,7 @@ def _report(
         "reason": decision.reason,
         "new_version": new_version,
         "challenger_bleu": candidate.bleu,
+        "gate_metric": decision.metric,
         "champion_bleu": decision.champion_bleu,
         "champion_rescored": decision.rescored,
         "compared_with_version": None if compared_with is None else int(compared_with),

@@ -7,19 +7,36 @@ lists) and reports/train_run.json (the Ray and MLflow run names later stages log
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.data.processed import load_processed
+from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
 from pipeline.training.best_params import effective_config
 
+if TYPE_CHECKING:
+    from pipeline.tracking.store import EpochMetricsLogger
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What a finished Ray Train run left: the best checkpoint's weights and epoch, the whole history."""
+
+    weights: dict[str, Any]
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict[str, Any]]
 
 
 def run(config: PipelineConfig) -> None:
@@ -30,61 +47,94 @@ def run(config: PipelineConfig) -> None:
     run_name = "train-" + fingerprint(
         config.model, config.train, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
+    from pipeline.tracking import store
 
-    from pipeline.network.model import build_model, count_parameters
-    from pipeline.network.model_files import save_model_dir
-    from pipeline.tracking import lineage, store
-    from pipeline.training.resources import check_training_fits, training_cpus, worker_resources
-    from pipeline.training.runtime import (
+    trained, mlflow_run = _fit(config, processed, run_name)
+    with outputs_together():  # the model and its reports: all new, or all as they were
+        _write_outputs(config, processed, trained, mlflow_run.run_id, run_name)
+    store.finish_train_run(mlflow_run, trained.best_epoch, paths.TRAIN_HISTORY)
+    logger.info(
+        "best epoch %d (val_loss %.4f) -> %s", trained.best_epoch, trained.best_val_loss, paths.MODELS_DIR
+    )
+
+
+def _fit(
+    config: PipelineConfig, processed: ProcessedData, run_name: str
+) -> tuple[TrainedRun, EpochMetricsLogger]:
+    """The Ray Train run (resumed when `run_name` ran before in `runtime.storage_path`), in MLflow."""
+    from pipeline.tracking import store
+    from pipeline.training.ray_session import (
         cluster_address,
         cluster_resources,
         ray_session,
         resolve_storage_path,
-        worker_group_start_failure,
     )
-    from pipeline.training.state import read_checkpoint
-    from pipeline.training.trainer import build_trainer, put_training_data, train_loop_config
+    from pipeline.training.resources import check_training_fits, training_cpus
+    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
-    with ray_session(training_cpus(config.train), config.runtime.worker_start_timeout_s):
-        check_training_fits(config.train, cluster_resources(), joined=cluster_address() is not None)
+    with ray_session(training_cpus(config.runtime), config.runtime.worker_start_timeout_s):
+        check_training_fits(config.runtime, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
         mlflow_run = store.start_train_run(config, run_name)
-        data_md5 = lineage.processed_data_hash()
-        store.log_split_inputs(
-            mlflow_run,
-            config.data.source,
-            {
-                split: (
-                    data_md5 if data_md5 != "unknown" else directory_fingerprint(processed.split_dir(split)),
-                    processed.pairs(split),
-                )
-                for split in ("train", "validation", "test")
-            },
-            hub=processed.meta.get("hub"),
-        )
-        loop_config = train_loop_config(
+        _log_data_inputs(mlflow_run, config, processed)
+        loop = TrainLoop(
             config.model,
             config.train,
             data,
             config.train.epochs,
             mlflow_run,
             checkpoint_every=config.runtime.checkpoint_interval(),
+            cpus_per_worker=config.runtime.cpus_per_worker,
         )
         logger.info(
-            "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.train.num_workers
+            "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.runtime.num_workers
         )
         with store.failed_on_error(mlflow_run.run_id, mlflow_run.tracking_uri):
-            trainer = build_trainer(loop_config, config.train, config.runtime, run_name, storage_path)
-            try:
-                with store.system_metrics(mlflow_run):
-                    result = trainer.fit()
-            except Exception as error:
-                asked = f"{config.train.num_workers} workers x {worker_resources(config.train)}"
-                failure = worker_group_start_failure(error, asked)
-                if failure is None:
-                    raise
-                raise failure from None
+            trainer = build_trainer(loop, config.runtime, run_name, storage_path)
+            with store.system_metrics(mlflow_run), _start_failure_named(config):
+                result = trainer.fit()
+    return _trained_run(result, run_name, config.train.average_last), mlflow_run
+
+
+def _log_data_inputs(
+    mlflow_run: EpochMetricsLogger, config: PipelineConfig, processed: ProcessedData
+) -> None:
+    """The splits as the run's MLflow dataset inputs, digested by DVC's md5 of data/processed when dvc.lock
+    has it (else by their own content)."""
+    from pipeline.tracking import lineage, store
+
+    data_md5 = lineage.processed_data_hash()
+    splits = {
+        split: (
+            data_md5 if data_md5 != "unknown" else directory_fingerprint(processed.split_dir(split)),
+            processed.pairs(split),
+        )
+        for split in ("train", "validation", "test")
+    }
+    store.log_split_inputs(mlflow_run, config.data.source, splits, hub=processed.meta.get("hub"))
+
+
+@contextlib.contextmanager
+def _start_failure_named(config: PipelineConfig) -> Iterator[None]:
+    """A worker group that could not start becomes one message naming the resources asked for and free."""
+    try:
+        yield
+    except Exception as error:
+        from pipeline.training.ray_session import worker_group_start_failure
+        from pipeline.training.resources import worker_resources
+
+        asked = f"{config.runtime.num_workers} workers x {worker_resources(config.runtime)}"
+        failure = worker_group_start_failure(error, asked)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
+    """The best checkpoint's weights by validation loss; with `train.average_last` over 1, the mean of the
+    last epochs' weights instead (kept in the latest checkpoint)."""
+    from pipeline.training.checkpoint import average_weights, read_checkpoint
 
     best_checkpoint = result.get_best_checkpoint(metric="val_loss", mode="min")
     if best_checkpoint is None:
@@ -92,36 +142,42 @@ def run(config: PipelineConfig) -> None:
     best = read_checkpoint(best_checkpoint)
     # The latest checkpoint holds the whole history; it is often the best one too: read it once then.
     latest_is_best = result.checkpoint is None or result.checkpoint.path == best_checkpoint.path
-    history = (best if latest_is_best else read_checkpoint(result.checkpoint))["state"]["history"]
-    best_epoch, best_val_loss = best["state"]["epoch"], best["state"]["best_val_loss"]
+    latest = best if latest_is_best else read_checkpoint(result.checkpoint)
+    history = latest["state"]["history"]
+    recent = latest["state"].get("recent_weights") or []
+    if average_last > 1 and recent:
+        logger.info("averaging the weights of the last %d epochs", len(recent))
+        return TrainedRun(average_weights(recent), latest["state"]["epoch"], history[-1]["val_loss"], history)
+    return TrainedRun(best["model"], best["state"]["epoch"], best["state"]["best_val_loss"], history)
+
+
+def _write_outputs(
+    config: PipelineConfig, processed: ProcessedData, trained: TrainedRun, mlflow_run_id: str, run_name: str
+) -> None:
+    from pipeline.network.model import build_model, count_parameters
+    from pipeline.network.model_files import save_model_dir
+    from pipeline.tracking.train_run import TrainRun, write_train_run
 
     model = build_model(config.model, processed.src_vocab_size, processed.tgt_vocab_size)
-    model.load_state_dict(best["model"])
+    model.load_state_dict(trained.weights)
     # Defaults for `translate`; evaluate and register apply params.yaml's evaluate section themselves, so
     # changing the beam size never re-runs training.
-    with outputs_together():  # the model and its reports: all new, or all as they were
-        save_model_dir(
-            paths.MODELS_DIR,
-            model,
-            config.model,
-            processed.src_tokenizer,
-            processed.tgt_tokenizer,
-            EvaluateConfig().decoding(),
-        )
-        _write_history(paths.TRAIN_HISTORY, history)
-        write_json(
-            paths.TRAIN_METRICS,
-            {
-                "model": config.model.model_dump(mode="json"),
-                "parameters": count_parameters(model),
-                "best_epoch": best_epoch,
-                "best_val_loss": round(best_val_loss, 4),
-                "epochs_run": len(history),
-            },
-        )
-        write_json(paths.TRAIN_RUN, {"mlflow_run_id": mlflow_run.run_id, "ray_run_name": run_name})
-    store.finish_train_run(mlflow_run, best_epoch, paths.TRAIN_HISTORY)
-    logger.info("best epoch %d (val_loss %.4f) -> %s", best_epoch, best_val_loss, paths.MODELS_DIR)
+    decoding = EvaluateConfig().decoding()
+    save_model_dir(
+        paths.MODELS_DIR, model, config.model, processed.src_tokenizer, processed.tgt_tokenizer, decoding
+    )
+    _write_history(paths.TRAIN_HISTORY, trained.history)
+    write_json(
+        paths.TRAIN_METRICS,
+        {
+            "model": config.model.model_dump(mode="json"),
+            "parameters": count_parameters(model),
+            "best_epoch": trained.best_epoch,
+            "best_val_loss": round(trained.best_val_loss, 4),
+            "epochs_run": len(trained.history),
+        },
+    )
+    write_train_run(TrainRun(mlflow_run_id=mlflow_run_id, ray_run_name=run_name))
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -25,8 +25,10 @@ from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json_object, write_json
 from pipeline.network.model import settings_in_use
-from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES
+from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, MODEL_FILES, TGT_TOKENIZER_FILE
+from pipeline.network.tokenization import load_tokenizer, lowercases
 from pipeline.tracking import lineage
+from pipeline.tracking.train_run import TrainRun, read_train_run
 
 LOGGED_MODEL_NAME = "model"
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the model folder
@@ -34,6 +36,7 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 TAG_CONTENT_HASH = "model_content_sha256"
 TAG_TEST_HASH = "test_data_sha256"
 TAG_TEST_BLEU = "test_bleu"
+TAG_LOWERCASE = "output_lowercase"  # "true" when the model writes lowercase only (the gate then uses bleu_lc)
 # What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
 # network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
 SERVING_DISTRIBUTIONS = (
@@ -57,14 +60,19 @@ class Candidate:
     model_config: dict[str, Any]  # model_config.json
     decoding: dict[str, Any]  # decoding.json
     metrics: dict[str, Any]  # reports/metrics.json
-    train_run: dict[str, Any]  # reports/train_run.json + best_epoch from train_metrics.json; {} when absent
+    train_run: TrainRun | None  # None when models/ did not come from the train stage
+    best_epoch: int | None  # from reports/train_metrics.json
     test_sources: list[str]
     test_references: list[str]
     test_hash: str
+    lowercases: bool  # its target tokenizer lowercases: every output is lowercase
 
     @property
     def bleu(self) -> float:
         return float(self.metrics["bleu"])
+
+    def score(self, metric: str) -> float:
+        return float(self.metrics[metric])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,9 +114,10 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
             f"{paths.METRICS} scores {metrics['n_test']} test sentences but {paths.PROCESSED_DIR} holds "
             f"{len(sources)}: it is stale, run `python -m pipeline evaluate` again"
         )
-    train_run = read_json_object(paths.TRAIN_RUN) if paths.TRAIN_RUN.is_file() else {}
-    if train_run and paths.TRAIN_METRICS.is_file():
-        train_run["best_epoch"] = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
+    train_run = read_train_run()
+    best_epoch = None
+    if train_run is not None and paths.TRAIN_METRICS.is_file():
+        best_epoch = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
     return Candidate(
         model_dir=model_dir,
         content_hash=model_content_hash(model_dir),
@@ -116,9 +125,11 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         decoding=read_json_object(model_dir / DECODING_FILE, "run `python -m pipeline train` first"),
         metrics=metrics,
         train_run=train_run,
+        best_epoch=best_epoch,
         test_sources=sources,
         test_references=references,
         test_hash=test_split_hash(sources, references),
+        lowercases=lowercases(load_tokenizer(model_dir / TGT_TOKENIZER_FILE)),
     )
 
 
@@ -138,7 +149,7 @@ def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Pa
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _metric_tag(key: str) -> str:
+def metric_tag(key: str) -> str:
     """bleu -> test_bleu, test_loss stays: the names evaluate logs to the train run."""
     return key if key.startswith("test") else f"test_{key}"
 
@@ -156,15 +167,18 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
         "model.tgt_vocab_size": str(model.get("tgt_vocab_size")),
         TAG_CONTENT_HASH: candidate.content_hash,
         TAG_TEST_HASH: candidate.test_hash,
+        TAG_LOWERCASE: str(candidate.lowercases).lower(),
     }
     # Only what the architecture reads: a GRU version tagged with n_heads would claim a setting it ignores.
     settings = settings_in_use(model.get("model", {}))
     tags.update({f"model.{key}": str(value) for key, value in settings.items()})
     tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
-    tags.update({_metric_tag(key): str(value) for key, value in candidate.metrics.items()})
-    for key in ("ray_run_name", "best_epoch", "mlflow_run_id"):
-        if candidate.train_run.get(key) is not None:
-            tags[f"train.{key}"] = str(candidate.train_run[key])
+    tags.update({metric_tag(key): str(value) for key, value in candidate.metrics.items()})
+    run = candidate.train_run
+    if run is not None:
+        tags.update({"train.ray_run_name": run.ray_run_name, "train.mlflow_run_id": run.mlflow_run_id})
+    if candidate.best_epoch is not None:
+        tags["train.best_epoch"] = str(candidate.best_epoch)
     return tags
 
 
@@ -175,10 +189,10 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
         f" (source) and {vocab.get('tgt_vocab_size')} (target)"
     )
     run = candidate.train_run
-    if run:
+    if run is not None:
         training = (
-            f"Trained with Ray Train (run {run.get('ray_run_name')}, MLflow run {run.get('mlflow_run_id')}): "
-            f"best epoch {run.get('best_epoch')} of at most {config.train.epochs} by validation loss."
+            f"Trained with Ray Train (run {run.ray_run_name}, MLflow run {run.mlflow_run_id}): "
+            f"best epoch {candidate.best_epoch} of at most {config.train.epochs} by validation loss."
         )
     else:
         training = "Trained outside the train stage (no reports/train_run.json)."

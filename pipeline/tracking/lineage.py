@@ -133,7 +133,7 @@ def run_description(stage: str, config: PipelineConfig) -> str:
         )
     if stage == "train":
         return (
-            f"Ray Train run of seq2seq-pipeline ({config.train.num_workers} DDP workers, up to "
+            f"Ray Train run of seq2seq-pipeline ({config.runtime.num_workers} DDP workers, up to "
             f"{config.train.epochs} epochs). {describe_model(config.model.model_dump())}. Data: {corpus}. "
             "Per-epoch metrics here; the evaluate stage adds the test scores, register the model."
         )

@@ -216,6 +216,33 @@ class TrialRuns:
         return EpochMetricsLogger(self.tracking_uri, run_id)
 
 
+def start_search_run(config: PipelineConfig, search_name: str) -> tuple[str, TrialRuns]:
+    """The parent run of a Tune search (found again when the search resumes), and the opener of its
+    trials' child runs."""
+    uri = tracking_uri()
+    tags = lineage_tags("tune", config)
+    parent_run_id = get_or_create_run(
+        experiment_name(config),
+        run_key=search_name,
+        run_name=search_name,
+        tags=tags,
+        params=config_params(config, ("model", "train", "tune")),
+        uri=uri,
+    )
+    return parent_run_id, TrialRuns(experiment_name(config), parent_run_id, uri, tags)
+
+
+def finish_search_run(
+    run_id: str, metric: str | None, best_value: float | None, overrides: dict[str, Any], trials_csv: Path
+) -> None:
+    """The search's outcome on its parent run: the best value, the chosen values as tags, the trials."""
+    if metric is not None and best_value is not None:
+        log_metrics(run_id, {f"best_{metric}": best_value})
+    set_tags(run_id, {f"best.{key}": str(value) for key, value in overrides.items()})
+    log_artifact(run_id, trials_csv)
+    finish_run(run_id)
+
+
 def start_train_run(config: PipelineConfig, ray_run_name: str) -> EpochMetricsLogger:
     """One MLflow run per Ray Train run name: a resumed driver logs into the same run."""
     uri = tracking_uri()

@@ -1,7 +1,7 @@
 """What a train run or a Tune search asks of Ray, decided before anything starts, in one place.
 
-A Train worker takes `train.cpus_per_worker` CPUs (its torch thread count follows it) and, with
-`train.use_gpu`, one GPU. A Tune trial's own process only waits on its trainer, so it takes
+A Train worker takes `runtime.cpus_per_worker` CPUs (its torch thread count follows it) and, with
+`runtime.use_gpu`, one GPU. A Tune trial's own process only waits on its trainer, so it takes
 `TRIAL_CPUS` = 0.5 CPU: a scheduling slot, not a core. A local Ray this process starts is sized to the
 plan; a cluster it joins may grow through its autoscaler, so a job that does not fit yet is a warning
 there, and an error only locally.
@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig, RuntimeConfig
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -24,40 +24,40 @@ TRIAL_CPUS = 0.5
 SPARE_LOCAL_CPUS = 1
 
 
-def worker_resources(train: TrainConfig) -> dict[str, float]:
+def worker_resources(runtime: RuntimeConfig) -> dict[str, float]:
     """Each Train worker's Ray resources."""
-    return {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
+    return {"CPU": runtime.cpus_per_worker, **({"GPU": 1.0} if runtime.use_gpu else {})}
 
 
-def training_cpus(train: TrainConfig) -> float:
+def training_cpus(runtime: RuntimeConfig) -> float:
     """CPUs one train run's workers take together."""
-    return train.num_workers * train.cpus_per_worker
+    return runtime.num_workers * runtime.cpus_per_worker
 
 
-def _shortfall(train: TrainConfig, extra_cpus: float, cluster: dict[str, float]) -> list[str]:
-    need_cpu = extra_cpus + training_cpus(train)
+def _shortfall(runtime: RuntimeConfig, extra_cpus: float, cluster: dict[str, float]) -> list[str]:
+    need_cpu = extra_cpus + training_cpus(runtime)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     problems = []
     if need_cpu > have_cpu + 1e-9:
         trial = f"{extra_cpus:g} for the Tune trial + " if extra_cpus else ""
         problems.append(
-            f"needs {need_cpu:g} CPUs ({trial}train.num_workers={train.num_workers} x "
-            f"train.cpus_per_worker={train.cpus_per_worker:g}), the cluster has {have_cpu:g}"
+            f"needs {need_cpu:g} CPUs ({trial}runtime.num_workers={runtime.num_workers} x "
+            f"runtime.cpus_per_worker={runtime.cpus_per_worker:g}), the cluster has {have_cpu:g}"
         )
-    if train.use_gpu and train.num_workers > have_gpu + 1e-9:
+    if runtime.use_gpu and runtime.num_workers > have_gpu + 1e-9:
         problems.append(
-            f"train.use_gpu is true: needs {train.num_workers} GPUs (one per worker), the cluster has "
+            f"runtime.use_gpu is true: needs {runtime.num_workers} GPUs (one per worker), the cluster has "
             f"{have_gpu:g}"
         )
     return problems
 
 
-def check_training_fits(train: TrainConfig, cluster: dict[str, float], joined: bool) -> None:
+def check_training_fits(runtime: RuntimeConfig, cluster: dict[str, float], joined: bool) -> None:
     """Refuse a train run the cluster can never place, instead of letting Ray wait forever.
 
     `joined`: a cluster this process joined (an autoscaler may still add nodes: warn and wait).
     """
-    problems = _shortfall(train, 0.0, cluster)
+    problems = _shortfall(runtime, 0.0, cluster)
     if not problems:
         return
     message = "the Ray cluster cannot run this job: " + "; ".join(problems)
@@ -86,13 +86,13 @@ class TunePlan:
 def plan_tune(config: PipelineConfig, cluster: dict[str, float] | None) -> TunePlan:
     """How many trials run at once. cluster=None: a local Ray this process starts, sized to the plan, and
     on a 2-core laptop one trial at a time, with both cores busy training."""
-    train = config.train
-    per_trial = TRIAL_CPUS + training_cpus(train)
+    runtime = config.runtime
+    per_trial = TRIAL_CPUS + training_cpus(runtime)
     wanted = config.tune.max_concurrent_trials
     if cluster is None:
         cores = os.cpu_count() or 1
         # Running more trials than the cores can feed only slows each of them down.
-        fits = max(1, math.floor(cores / training_cpus(train)))
+        fits = max(1, math.floor(cores / training_cpus(runtime)))
         if fits < wanted:
             logger.warning(
                 "tune.max_concurrent_trials=%d but %d cores fit %d trial(s) of %d workers: running %d at "
@@ -100,17 +100,17 @@ def plan_tune(config: PipelineConfig, cluster: dict[str, float] | None) -> TuneP
                 wanted,
                 cores,
                 fits,
-                train.num_workers,
+                runtime.num_workers,
                 fits,
             )
         return TunePlan(per_trial, min(wanted, fits))
     fits = math.floor(cluster.get("CPU", 0.0) / per_trial + 1e-9)
-    if train.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / train.num_workers + 1e-9))
+    if runtime.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / runtime.num_workers + 1e-9))
     if fits < 1:
         logger.warning(
             "one Tune trial cannot fit the Ray cluster now: %s. Waiting for its autoscaler; if it has none, "
-            "stop and lower train.num_workers or train.cpus_per_worker.",
-            "; ".join(_shortfall(train, TRIAL_CPUS, cluster)),
+            "stop and lower runtime.num_workers or runtime.cpus_per_worker.",
+            "; ".join(_shortfall(runtime, TRIAL_CPUS, cluster)),
         )
     return TunePlan(per_trial, max(1, min(wanted, fits)))

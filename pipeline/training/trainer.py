@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import ray
 import ray.train
@@ -20,7 +20,7 @@ from pipeline.config import CheckpointInterval, ModelConfig, RuntimeConfig, Trai
 from pipeline.data.processed import ProcessedData
 from pipeline.network.encoded import EncodedSplit
 from pipeline.training.resources import worker_resources
-from pipeline.training.worker import train_worker
+from pipeline.training.worker import LOOP_KEY, train_worker
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class TrainingData:
     src_vocab_size: int
     tgt_vocab_size: int
     tgt_tokenizer_json: str
+    validation_references: tuple[str, ...]  # the cleaned text, what per-epoch BLEU scores against
 
 
 class EpochLogger(Protocol):
@@ -81,35 +82,29 @@ def put_training_data(processed: ProcessedData, max_examples: int | None = None)
         processed.src_vocab_size,
         processed.tgt_vocab_size,
         processed.tgt_tokenizer.to_str(),
+        tuple(processed.texts("validation")[1]),
     )
 
 
-def train_loop_config(
-    model: ModelConfig,
-    train: TrainConfig,
-    data: TrainingData,
-    epochs: int,
-    epoch_logger: EpochLogger | None = None,
-    checkpoint_every: CheckpointInterval | None = None,
-) -> dict[str, Any]:
-    """The dict each worker receives; rank 0 logs every epoch to `epoch_logger` when there is one.
+@dataclass(frozen=True)
+class TrainLoop:
+    """Everything a worker's loop reads, as typed fields: it crosses into Ray as this one object.
 
-    `checkpoint_every` adds mid-epoch checkpoints (`runtime.checkpoint_every`). Tune trials leave it
-    None: ASHA counts every report as a training iteration.
+    `epoch_logger` gets rank 0's per-epoch metrics. `checkpoint_every` adds mid-epoch checkpoints
+    (`runtime.checkpoint_every`); Tune trials leave it None: ASHA counts every report as an iteration.
     """
-    return {
-        "model": model.model_dump(),
-        "train": train.model_dump(),
-        "data": data,
-        "epochs": epochs,
-        "epoch_logger": epoch_logger,
-        "checkpoint_every": checkpoint_every,
-    }
+
+    model: ModelConfig
+    train: TrainConfig
+    data: TrainingData
+    epochs: int
+    epoch_logger: EpochLogger | None = None
+    checkpoint_every: CheckpointInterval | None = None
+    cpus_per_worker: float = 1.0  # the worker's torch threads follow its CPUs
 
 
 def build_trainer(
-    loop_config: dict[str, Any],
-    train: TrainConfig,
+    loop: TrainLoop,
     runtime: RuntimeConfig,
     run_name: str,
     storage_path: str,
@@ -117,9 +112,11 @@ def build_trainer(
 ) -> ray.train.torch.TorchTrainer:
     return ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config={LOOP_KEY: loop},  # Ray Train hands the worker a dict: one key, the typed loop
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=worker_resources(train)
+            num_workers=runtime.num_workers,
+            use_gpu=runtime.use_gpu,
+            resources_per_worker=worker_resources(runtime),
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

@@ -8,13 +8,14 @@ the trial id so a restarted trial resumes its own checkpoints.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ray import tune
 
 from pipeline.config import PipelineConfig, SearchDimension, TuneConfig, with_overrides
 from pipeline.training.resources import TRIAL_CPUS, TunePlan
-from pipeline.training.trainer import EpochLogger, TrainingData, build_trainer, train_loop_config
+from pipeline.training.trainer import EpochLogger, TrainingData, TrainLoop, build_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +63,37 @@ def trial_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
     return {to_dotted_key(key): value for key, value in trial_config.items()}
 
 
-def run_trial(trial_config: dict[str, Any], base: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class SearchBase:
+    """What every trial shares, as typed fields: it crosses into Tune once (`tune.with_parameters`)."""
+
+    config: PipelineConfig
+    data: TrainingData
+    experiment_name: str
+    storage_path: str
+    trial_runs: TrialRuns | None
+
+
+def run_trial(trial_config: dict[str, Any], base: SearchBase) -> None:
     """The Tune function trainable: one Ray Train run with this trial's values."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    config: PipelineConfig = base["config"]
-    effective = with_overrides(config, trial_overrides(trial_config))
+    effective = with_overrides(base.config, trial_overrides(trial_config))
     trial_id = tune.get_context().get_trial_id()
-    train_run_name = f"{base['experiment_name']}-{trial_id}"
-    trial_runs: TrialRuns | None = base.get("trial_runs")
-    trial_logger = trial_runs.open(trial_id, train_run_name, effective) if trial_runs else None
-    loop_config = train_loop_config(
-        effective.model, effective.train, base["data"], config.tune.max_epochs, trial_logger
+    train_run_name = f"{base.experiment_name}-{trial_id}"
+    trial_logger = base.trial_runs.open(trial_id, train_run_name, effective) if base.trial_runs else None
+    loop = TrainLoop(
+        effective.model,
+        effective.train,
+        base.data,
+        base.config.tune.max_epochs,
+        trial_logger,
+        cpus_per_worker=base.config.runtime.cpus_per_worker,
     )
     # A trial's best checkpoint is only read for its metrics: keep one.
-    runtime = config.runtime.model_copy(update={"checkpoints_to_keep": 1})
+    runtime = base.config.runtime.model_copy(update={"checkpoints_to_keep": 1})
     trainer = build_trainer(
-        loop_config,
-        effective.train,
-        runtime,
-        train_run_name,
-        base["storage_path"],
-        callbacks=[TuneReportCallback()],
+        loop, runtime, train_run_name, base.storage_path, callbacks=[TuneReportCallback()]
     )
     try:
         trainer.fit()
@@ -109,13 +119,7 @@ def build_tuner(
         search_alg = OptunaSearch(seed=config.train.seed)
     else:
         search_alg = None  # Tune's default: random sampling of the space
-    base = {
-        "config": config,
-        "data": data,
-        "experiment_name": experiment_name,
-        "storage_path": storage_path,
-        "trial_runs": trial_runs,
-    }
+    base = SearchBase(config, data, experiment_name, storage_path, trial_runs)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": TRIAL_CPUS})
     experiment_path = f"{storage_path.rstrip('/')}/{experiment_name}"
     if tune.Tuner.can_restore(experiment_path):

@@ -1,6 +1,6 @@
 """The function every Ray Train worker runs: DDP training with per-epoch validation, report and checkpoint.
 
-It only calls components: the network layer's `train_step` and scoring, the `Checkpointer` (state.py) for
+It only calls components: the network layer's `UpdateStep` and scoring, the `Checkpointer` (checkpoint.py) for
 restore and save, and an injected epoch logger (MLflow, from the tracking layer) on rank 0. Every rank
 reports every epoch, and at every mid-epoch checkpoint (`checkpoint_every`), because `ray.train.report` is
 a barrier.
@@ -12,6 +12,7 @@ import hashlib
 import logging
 import resource
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -21,20 +22,26 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from pipeline.config import CheckpointInterval, ModelConfig, TrainConfig
-from pipeline.network.batching import collate, shard_batches, token_budget_batches
+from pipeline.config import CheckpointInterval, TrainConfig
+from pipeline.network.batching import collate, target_tokens, token_budget_batches, update_shares
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.scoring import greedy_bleu, teacher_forced_loss
-from pipeline.network.training_step import build_optimizer, train_step
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
 from pipeline.progress import epoch_line, quiet
-from pipeline.training.state import MID_EPOCH_VAL_LOSS, Checkpointer, EpochProgress, gather_objects
+from pipeline.training.checkpoint import (
+    MID_EPOCH_VAL_LOSS,
+    Checkpointer,
+    EpochProgress,
+    TrainState,
+    gather_objects,
+)
 
 logger = logging.getLogger("pipeline.progress")
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.training.trainer import TrainingData
+    from pipeline.training.trainer import EpochLogger, TrainLoop
 
 VAL_BATCH_TOKENS = 8000
 
@@ -76,35 +83,38 @@ def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, wor
     return total / max(tokens, 1.0)
 
 
-def _epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int, rank: int, world: int) -> list:
-    """This rank's batches of an epoch: a deterministic shuffle per epoch, the same count on every rank."""
-    batches = token_budget_batches(split, config.batch_size, seed=config.seed * 1000 + epoch)
-    return shard_batches(batches, rank, world)
+def _epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """The epoch's global batches (one optimizer update each): a deterministic shuffle per epoch, the same
+    list on every rank and whatever the number of ranks."""
+    return token_budget_batches(split, config.batch_size, seed=config.seed * 1000 + epoch)
 
 
-def _train_batch(
-    model: torch.nn.Module,
-    split: EncodedSplit,
-    indices: np.ndarray,
-    progress: EpochProgress,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: TrainConfig,
-    device: torch.device,
-) -> None:
-    """One optimizer step on one batch, counted in this rank's progress through the epoch."""
-    started = time.perf_counter()
-    batch = collate(split, indices)
-    progress.loss_sum += train_step(model, batch, optimizer, scheduler, config, device)
-    progress.token_count += batch.n_target_tokens
+def _train_update(worker: Worker, batch: np.ndarray, config: TrainConfig) -> None:
+    """One optimizer update on this rank's shares of a global batch; the losses stay on the device."""
+    shares = update_shares(batch, worker.rank, worker.world, config.accumulate)
+    micro_batches = [
+        None if share is None else collate(worker.train_split, share, config.pad_multiple) for share in shares
+    ]
+    smoothed, nll = worker.update(micro_batches, target_tokens(worker.train_split, batch))
+    worker.pending_losses += torch.stack((smoothed, nll))
+    progress = worker.state.progress
+    progress.token_count += sum(
+        target_tokens(worker.train_split, share) for share in shares if share is not None
+    )
     progress.batches_done += 1
-    # Steps only: time spent in checkpoints (or lost to a restart) does not count in tokens_per_sec.
-    progress.train_seconds += time.perf_counter() - started
 
 
-def _optimizer_steps(scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Optimizer steps taken so far (restored with the scheduler, which counts one per step)."""
-    return scheduler.last_epoch
+def _flush_progress(worker: Worker) -> None:
+    """Read the losses summed on the device into the epoch's progress (the one wait for the device), and
+    count the time since the last flush as training time: checkpoints and restarts do not count."""
+    losses = worker.pending_losses.tolist()
+    progress = worker.state.progress
+    progress.loss_sum += losses[0]
+    progress.nll_sum += losses[1]
+    worker.pending_losses.zero_()
+    now = time.perf_counter()
+    progress.train_seconds += now - worker.clock
+    worker.clock = now
 
 
 class MidEpochSchedule:
@@ -141,89 +151,172 @@ def _mid_epoch_metrics(epoch: int, progress: EpochProgress, optimizer_steps: int
     }
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: set up, restore, then train epoch by epoch until done or stale."""
-    model_config = ModelConfig(**loop_config["model"])
-    config = TrainConfig(**loop_config["train"])
-    data: TrainingData = loop_config["data"]
-    epochs: int = loop_config["epochs"]
+LOOP_KEY = "loop"  # the one key of the dict Ray Train hands every worker: a `trainer.TrainLoop`
+
+
+@dataclass
+class Worker:
+    """One rank's set-up: its place in the group, its data, the DDP model with optimizer and schedule, the
+    checkpointer and the state it restored, and the figures that stay fixed for the whole run."""
+
+    rank: int
+    world: int
+    device: torch.device
+    train_split: EncodedSplit
+    validation_split: EncodedSplit
+    tgt_tokenizer: Tokenizer
+    validation_references: tuple[str, ...]
+    model: torch.nn.Module  # the DDP wrapper: training steps go through it
+    bare_model: Seq2Seq  # the module inside: validation, decoding and checkpoints
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    update: UpdateStep
+    checkpointer: Checkpointer
+    state: TrainState
+    schedule: MidEpochSchedule
+    fixed_metrics: dict[str, Any]  # resumed_from_*, n_nodes, object_store_readers
+    epoch_logger: EpochLogger | None  # rank 0 only
+    pending_losses: torch.Tensor  # (smoothed, plain) loss sums on the device since the last flush
+    clock: float = 0.0  # when training time last started counting
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far (restored with the scheduler, which counts one per step)."""
+        return self.scheduler.last_epoch
+
+
+def set_up_worker(loop: TrainLoop) -> Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    config, data = loop.train, loop.data
     # One intra-op thread per CPU the worker was given: more threads than cores only thrash.
-    torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
     torch.manual_seed(config.seed)
-
-    train_split: EncodedSplit = data.train.open()
-    validation_split: EncodedSplit = data.validation.open()
-    tgt_tokenizer = Tokenizer.from_str(data.tgt_tokenizer_json)
-    device = ray.train.torch.get_device()
-
-    model = ray.train.torch.prepare_model(build_model(model_config, data.src_vocab_size, data.tgt_vocab_size))
+    train_split, device = data.train.open(), ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_model(loop.model, data.src_vocab_size, data.tgt_vocab_size))
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
-    steps_per_epoch = len(_epoch_batches(train_split, config, 0, rank, world))
-    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * epochs)
+    steps_per_epoch = len(_epoch_batches(train_split, config, 0))
+    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
+    update = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
     checkpointer = Checkpointer(bare_model, optimizer, scheduler, rank, world, device)
     state = checkpointer.load()
-    resumed_from_epoch = state.epoch
-    resumed_from_step = state.progress.batches_done if checkpointer.resumed else -1
-    schedule = MidEpochSchedule(loop_config.get("checkpoint_every"), rank, device)
-    n_nodes = _count_nodes()
-    # Workers away from the driver's node read the object-store replica; the rest map the files.
-    n_object_store_readers = int(_all_reduce_sum([float(data.train.from_object_store())], device)[0])
-    epoch_logger = loop_config.get("epoch_logger") if rank == 0 else None
+    fixed_metrics = {
+        "resumed_from_epoch": state.epoch,
+        "resumed_from_step": state.progress.batches_done if checkpointer.resumed else -1,
+        "n_workers": world,
+        "n_nodes": _count_nodes(),
+        # Workers away from the driver's node read the object-store replica; the rest map the files.
+        "object_store_readers": int(_all_reduce_sum([float(data.train.from_object_store())], device)[0]),
+    }
+    return Worker(
+        rank=rank,
+        world=world,
+        device=device,
+        train_split=train_split,
+        validation_split=data.validation.open(),
+        tgt_tokenizer=Tokenizer.from_str(data.tgt_tokenizer_json),
+        validation_references=data.validation_references,
+        model=model,
+        bare_model=bare_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        update=update,
+        checkpointer=checkpointer,
+        state=state,
+        schedule=MidEpochSchedule(loop.checkpoint_every, rank, device),
+        fixed_metrics=fixed_metrics,
+        epoch_logger=loop.epoch_logger if rank == 0 else None,
+        pending_losses=torch.zeros(2, device=device),
+    )
 
+
+def train_worker(loop_config: dict[str, TrainLoop]) -> None:
+    """Runs on every Ray Train worker: set up, restore, then train epoch by epoch until done or stale."""
+    loop = loop_config[LOOP_KEY]
+    worker = set_up_worker(loop)
+    state, patience = worker.state, loop.train.early_stopping_patience
     run_started = time.perf_counter()
-    for epochs_this_run, epoch in enumerate(range(state.epoch + 1, epochs), 1):
-        if state.stale_epochs >= config.early_stopping_patience:
+    for epochs_this_run, epoch in enumerate(range(state.epoch + 1, loop.epochs), 1):
+        if state.stale_epochs >= patience:
             break  # restored after early stopping had already triggered
-        batches = _epoch_batches(train_split, config, epoch, rank, world)
-        progress = state.progress  # restored inside this epoch, or its start
-        for indices in batches[progress.batches_done :]:
-            _train_batch(model, train_split, indices, progress, optimizer, scheduler, config, device)
-            # At the epoch's last batch the epoch-end checkpoint follows anyway.
-            if progress.batches_done < len(batches) and schedule.due(_optimizer_steps(scheduler)):
-                checkpointer.save(state, _mid_epoch_metrics(epoch, progress, _optimizer_steps(scheduler)))
-                schedule.restart()
-        validation_started = time.perf_counter()
-        loss_sum, token_count = _all_reduce_sum([progress.loss_sum, progress.token_count], device)
-        val_loss = _validation_loss(bare_model, validation_split, rank, world, device)
-        bleu = (
-            greedy_bleu(bare_model, validation_split, tgt_tokenizer, device, config.val_bleu_sentences)
-            if rank == 0 and config.val_bleu_sentences
-            else 0.0
-        )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(token_count, 1.0),
-            "val_loss": val_loss,
-            "val_bleu": bleu,
-            "tokens_per_sec": token_count / max(progress.train_seconds, 1e-9),
-            "epoch_seconds": progress.train_seconds + time.perf_counter() - validation_started,
-            "lr": scheduler.get_last_lr()[0],
-            "resumed_from_epoch": resumed_from_epoch,
-            "resumed_from_step": resumed_from_step,
-            "replica_divergence": _replica_divergence(bare_model),
-            "n_workers": world,
-            "n_nodes": n_nodes,
-            "object_store_readers": n_object_store_readers,
-            "peak_rss_mib": _peak_rss_mib(),
-        }
-        if device.type == "cuda":
-            metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        _train_epoch(worker, loop.train, epoch)
+        metrics = _end_of_epoch_metrics(worker, loop.train, epoch)
         state.record(metrics)
-        if rank == 0 and not quiet():  # Train V2 prints no reported metrics: this is the stage's heartbeat
+        if loop.train.average_last > 1:
+            state.keep_weights(worker.bare_model, loop.train.average_last)
+        if worker.rank == 0 and not quiet():  # Train V2 prints no reported metrics: the stage's heartbeat
             # A log record, not print(): Train V2 patches print() to log *and* echo, which showed every
             # line twice; its logging configuration forwards a record to the driver once.
-            logger.info(epoch_line(metrics, epochs, time.perf_counter() - run_started, epochs_this_run))
-        if epoch_logger is not None:
-            epoch_logger.log(metrics, step=epoch)
-        checkpointer.save(state, metrics)
-        schedule.restart()
-        if state.stale_epochs >= config.early_stopping_patience:
-            if rank == 0:
+            logger.info(epoch_line(metrics, loop.epochs, time.perf_counter() - run_started, epochs_this_run))
+        if worker.epoch_logger is not None:
+            worker.epoch_logger.log(metrics, step=epoch)
+        worker.checkpointer.save(state, metrics)
+        worker.schedule.restart()
+        if state.stale_epochs >= patience:
+            if worker.rank == 0:
                 logger.info(
                     "Early stopping after epoch %d: no val_loss improvement for %d epochs",
                     epoch,
                     state.stale_epochs,
                 )
             break
+
+
+def _train_epoch(worker: Worker, config: TrainConfig, epoch: int) -> None:
+    """The epoch's updates from where the restored state left off, with mid-epoch checkpoints."""
+    batches = _epoch_batches(worker.train_split, config, epoch)
+    progress = worker.state.progress  # restored inside this epoch, or its start
+    worker.clock = time.perf_counter()
+    for batch in batches[progress.batches_done :]:
+        _train_update(worker, batch, config)
+        # At the epoch's last batch the epoch-end checkpoint follows anyway.
+        if progress.batches_done < len(batches) and worker.schedule.due(worker.optimizer_steps):
+            _flush_progress(worker)
+            worker.checkpointer.save(
+                worker.state, _mid_epoch_metrics(epoch, progress, worker.optimizer_steps)
+            )
+            worker.schedule.restart()
+            worker.clock = time.perf_counter()
+    _flush_progress(worker)
+
+
+def _end_of_epoch_metrics(worker: Worker, config: TrainConfig, epoch: int) -> dict[str, Any]:
+    """Validation over all ranks, greedy BLEU on rank 0, and the epoch's figures: what every rank reports."""
+    progress, device = worker.state.progress, worker.device
+    validation_started = time.perf_counter()
+    loss_sum, nll_sum, token_count = _all_reduce_sum(
+        [progress.loss_sum, progress.nll_sum, progress.token_count], device
+    )
+    val_loss = _validation_loss(worker.bare_model, worker.validation_split, worker.rank, worker.world, device)
+    bleu = (
+        greedy_bleu(
+            worker.bare_model,
+            worker.validation_split,
+            worker.tgt_tokenizer,
+            device,
+            worker.validation_references[: config.val_bleu_sentences],
+        )
+        if worker.rank == 0 and config.val_bleu_sentences
+        else 0.0
+    )
+    metrics = {
+        "epoch": epoch,
+        # Plain cross-entropy, as val_loss is: the smoothed objective would sit about a nat above it.
+        "train_loss": nll_sum / max(token_count, 1.0),
+        "train_loss_smoothed": loss_sum / max(token_count, 1.0),
+        "val_loss": val_loss,
+        "val_bleu": bleu,
+        "tokens_per_sec": token_count / max(progress.train_seconds, 1e-9),
+        "epoch_seconds": progress.train_seconds + time.perf_counter() - validation_started,
+        "lr": worker.scheduler.get_last_lr()[0],
+        "resumed_from_epoch": worker.fixed_metrics["resumed_from_epoch"],
+        "resumed_from_step": worker.fixed_metrics["resumed_from_step"],
+        "replica_divergence": _replica_divergence(worker.bare_model),
+        "n_workers": worker.world,
+        "n_nodes": worker.fixed_metrics["n_nodes"],
+        "object_store_readers": worker.fixed_metrics["object_store_readers"],
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+    if device.type == "cuda":
+        metrics["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return metrics

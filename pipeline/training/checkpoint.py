@@ -35,8 +35,9 @@ class EpochProgress:
     """One rank's way through the epoch in progress: what it needs to go on mid-epoch and still report the
     same epoch metrics. Ranks differ (their own batches and timings), so each saves its own."""
 
-    batches_done: int = 0  # this rank's batches of the epoch already trained: the same count on every rank
-    loss_sum: float = 0.0
+    batches_done: int = 0  # global batches (updates) of the epoch already trained: the same on every rank
+    loss_sum: float = 0.0  # the label-smoothed loss training minimises, summed over this rank's tokens
+    nll_sum: float = 0.0  # plain cross-entropy of the same logits
     token_count: int = 0
     train_seconds: float = 0.0
 
@@ -51,6 +52,13 @@ class TrainState:
     stale_epochs: int = 0  # epochs since val_loss last improved (early stopping)
     # This rank's progress in epoch `epoch + 1`; a checkpoint keeps it per rank (under "ranks").
     progress: EpochProgress = field(default_factory=EpochProgress)
+    # The weights at the end of the last `train.average_last` epochs, oldest first (when it is over 1).
+    recent_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def keep_weights(self, model: torch.nn.Module, count: int) -> None:
+        """This epoch's weights among the last `count` (a CPU copy), for checkpoint averaging."""
+        weights = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        self.recent_weights = [*self.recent_weights, weights][-count:]
 
     def record(self, metrics: dict[str, Any]) -> None:
         """An epoch's metrics; `val_loss` decides whether it improved. The next epoch starts afresh."""
@@ -61,6 +69,18 @@ class TrainState:
         else:
             self.stale_epochs += 1
         self.progress = EpochProgress()
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of several checkpoints' weights (fairseq's and OpenNMT's checkpoint averaging):
+    a smoother point than any one of them. Integer buffers come from the last."""
+    averaged = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            averaged[key] = torch.stack([state[key].double() for state in states]).mean(0).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    return averaged
 
 
 def gather_objects(value: Any) -> list[Any]:
