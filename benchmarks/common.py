@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
-from pipeline.network.batching import collate, token_budget_batches
+from pipeline.network.batching import micro_batches, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import build_model
-from pipeline.network.training_step import build_optimizer, train_step
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,19 +53,21 @@ def bare_loop_tokens_per_sec(
     epochs: int,
     device: str = "cpu",
     max_batches: int | None = None,
+    threads: int = 1,
 ) -> tuple[list[float], float]:
-    """The baseline: one process, no Ray, no DDP; the same model, batches, threads and the very same
-    `train_step` (optimizer and scheduler included) that every Ray Train worker runs.
+    """The baseline: one process, no Ray, no DDP; the same model, global batches, threads and the very same
+    `UpdateStep` (precision, optimizer and scheduler included) that every Ray Train worker runs.
 
     Returns per-epoch target tokens/s and peak GPU memory in MiB (0 on CPU); `max_batches` cuts each epoch
     short (a sample of a large corpus).
     """
-    torch.set_num_threads(max(1, int(train_config.cpus_per_worker)))
+    torch.set_num_threads(threads)  # as a Ray Train worker with runtime.cpus_per_worker = threads
     torch.manual_seed(train_config.seed)
     target = torch.device(device)
     model = build_model(model_config, *vocab).to(target)
     steps_per_epoch = len(token_budget_batches(split, train_config.batch_size, seed=0))
-    optimizer, scheduler = build_optimizer(model, train_config, steps_per_epoch * epochs)
+    optimizer, scheduler = build_optimizer(model, train_config, steps_per_epoch * epochs, target)
+    update = UpdateStep(compiled(model, train_config, target), optimizer, scheduler, train_config, target)
     on_gpu = target.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -75,13 +77,12 @@ def bare_loop_tokens_per_sec(
         batches = batches[:max_batches]
         if on_gpu:
             torch.cuda.synchronize()
-        started, tokens = time.perf_counter(), 0
+        started, tokens, losses = time.perf_counter(), 0, torch.zeros((), device=target)
         for indices in batches:
-            batch = collate(split, indices)
-            train_step(model, batch, optimizer, scheduler, train_config, target)
-            tokens += batch.n_target_tokens
-        if on_gpu:
-            torch.cuda.synchronize()
+            shares = micro_batches(split, indices, 0, 1, train_config.accumulate, train_config.pad_multiple)
+            losses += update(shares, target_tokens(split, indices))[0]
+            tokens += target_tokens(split, indices)
+        float(losses)  # the one wait for the device, as the workers read their losses once an epoch
         rates.append(tokens / (time.perf_counter() - started))
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0
     return rates, peak
@@ -95,12 +96,10 @@ def ray_train_tokens_per_sec(
     from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
     data = put_training_data(processed)
-    train_config = config.train.model_copy(
-        update={"num_workers": num_workers, "val_bleu_sentences": 0, "early_stopping_patience": 1000}
-    )
-    trainer = build_trainer(
-        TrainLoop(config.model, train_config, data, epochs), config.runtime, name, str(storage)
-    )
+    train_config = config.train.model_copy(update={"val_bleu_sentences": 0, "early_stopping_patience": 1000})
+    runtime = config.runtime.model_copy(update={"num_workers": num_workers})
+    loop = TrainLoop(config.model, train_config, data, epochs, cpus_per_worker=runtime.cpus_per_worker)
+    trainer = build_trainer(loop, runtime, name, str(storage))
     result = trainer.fit()
     return read_checkpoint(result.checkpoint)["state"]["history"]
 

@@ -51,7 +51,8 @@ def stage_params(n_pairs: int, sentences_per_pair: int, hf_folder: Path | None) 
         params["data"]["source"] = f"hf:{hf_folder}"
     params["data"]["max_tokens"] = 64 * sentences_per_pair
     params["model"].update({"arch": "gru", "emb_dim": 32, "hidden_dim": 64, "n_layers": 1})
-    params["train"].update({"epochs": 1, "num_workers": 2, "cpus_per_worker": 1, "val_bleu_sentences": 0})
+    params["train"].update({"epochs": 1, "val_bleu_sentences": 0})
+    params["runtime"].update({"num_workers": 2, "cpus_per_worker": 1})
     params["tune"]["num_samples"] = 0
     return params
 

@@ -1,4 +1,4 @@
-"""GPU check: a short Ray Train run with train.use_gpu and bf16 beside a bare PyTorch loop on the same GPU.
+"""GPU check: a short Ray Train run with runtime.use_gpu and bf16 beside a bare PyTorch loop on the same GPU.
 
     python -m benchmarks.gpu_check [--pairs 20000] [--epochs 3] [--out FILE]     # from the project root
 
@@ -40,14 +40,22 @@ def main() -> None:
     config, processed = prepared_builtin_corpus(
         {
             "data": {"builtin": {"n_pairs": args.pairs, "seed": 13}},
-            "train": {"use_gpu": True, "num_workers": 1, "cpus_per_worker": 4},
+            "runtime": {"use_gpu": True, "num_workers": 1, "cpus_per_worker": 4},
         }
     )
     train, _ = training_splits(processed)
     vocab = (processed.src_vocab_size, processed.tgt_vocab_size)
 
     started = time.perf_counter()
-    bare, bare_peak = bare_loop_tokens_per_sec(config.model, config.train, train, vocab, args.epochs, "cuda")
+    bare, bare_peak = bare_loop_tokens_per_sec(
+        config.model,
+        config.train,
+        train,
+        vocab,
+        args.epochs,
+        "cuda",
+        threads=int(config.runtime.cpus_per_worker),
+    )
     bare_wall = time.perf_counter() - started
     torch.cuda.empty_cache()
 

@@ -8,8 +8,8 @@ DIR is a data/processed folder made by `dvc repro preprocess` (or `python -m pip
 recipe's data and preprocess settings: the encoded splits, the tokenizers and the test text. Copy it to
 the GPU box; nothing else travels.
 
-The model, optimizer, schedule and step (`train_step`: bf16 autocast on CUDA) are the ones every Ray Train
-worker runs. One process takes the recipe's global batch (train.batch_size x train.num_workers target
+The model, optimizer, schedule and step (`UpdateStep`: `train.precision`, bf16 on CUDA by default) are the
+ones every Ray Train worker runs. One process takes the recipe's global batch (`train.batch_size` target
 tokens), so its updates match the recipe's DDP run. Training stops at the recipe's epochs or at the time
 budget, whichever comes first; then the test split is translated with the recipe's beam search.
 
@@ -41,12 +41,12 @@ import yaml
 from benchmarks.results import write_result
 from pipeline.config import PipelineConfig, config_from_dict
 from pipeline.data.processed import ProcessedData, load_processed
-from pipeline.network.batching import collate, token_budget_batches
+from pipeline.network.batching import collate, micro_batches, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model, count_parameters
 from pipeline.network.model_files import LoadedModel
 from pipeline.network.scoring import corpus_scores
-from pipeline.network.training_step import build_optimizer, sequence_loss, train_step
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, sequence_loss
 from pipeline.network.translator import Translator, translate_and_score
 from pipeline.params_file import assignment_overrides, merge_params, read_recipe
 
@@ -110,30 +110,32 @@ def train_for_budget(
     device: torch.device,
     budget_s: float,
 ) -> dict[str, Any]:
-    """The recipe's epochs of `train_step`, or fewer when the budget runs out; per-epoch tokens/s."""
+    """The recipe's epochs of `UpdateStep`, or fewer when the budget runs out; per-epoch tokens/s."""
     settings = config.train
-    batch_tokens = settings.batch_size * settings.num_workers
-    steps_per_epoch = len(token_budget_batches(train, batch_tokens, seed=0))
-    optimizer, scheduler = build_optimizer(model, settings, steps_per_epoch * settings.epochs)
+    steps_per_epoch = len(token_budget_batches(train, settings.batch_size, seed=0))
+    optimizer, scheduler = build_optimizer(model, settings, steps_per_epoch * settings.epochs, device)
+    update = UpdateStep(compiled(model, settings, device), optimizer, scheduler, settings, device)
     torch.manual_seed(settings.seed)
     model.train()
     started, epochs_done, history = time.perf_counter(), 0.0, []
     for epoch in range(settings.epochs):
-        batches = token_budget_batches(train, batch_tokens, seed=settings.seed * 1000 + epoch)
-        epoch_start, tokens, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        batches = token_budget_batches(train, settings.batch_size, seed=settings.seed * 1000 + epoch)
+        epoch_start, tokens, steps = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), device=device)  # read once an epoch, as the workers do
         for indices in batches:
-            batch = collate(train, indices)
+            shares = micro_batches(train, indices, 0, 1, settings.accumulate, settings.pad_multiple)
             steps += 1
-            loss_sum += train_step(model, batch, optimizer, scheduler, settings, device)  # syncs each step
-            tokens += batch.n_target_tokens
+            loss_sum += update(shares, target_tokens(train, indices))[1]
+            tokens += target_tokens(train, indices)
             if time.perf_counter() - started >= budget_s:
                 break
+        loss = float(loss_sum) / tokens
         seconds = time.perf_counter() - epoch_start
         epochs_done += steps / len(batches)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / tokens, "tokens_per_s": tokens / seconds})
+        history.append({"epoch": epoch + 1, "loss": loss, "tokens_per_s": tokens / seconds})
         elapsed = time.perf_counter() - started
         print(
-            f"  epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / tokens:.3f},"
+            f"  epoch {epoch + 1}/{settings.epochs}: loss {loss:.3f},"
             f" {tokens / seconds:,.0f} target tokens/s, {elapsed:.0f} s",
             flush=True,
         )
@@ -178,22 +180,19 @@ def cpu_agreement(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    config = recipe_config(args.recipe, args.set)
+    config = recipe_config(args.recipe, [*args.set, *(["train.compile=true"] if args.compile else [])])
     device = torch.device(args.device)
     processed: ProcessedData = load_processed(args.processed, splits=("train", "test"))
     train = processed.encoded("train").in_memory()
     vocab = (processed.src_vocab_size, processed.tgt_vocab_size)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, *vocab)
-    batch_tokens = config.train.batch_size * config.train.num_workers
     flops = flops_per_target_token(model, train, config.train)
     model = model.to(device)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    trained = train_for_budget(
-        torch.compile(model, dynamic=True) if args.compile else model, config, train, device, args.budget_s
-    )
+    trained = train_for_budget(model, config, train, device, args.budget_s)
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else 0.0
 
     loaded = LoadedModel(
@@ -213,8 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": args.set,
         "arch": config.model.arch,
         "parameters": count_parameters(model),
-        "batch_target_tokens": batch_tokens,
-        "compiled": args.compile,
+        "batch_target_tokens": config.train.batch_size,
+        "compiled": config.train.compile,
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "torch": torch.__version__,
         "budget_s": args.budget_s,
@@ -245,7 +244,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     parser.add_argument("--budget-s", type=float, default=300.0, help="training time budget, seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    parser.add_argument(
+        "--compile", action="store_true", help="train.compile: true (torch.compile; CUDA graphs)"
+    )
     parser.add_argument("--name", default=None, help="the run's name in the table (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None, help="append the result as a JSON line here")
     parser.add_argument("--result", type=Path, default=None, help="write the run's table row (JSON) here")

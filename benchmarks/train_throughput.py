@@ -36,7 +36,7 @@ def main() -> None:
     import ray
 
     config, processed = prepared_builtin_corpus(
-        {"data": {"builtin": {"n_pairs": args.pairs, "seed": 13}}, "train": {"cpus_per_worker": 1}}
+        {"data": {"builtin": {"n_pairs": args.pairs, "seed": 13}}, "runtime": {"cpus_per_worker": 1}}
     )
     train, _ = training_splits(processed)
     vocab = (processed.src_vocab_size, processed.tgt_vocab_size)

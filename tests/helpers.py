@@ -45,7 +45,7 @@ TINY_PARAMS: dict[str, Any] = {
     "data": {"builtin": {"n_pairs": 1500}},
     "preprocess": {"vocab_size": 400},
     "model": {"emb_dim": 32, "hidden_dim": 48},
-    "train": {"epochs": 2, "batch_size": 1500, "val_bleu_sentences": 20, "lr": 0.005},
+    "train": {"epochs": 2, "batch_size": 3000, "val_bleu_sentences": 20, "lr": 0.005},
     "tune": {"num_samples": 0},
     "evaluate": {"beam_size": 2},
 }

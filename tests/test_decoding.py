@@ -194,3 +194,33 @@ def test_a_hypothesis_cut_at_the_length_limit_ends_with_its_eos_scored(arch: str
         assert len(found[0]) == limit - 1, found  # two symbols, then the </s> the limit forced
         greedy = greedy_decode(model, src, lengths, max_len_ratio=None, max_len=limit)
         assert greedy == beam_search(model, src, lengths, beam_size=1, max_len_ratio=None, max_len=limit)
+
+
+def test_val_bleu_scores_greedy_output_against_the_cleaned_references() -> None:
+    """Per-epoch BLEU is sacreBLEU of the greedy hypotheses against the cleaned reference text, as the
+    evaluate stage scores, not against references rebuilt from token ids."""
+    import sacrebleu
+    from tokenizers import Tokenizer, models
+
+    from pipeline.network.encoded import EncodedSplit
+    from pipeline.network.scoring import greedy_bleu
+    from pipeline.network.tokenization import SPECIAL_TOKENS, decode_ids
+    from tests.seq2seq_toys import VOCAB_SIZE
+
+    toy = trained_reverser("gru_attention")
+    words = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(4, VOCAB_SIZE))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    rebuilt = decode_ids(tokenizer, toy.targets)
+    # The cleaned text keeps what ids lose: case, and a word the vocabulary does not have.
+    references = [text.upper() + " Zebra" if i % 2 else text for i, text in enumerate(rebuilt)]
+    split = EncodedSplit.from_lists(toy.sources, toy.targets)
+    src, lengths = source_tensor(toy.sources)
+    hypotheses = decode_ids(
+        tokenizer, greedy_decode(toy.model, src, lengths, max_len=int(src.size(1) * 2 + 5))
+    )
+
+    bleu = greedy_bleu(toy.model, split, tokenizer, torch.device("cpu"), references)
+
+    assert bleu == round(sacrebleu.corpus_bleu(hypotheses, [references], force=True).score, 2)
+    assert bleu < round(sacrebleu.corpus_bleu(hypotheses, [rebuilt], force=True).score, 2)

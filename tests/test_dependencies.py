@@ -7,6 +7,8 @@ import re
 import sys
 from importlib.metadata import packages_distributions
 
+import pytest
+
 from tests.import_graph import REPO_ROOT, package_files
 
 # Declared, never imported by name: run or loaded by something else.
@@ -39,6 +41,7 @@ def _imported_top_level() -> set[str]:
     return {name for name in names if name not in sys.stdlib_module_names and name != "pipeline"}
 
 
+@pytest.mark.slow
 def test_every_imported_package_is_declared_and_every_declared_one_is_used() -> None:
     # A module may come from several distributions (mlflow: mlflow and mlflow-skinny): one must be declared.
     providers = {name: {_normal(d) for d in packages_distributions()[name]} for name in _imported_top_level()}

@@ -34,14 +34,15 @@ from tests.test_registry import MODEL_NAME, Project, project, workspace  # noqa:
 pytestmark = pytest.mark.slow
 
 
-# 600 target tokens a batch make 18 batches per rank and epoch on the tiny corpus, so a checkpoint every
+# 1,200 target tokens an update (600 on each of the 2 ranks) make 18 updates an epoch on the tiny corpus, so
+# a checkpoint every
 # 6 steps lands at batches 6 and 12 of each epoch. No more: a report waits until Ray Train's controller
 # has taken the previous one, and it takes one per poll (every 2 s). The model is the Transformer (with
 # dropout, so every rank's RNG state matters on resume); the GRU models train under Ray in
 # test_pipeline_end_to_end, test_multinode and the driver-kill test below.
 MID_EPOCH_CHECKPOINTS = {
     "model": {"arch": "transformer", "emb_dim": 32, "n_heads": 4, "ff_dim": 64, "dropout": 0.1},
-    "train": {"epochs": 2, "batch_size": 600, "early_stopping_patience": 50, "lr": 0.002},
+    "train": {"epochs": 2, "batch_size": 1200, "early_stopping_patience": 50, "lr": 0.002},
     "runtime": {"checkpoint_every": 6},
 }
 
@@ -122,6 +123,37 @@ def _kill_one_train_worker_early_in_epoch_1(
     if workers and seen is not None:
         os.kill(workers[-1].pid, signal.SIGKILL)
         killed.append(seen)
+
+
+def test_the_global_batch_gives_the_same_updates_with_one_worker_or_two(
+    trained_project: Path, tmp_path: Path
+) -> None:
+    """train.batch_size is the batch of an update across all workers: with the same seed and data (and no
+    dropout, whose masks are drawn per rank), one worker and two train to the same weights."""
+
+    from pipeline.data.processed import load_processed
+    from pipeline.params_file import load_config
+    from pipeline.training.checkpoint import read_checkpoint
+    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
+
+    with working_directory(trained_project):
+        config = load_config("params.yaml")
+        data = put_training_data(load_processed())
+    # GRU + attention: the Transformer's key biases get no gradient (softmax ignores a constant), and Adam
+    # turns rounding noise there into full-size steps of either sign.
+    model = config.model.model_copy(update={"arch": "gru_attention", "hidden_dim": 48, "dropout": 0.0})
+    train = config.train.model_copy(update={"val_bleu_sentences": 0})
+    weights = []
+    for workers in (1, 2):
+        runtime = config.runtime.model_copy(update={"num_workers": workers, "checkpoint_every": None})
+        trainer = build_trainer(
+            TrainLoop(model, train, data, 1), runtime, f"workers-{workers}", str(tmp_path)
+        )
+        weights.append(read_checkpoint(trainer.fit().checkpoint)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        difference = float((value - weights[1][key]).abs().max())
+        assert difference < 1e-4 * max(1.0, float(value.abs().max())), (key, difference)
 
 
 def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupted_run(

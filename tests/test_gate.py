@@ -39,3 +39,13 @@ def test_a_rescored_champion_is_named_in_the_reason() -> None:
 def test_the_champion_itself_stays_champion() -> None:
     decision = decide("3", 25.0, ChampionScore("3", 25.0, rescored=False), 0.0)
     assert decision.promote and decision.reason == "already the champion"
+
+
+def test_the_gate_compares_lowercase_bleu_when_either_model_writes_lowercase() -> None:
+    from pipeline.tracking.gate import gate_metric
+
+    assert gate_metric(candidate_lowercases=False, champion_lowercases=False) == "bleu"
+    assert gate_metric(candidate_lowercases=True, champion_lowercases=False) == "bleu_lc"
+    assert gate_metric(candidate_lowercases=False, champion_lowercases=True) == "bleu_lc"
+    decision = decide("2", 31.0, ChampionScore("1", 30.0, rescored=False, metric="bleu_lc"), 0.0)
+    assert decision.metric == "bleu_lc" and decision.reason.startswith("test lowercase BLEU 31.00 beats")

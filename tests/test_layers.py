@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.import_graph import REPO_ROOT, imported_modules, module_name, package_files
 
 LAYERS = ("core", "network", "data", "training", "tracking", "jobs", "stages", "cli")
@@ -64,6 +66,7 @@ def test_network_layer_imports_no_ray_mlflow_dvc_or_datasets() -> None:
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_network_layer_imports_on_a_box_without_ray_mlflow_dvc_or_datasets() -> None:
     modules = sorted(module_name(path) for path in package_files() if layer_of(path) == "network")
     script = textwrap.dedent(
@@ -91,6 +94,7 @@ def test_network_layer_imports_on_a_box_without_ray_mlflow_dvc_or_datasets() -> 
     assert f"imported {len(modules)} modules" in result.stdout
 
 
+@pytest.mark.slow
 def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_datasets(
     tmp_path: Path,
 ) -> None:

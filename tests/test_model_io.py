@@ -238,6 +238,7 @@ def _one_error_line(err: str) -> str:
     return err.removeprefix("error: ").rstrip("\n")
 
 
+@pytest.mark.slow
 def test_cli_prints_one_translation_per_input_line(word_model_dir: tuple[Path, list]) -> None:
     path, pairs = word_model_dir
     from_args = _run_cli("--model", str(path), pairs[0][0], pairs[1][0])
@@ -248,12 +249,14 @@ def test_cli_prints_one_translation_per_input_line(word_model_dir: tuple[Path, l
     assert from_stdin.stdout.splitlines() == [pairs[2][1], "", pairs[3][1]]
 
 
+@pytest.mark.slow
 def test_cli_names_a_missing_model_folder(tmp_path: Path) -> None:
     result = _run_cli("--model", str(tmp_path / "models"), "alpha")
     assert result.returncode == 2
     assert "model folder not found" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
 def test_cli_names_the_stdin_line_that_is_not_utf8(word_model_dir: tuple[Path, list], locale: str) -> None:
     """Whatever the locale (a C locale decodes a bad byte to a surrogate, which the tokenizer refuses with a
@@ -282,6 +285,7 @@ def test_text_that_is_not_unicode_is_named_by_its_argument_or_sentence(
         Translator.from_dir(path).translate(["\ud800"])
 
 
+@pytest.mark.slow
 def test_cli_cuts_long_sentences_with_a_warning_naming_their_lines(word_model_dir: tuple[Path, list]) -> None:
     path, pairs = word_model_dir
     lines = ["alpha bravo charlie delta", "echo", "golf hotel alpha bravo charlie"]
@@ -308,6 +312,7 @@ def test_cli_refuses_more_sentences_than_the_bound_before_loading_the_model(
     )
 
 
+@pytest.mark.slow
 def test_cli_translates_stdin_of_any_length_in_requests_of_the_bound(
     word_model_dir: tuple[Path, list],
 ) -> None:

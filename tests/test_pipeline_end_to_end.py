@@ -27,7 +27,7 @@ SMALL_BUT_LEARNABLE = {
     "model": {"emb_dim": 64, "hidden_dim": 128},
     "train": {
         "epochs": 12,
-        "batch_size": 1200,
+        "batch_size": 2400,
         "lr": 0.01,
         "label_smoothing": 0.0,
         "val_bleu_sentences": 100,

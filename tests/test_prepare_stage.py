@@ -245,6 +245,7 @@ def test_bad_parameter_is_refused_naming_its_key():
     assert_no_outputs()
 
 
+@pytest.mark.slow
 def test_cli_exits_2_naming_the_bad_key_and_writes_nothing(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  source: builtin\nmodel:\n  dropout: 1.5\n")
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -134,6 +134,18 @@ def test_tokenizer_round_trip_reproduces_cleaned_text(kind):
     assert decode_ids(tokenizer, encode_texts(tokenizer, cleaned)) == cleaned
 
 
+@pytest.mark.parametrize("byte_fallback", [True, False])
+def test_a_character_never_seen_in_training_survives_a_round_trip_with_byte_fallback(byte_fallback):
+    """Trained on text without a capital Z or an emoji: with byte fallback they come back as they were,
+    without it they become <unk> and vanish from the output."""
+    training = ["der hund fährt schnell .", "ein kleiner hund läuft über die straße ."] * 20
+    tokenizer = train_tokenizer(training, PreprocessConfig(vocab_size=120, byte_fallback=byte_fallback))
+    unseen = "der hund fährt Zebra 🦓 ."
+    ids = encode_texts(tokenizer, [unseen])
+    assert (UNK_ID in ids[0]) is not byte_fallback
+    assert (decode_ids(tokenizer, ids) == [unseen]) is byte_fallback
+
+
 def test_missing_prepared_data_asks_for_prepare_and_writes_nothing():
     expected = r"data/prepared not found: run `python -m pipeline prepare` first"
     with pytest.raises(PipelineError, match=expected):
@@ -186,6 +198,7 @@ def test_encoding_does_not_depend_on_the_batch_size(tmp_path, monkeypatch):
     assert batched == whole
 
 
+@pytest.mark.slow
 def test_a_million_character_line_is_dropped_by_prepare_and_preprocess_stays_fast(tmp_path) -> None:
     """One whitespace-free "word" of 1M characters passes any token count; BPE training on it ran for
     over 10 minutes. data.max_chars drops it (its own reason in prepare_stats) before preprocess sees it."""

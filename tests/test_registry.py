@@ -354,6 +354,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["good", "transformer"])
 def test_logged_model_loads_and_predicts_without_the_project_installed(project: Project, model: str) -> None:
     import site

@@ -132,6 +132,7 @@ def test_a_value_that_is_not_yaml_is_one_line_naming_the_assignment(
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_pipeline_set_with_a_value_that_is_not_yaml_stops_the_cluster_script_with_one_line(
     tmp_path: Path,
 ) -> None:

@@ -35,6 +35,7 @@ def temporaries(directory: Path) -> list[Path]:
     return sorted((directory / "data").glob(".prepared.*")) + sorted((directory / "reports").glob(".*tmp*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_prepare_removes_its_temporaries_and_keeps_the_previous_output(
     tmp_path: Path, stop: signal.Signals
@@ -58,6 +59,7 @@ def test_a_stopped_prepare_removes_its_temporaries_and_keeps_the_previous_output
     assert json.loads(before)  # still the complete previous output
 
 
+@pytest.mark.slow
 def test_a_later_run_removes_a_killed_runs_temporaries_but_not_a_live_ones(tmp_path: Path) -> None:
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -193,6 +193,7 @@ def test_runtime_env_merges_file_shell_settings_and_mandatory_excludes(tmp_path:
     assert GIT_COMMIT_ENV not in env_vars and GIT_DIRTY_ENV not in env_vars  # tmp_path is no git checkout
 
 
+@pytest.mark.slow
 def test_the_job_gets_the_plain_commit_and_whether_the_checkout_had_changes() -> None:
     import subprocess
 

@@ -68,6 +68,7 @@ def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow
 def test_the_commit_tag_is_a_plain_hash_and_uncommitted_changes_have_a_tag_of_their_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

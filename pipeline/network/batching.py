@@ -114,6 +114,14 @@ def collate(split: EncodedSplit, indices: np.ndarray, pad_multiple: int = 1) -> 
     )
 
 
+def micro_batches(
+    split: EncodedSplit, batch: np.ndarray, rank: int, world_size: int, accumulate: int, pad_multiple: int
+) -> list[Batch | None]:
+    """This rank's micro-batches of the global batch `batch`, collated (see `update_shares`)."""
+    shares = update_shares(batch, rank, world_size, accumulate)
+    return [None if share is None else collate(split, share, pad_multiple) for share in shares]
+
+
 def real_token_mask(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
     """[B, width] True at each row's first lengths[b] positions, the real tokens: what attention may read.
 

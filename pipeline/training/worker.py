@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from pipeline.config import CheckpointInterval, TrainConfig
-from pipeline.network.batching import collate, target_tokens, token_budget_batches, update_shares
+from pipeline.network.batching import micro_batches, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.scoring import greedy_bleu, teacher_forced_loss
@@ -91,16 +91,13 @@ def _epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int) -> list
 
 def _train_update(worker: Worker, batch: np.ndarray, config: TrainConfig) -> None:
     """One optimizer update on this rank's shares of a global batch; the losses stay on the device."""
-    shares = update_shares(batch, worker.rank, worker.world, config.accumulate)
-    micro_batches = [
-        None if share is None else collate(worker.train_split, share, config.pad_multiple) for share in shares
-    ]
-    smoothed, nll = worker.update(micro_batches, target_tokens(worker.train_split, batch))
+    shares = micro_batches(
+        worker.train_split, batch, worker.rank, worker.world, config.accumulate, config.pad_multiple
+    )
+    smoothed, nll = worker.update(shares, target_tokens(worker.train_split, batch))
     worker.pending_losses += torch.stack((smoothed, nll))
     progress = worker.state.progress
-    progress.token_count += sum(
-        target_tokens(worker.train_split, share) for share in shares if share is not None
-    )
+    progress.token_count += sum(share.n_target_tokens for share in shares if share is not None)
     progress.batches_done += 1
 
 

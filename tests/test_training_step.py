@@ -1,0 +1,188 @@
+"""The training step on its own (no Ray): padded lengths, losses read once, precision, compile, the global
+batch's micro-batches, weight decay groups, checkpoint averaging and the two losses reported."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.network.batching import (
+    collate,
+    micro_batches,
+    target_tokens,
+    token_budget_batches,
+    update_shares,
+)
+from pipeline.network.encoded import EncodedSplit
+from pipeline.network.model import build_model
+from pipeline.network.training_step import (
+    UpdateStep,
+    build_optimizer,
+    compiled,
+    decay_groups,
+    sequence_losses,
+)
+from pipeline.training.checkpoint import average_weights
+from tests.seq2seq_toys import TINY, VOCAB_SIZE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ARCHS = ("gru", "gru_attention", "transformer")
+
+
+def toy_split(n: int = 40, seed: int = 0) -> EncodedSplit:
+    rng = random.Random(seed)
+    sources = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(3, 11))] for _ in range(n)]
+    targets = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(2, 13))] for _ in range(n)]
+    return EncodedSplit.from_lists(sources, targets)
+
+
+def toy_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch=arch, **TINY), VOCAB_SIZE, VOCAB_SIZE)
+
+
+def train_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 120, "label_smoothing": 0.1, "lr": 1e-2, **overrides})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lengths_padded_to_a_multiple_give_the_loss_of_the_shortest_padding(arch: str) -> None:
+    split, model = toy_split(), toy_model(arch).eval()
+    indices = np.arange(len(split))
+    tight, padded = collate(split, indices, pad_multiple=1), collate(split, indices, pad_multiple=8)
+    assert padded.src.size(1) % 8 == 0 and padded.tgt_in.size(1) % 8 == 0
+    assert padded.tgt_in.size(1) > tight.tgt_in.size(1), "the test must pad something"
+    with torch.no_grad():
+        losses = [
+            sequence_losses(model(batch.src, batch.src_lengths, batch.tgt_in), batch.tgt_out, 0.1)
+            for batch in (tight, padded)
+        ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+
+
+def test_the_smoothed_and_the_plain_loss_come_from_the_same_logits() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    target[0, 3:] = 0  # padding
+    smoothed, nll = sequence_losses(logits, target, label_smoothing=0.1)
+    flat_logits, flat_target = logits.reshape(-1, 11), target.reshape(-1)
+    expected = F.cross_entropy(flat_logits, flat_target, ignore_index=0, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(smoothed, expected)
+    torch.testing.assert_close(
+        nll, F.cross_entropy(flat_logits, flat_target, ignore_index=0, reduction="sum")
+    )
+    equal = sequence_losses(logits, target, label_smoothing=0.0)
+    assert float(equal[0]) == float(equal[1])
+
+
+def sgd(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Plain SGD: the weights move by the gradient itself, so equal updates mean equal gradients (Adam's
+    first step, about lr times the gradient's sign, would magnify rounding in near-zero gradients)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _epoch(update: UpdateStep, split: EncodedSplit, config: TrainConfig, read_every_step: bool) -> float:
+    total, on_device = 0.0, torch.zeros(())
+    for batch in token_budget_batches(split, config.batch_size, seed=1):
+        shares = micro_batches(split, batch, 0, 1, config.accumulate, config.pad_multiple)
+        nll = update(shares, target_tokens(split, batch))[1]
+        if read_every_step:
+            total += float(nll)
+        else:
+            on_device += nll
+    return total if read_every_step else float(on_device)
+
+
+def test_losses_read_once_an_epoch_equal_losses_read_every_step() -> None:
+    split, config = toy_split(), train_config()
+    epochs = []
+    for read_every_step in (True, False):
+        model = toy_model("gru_attention")
+        optimizer, scheduler = build_optimizer(model, config, 100)
+        update = UpdateStep(model, optimizer, scheduler, config, torch.device("cpu"))
+        epochs.append([_epoch(update, split, config, read_every_step) for _ in range(2)])
+    assert epochs[0] == pytest.approx(epochs[1], rel=1e-6)
+
+
+def test_accumulated_micro_batches_give_the_update_of_the_whole_batch() -> None:
+    """What makes the global batch independent of the number of workers: its gradient is the same however
+    it is split, because every share divides by the global batch's token count."""
+    split = toy_split()
+    weights = []
+    for accumulate in (1, 4):
+        config = train_config(accumulate=accumulate, batch_size=100_000, label_smoothing=0.0)
+        model = toy_model("transformer")
+        update = UpdateStep(model, *sgd(model), config, torch.device("cpu"))
+        _epoch(update, split, config, read_every_step=False)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_every_rank_and_micro_batch_gets_its_share_of_a_global_batch_once() -> None:
+    batch = np.arange(10)
+    shares = [share for rank in range(2) for share in update_shares(batch, rank, 2, 3)]
+    assert sorted(np.concatenate([s for s in shares if s is not None]).tolist()) == list(range(10))
+    assert update_shares(np.arange(3), 1, 2, 2) == [update_shares(np.arange(3), 1, 2, 2)[0], None]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_a_tiny_model(precision: str) -> None:
+    split, config = toy_split(), train_config(precision=precision, label_smoothing=0.0)
+    model = toy_model("gru_attention")
+    optimizer, scheduler = build_optimizer(model, config, 60)
+    update = UpdateStep(model, optimizer, scheduler, config, torch.device("cpu"))
+    assert update.scaler.is_enabled() == (precision == "fp16")
+    tokens = sum(target_tokens(split, b) for b in token_budget_batches(split, config.batch_size, seed=1))
+    losses = [_epoch(update, split, config, read_every_step=False) / tokens for _ in range(12)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_a_compiled_step_equals_an_eager_one() -> None:
+    split = toy_split(n=16)
+    batches = token_budget_batches(split, 400, seed=1)[:2]
+    results = []
+    for compile_ in (False, True):
+        config = train_config(compile=compile_, label_smoothing=0.0, pad_multiple=8)
+        model = toy_model("transformer")
+        update = UpdateStep(
+            compiled(model, config, torch.device("cpu")), *sgd(model), config, torch.device("cpu")
+        )
+        losses = [
+            float(update(micro_batches(split, b, 0, 1, 1, 8), target_tokens(split, b))[1]) for b in batches
+        ]
+        results.append((losses, model.state_dict()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    for key, value in results[0][1].items():
+        torch.testing.assert_close(value, results[1][1][key], rtol=1e-3, atol=1e-5)
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings() -> None:
+    model = toy_model("transformer")
+    decayed, exempt = decay_groups(model, 0.01)
+    assert decayed["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0
+    names = {id(p): name for name, p in model.named_parameters()}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert any(name.endswith("bias") for name in exempt_names)
+    assert any("norm" in name for name in exempt_names)
+    assert any("embedding" in name for name in exempt_names)
+    assert all(model.get_parameter(name).ndim == 2 and "embedding" not in name for name in decayed_names)
+    optimizer, _ = build_optimizer(model, train_config(adam_beta2=0.98), 10)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def test_averaging_checkpoints_gives_the_mean_of_their_weights() -> None:
+    states = [toy_model("gru", seed=seed).state_dict() for seed in range(3)]
+    averaged = average_weights(states)
+    for key in states[0]:
+        torch.testing.assert_close(averaged[key], sum(state[key] for state in states) / 3)
+    assert average_weights(states[:1]).keys() == states[0].keys()
