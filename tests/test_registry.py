@@ -252,6 +252,27 @@ def test_first_version_becomes_champion_and_registering_it_again_adds_no_version
     assert any(line.startswith("torch==") for line in (local / "requirements.txt").read_text().splitlines())
 
 
+def test_a_searched_length_penalty_is_chosen_on_validation_recorded_and_registered(project: Project) -> None:
+    """evaluate.length_penalty_search: the penalty with the best validation BLEU is used for test, written
+    to metrics.json beside each candidate's validation BLEU, and the registered model decodes with it."""
+    from pipeline.params_file import set_params
+    from pipeline.tracking import candidate as candidates
+
+    penalties = [0.0, 0.6, 2.0]
+    set_params(
+        project.root / "params.yaml",
+        ["evaluate.length_penalty_search=[0.0, 0.6, 2.0]", "evaluate.search_sentences=20"],
+    )
+    report = project.register("good")
+    metrics = json.loads((project.root / "reports" / "metrics.json").read_text())
+    by_penalty = {alpha: metrics[f"validation_bleu_length_penalty_{alpha:g}"] for alpha in penalties}
+    assert metrics["length_penalty"] in penalties
+    assert by_penalty[metrics["length_penalty"]] == max(by_penalty.values())
+    version = project.client.get_model_version(MODEL_NAME, str(report["version"]))
+    assert float(version.tags["decoding.length_penalty"]) == metrics["length_penalty"]
+    assert candidates.metric_tag("length_penalty") == "length_penalty"
+
+
 def test_worse_model_leaves_champion_and_better_model_takes_it(project: Project) -> None:
     good = project.register("good")
     worse = project.register("worse")

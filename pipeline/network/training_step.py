@@ -120,7 +120,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 @dataclass
 class UpdateStep:
     """One optimizer update over this rank's micro-batches of a global batch. Holds what persists from one
-    update to the next: the loss scaler of fp16 (not checkpointed: after a restart it finds its scale again)."""
+    update to the next: fp16's loss scaler (not checkpointed: after a restart it finds its scale again)."""
 
     model: torch.nn.Module  # may be wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer

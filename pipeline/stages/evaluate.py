@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from pipeline import paths
-from pipeline.config import PipelineConfig
-from pipeline.data.processed import load_processed
+from pipeline.config import EvaluateConfig, PipelineConfig
+from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.network.batching import token_budget_batches
-from pipeline.network.model_files import load_model_dir
+from pipeline.network.model_files import LoadedModel, load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
 from pipeline.tracking.train_run import read_train_run
@@ -25,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 def run(config: PipelineConfig) -> None:
     loaded = load_model_dir(paths.MODELS_DIR)
-    processed = load_processed(splits=("test",))
+    processed = load_processed(splits=("validation", "test"))
     sources, references = processed.texts("test")
     if not sources:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the test split is empty")
-    settings = config.evaluate
+    settings, search = _chosen_length_penalty(loaded, processed, config.evaluate)
     logger.info("translating %d test sentences (beam %d)", len(sources), settings.beam_size)
     hypotheses, scored = translate_and_score(loaded, sources, references, settings)
     split = processed.encoded("test")
@@ -44,33 +45,59 @@ def run(config: PipelineConfig) -> None:
         "test_loss": round(loss / max(tokens, 1), 4),
         "n_test": len(references),
         "beam_size": settings.beam_size,
+        "length_penalty": settings.length_penalty,
+        **search,
         # Strings: `dvc metrics show` leaves them out, the registered version's tags keep them.
         **scored.signatures,
     }
     with outputs_together():
         write_json(paths.METRICS, metrics)
-        with atomic_file(paths.SAMPLES) as handle:
-            samples = zip(sources[: settings.n_samples], hypotheses, references, strict=False)
-            for source, hypothesis, reference in samples:
-                handle.write(
-                    json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
-                )
+        _write_samples(list(zip(sources, hypotheses, references, strict=True))[: settings.n_samples])
     _log_to_train_run(metrics)
     logger.info(
         "test BLEU %.2f, chrF %.2f over %d sentences", metrics["bleu"], metrics["chrf"], metrics["n_test"]
     )
 
 
+def _chosen_length_penalty(
+    loaded: LoadedModel, processed: ProcessedData, settings: EvaluateConfig
+) -> tuple[EvaluateConfig, dict[str, Any]]:
+    """`evaluate.length_penalty_search`: the penalty with the best BLEU on the first validation sentences,
+    and each candidate's BLEU there (recorded beside the test scores); the settings as they are without."""
+    if not settings.length_penalty_search:
+        return settings, {}
+    sources, references = processed.texts("validation")
+    sources, references = sources[: settings.search_sentences], references[: settings.search_sentences]
+    by_penalty = {}
+    for alpha in settings.length_penalty_search:
+        trial = settings.model_copy(update={"length_penalty": alpha})
+        by_penalty[alpha] = translate_and_score(loaded, sources, references, trial)[1].scores["bleu"]
+        logger.info(
+            "length penalty %g: validation BLEU %.2f (%d sentences)", alpha, by_penalty[alpha], len(sources)
+        )
+    best = max(by_penalty, key=lambda alpha: (by_penalty[alpha], -abs(alpha - settings.length_penalty)))
+    search = {f"validation_bleu_length_penalty_{alpha:g}": bleu for alpha, bleu in by_penalty.items()}
+    return settings.model_copy(update={"length_penalty": best}), search
+
+
+def _write_samples(samples: list[tuple[str, str, str]]) -> None:
+    with atomic_file(paths.SAMPLES) as handle:
+        for source, hypothesis, reference in samples:
+            handle.write(
+                json.dumps({"source": source, "hypothesis": hypothesis, "reference": reference}) + "\n"
+            )
+
+
 def _log_to_train_run(metrics: dict[str, float | int | str]) -> None:
     """The evaluate metrics belong to the run that trained the model (reports/train_run.json): the numbers
-    as metrics, the sacreBLEU signatures as tags, both named test_<key>."""
+    as metrics, the sacreBLEU signatures as tags, named as the registered version's tags are."""
     train_run = read_train_run()
     if train_run is not None:
         from pipeline.tracking import store
+        from pipeline.tracking.candidate import metric_tag
 
         run_id = train_run.mlflow_run_id
-
-        named = {key if key.startswith("test") else f"test_{key}": value for key, value in metrics.items()}
+        named = {metric_tag(key): value for key, value in metrics.items()}
         store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
         store.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
         store.log_artifact(run_id, paths.SAMPLES)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
-from pipeline.config import PipelineConfig
-from pipeline.files import write_json
+from pipeline.config import EvaluateConfig, PipelineConfig
+from pipeline.files import read_json_object, write_json
 from pipeline.tracking import candidate as candidates
 from pipeline.tracking import gate, lineage, store
 from pipeline.tracking.candidate import Candidate
@@ -42,7 +42,7 @@ REGISTERED_MODEL_DESCRIPTION = "Encoder-decoder translation models from the seq2
 
 def run(config: PipelineConfig) -> None:
     with tempfile.TemporaryDirectory() as staging:
-        model_dir = candidates.stage_model_dir(paths.MODELS_DIR, config.evaluate, Path(staging))
+        model_dir = candidates.stage_model_dir(paths.MODELS_DIR, _as_evaluated(config), Path(staging))
         report = register(config, candidates.load_candidate(model_dir))
     write_json(paths.REGISTRY_REPORT, report)
     logger.info(
@@ -54,6 +54,15 @@ def run(config: PipelineConfig) -> None:
         ", ".join(report["aliases"]) or "none",
         paths.REGISTRY_REPORT,
     )
+
+
+def _as_evaluated(config: PipelineConfig) -> EvaluateConfig:
+    """The decoding settings the test scores were measured with: params.yaml's, with the length penalty
+    the evaluate stage chose when it searched one (`evaluate.length_penalty_search`)."""
+    chosen = read_json_object(paths.METRICS, "run `python -m pipeline evaluate` first").get("length_penalty")
+    if isinstance(chosen, int | float) and not isinstance(chosen, bool):
+        return config.evaluate.model_copy(update={"length_penalty": float(chosen)})
+    return config.evaluate
 
 
 def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:

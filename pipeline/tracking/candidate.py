@@ -150,8 +150,9 @@ def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Pa
 
 
 def metric_tag(key: str) -> str:
-    """bleu -> test_bleu, test_loss stays: the names evaluate logs to the train run."""
-    return key if key.startswith("test") else f"test_{key}"
+    """bleu -> test_bleu, test_loss stays, and so do the decoding settings chosen on the validation split
+    (length_penalty, validation_bleu_length_penalty_*): the names evaluate logs to the train run."""
+    return key if key.startswith(("test", "validation_", "length_penalty")) else f"test_{key}"
 
 
 def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
