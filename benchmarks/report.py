@@ -25,6 +25,7 @@ ORDER = (
     "pipeline_arch",
     "train_throughput",
     "data_scale",
+    "ray_data",
     "quality",
     "arch_throughput",
     "gpu_torch",

@@ -42,6 +42,20 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--model", default="models", help="a model folder or an MLflow models:/ URI")
     translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
     translate.add_argument(
+        "--input",
+        type=Path,
+        default=None,
+        help="a file, or a folder of files in name order: translated on Ray Data (the cluster in"
+        " $RAY_ADDRESS, else a local Ray) into --output, line for line",
+    )
+    translate.add_argument("--output", type=Path, default=None, help="with --input: the file to write")
+    translate.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="with --input: model actors (default: one per GPU of the cluster, else one per CPU)",
+    )
+    translate.add_argument(
         "--device",
         default=None,
         help="auto (default: a CUDA GPU when present), cpu or cuda; or $PIPELINE_DEVICE",
@@ -139,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError("set-params needs --recipe FILE or KEY=VALUE assignments")
             set_params(args.params, args.assignments, args.recipe)
             return 0
+        if args.command == "translate" and args.input is not None:
+            return run_batch_translate(args)
         if args.command == "translate":
+            if args.output is not None or args.actors is not None:
+                raise PipelineError("--output and --actors go with --input FILE_OR_DIR")
             return run_translate(
                 args.sentences,
                 args.model,
@@ -215,6 +233,29 @@ def run_translate(
             print(" ".join(translation.splitlines()))
         sys.stdout.flush()
         done += len(request)
+    return 0
+
+
+def run_batch_translate(args: argparse.Namespace) -> int:
+    """`translate --input FILE_OR_DIR --output PATH`: a Ray Data job (`pipeline.jobs.batch_translate`)."""
+    if args.sentences:
+        raise PipelineError("give sentences as arguments or --input FILE_OR_DIR, not both")
+    if args.output is None:
+        raise PipelineError("--input needs --output PATH, the file the translations go to")
+    if args.beam_size is not None and args.beam_size < 1:
+        raise PipelineError(f"--beam-size must be at least 1, got {args.beam_size}")
+    if args.actors is not None and args.actors < 1:
+        raise PipelineError(f"--actors must be at least 1, got {args.actors}")
+    if args.device not in (None, "auto"):
+        raise PipelineError("--device does not apply to --input: actors take a GPU each where there are GPUs")
+    from pipeline.jobs.batch_translate import input_files, translate_file
+    from pipeline.network.translator import InputBounds
+    from pipeline.training.ray_session import ray_session
+
+    bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
+    input_files(args.input)  # a missing input is reported before Ray starts
+    with ray_session():
+        translate_file(args.input, args.output, args.model, args.beam_size, args.actors, bounds)
     return 0
 
 

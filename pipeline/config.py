@@ -67,6 +67,9 @@ class DataConfig(_Section):
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     seed: int = 42
+    # Who runs prepare and preprocess: "local" (one process, streaming) or "ray" (Ray Data pipelines over
+    # every core of every node). Both write the same files; local starts faster, so it stays the default.
+    engine: Literal["local", "ray"] = "local"
 
     @field_validator("source")
     @classmethod
@@ -143,7 +146,7 @@ class TrainConfig(_Section):
     accumulate: int = Field(1, ge=1, le=256, description="micro-batches per worker and update")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
     compile: bool = False  # torch.compile the model (CUDA graphs on a GPU)
-    pad_multiple: int = Field(8, ge=1, le=128, description="padded lengths are multiples of this")
+    pad_multiple: int = Field(1, ge=1, le=128, description="padded lengths are multiples of this")
     average_last: int = Field(1, ge=1, le=100, description="average the weights of the last N epochs")
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)  # on weight matrices; never on biases, norms, embeddings
@@ -285,11 +288,22 @@ class TuneConfig(_Section):
 class EvaluateConfig(_Section):
     beam_size: int = Field(4, ge=1, le=64)
     length_penalty: float = Field(1.0, ge=0.0)
+    # Choose the length penalty among these by BLEU on the validation split (then used for test and
+    # recorded); empty: length_penalty as it is.
+    length_penalty_search: list[float] = Field(default_factory=list, max_length=16)
+    search_sentences: int = Field(500, ge=1, description="validation sentences the search decodes")
     max_len_ratio: float = Field(2.0, gt=0.0, description="decode at most ratio * source length + 5 tokens")
     batch_size: int = Field(128, ge=1)
     n_samples: int = Field(20, ge=0)
     # auto: a CUDA GPU when there is one (batches cut by tokens there), else the CPU; cpu forces the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("length_penalty_search")
+    @classmethod
+    def _penalties_not_negative(cls, values: list[float]) -> list[float]:
+        if any(value < 0 for value in values):
+            raise ValueError(f"length penalties must be 0 or more, got {values}")
+        return values
 
     def decoding(self) -> dict[str, Any]:
         """The settings a model folder's decoding.json holds (`DECODING_KEYS`)."""

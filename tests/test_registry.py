@@ -256,7 +256,7 @@ def test_a_searched_length_penalty_is_chosen_on_validation_recorded_and_register
     """evaluate.length_penalty_search: the penalty with the best validation BLEU is used for test, written
     to metrics.json beside each candidate's validation BLEU, and the registered model decodes with it."""
     from pipeline.params_file import set_params
-    from pipeline.tracking import candidate as candidates
+    from pipeline.tracking import lineage
 
     penalties = [0.0, 0.6, 2.0]
     set_params(
@@ -270,7 +270,7 @@ def test_a_searched_length_penalty_is_chosen_on_validation_recorded_and_register
     assert by_penalty[metrics["length_penalty"]] == max(by_penalty.values())
     version = project.client.get_model_version(MODEL_NAME, str(report["version"]))
     assert float(version.tags["decoding.length_penalty"]) == metrics["length_penalty"]
-    assert candidates.metric_tag("length_penalty") == "length_penalty"
+    assert lineage.metric_tag("length_penalty") == "length_penalty"
 
 
 def test_worse_model_leaves_champion_and_better_model_takes_it(project: Project) -> None:

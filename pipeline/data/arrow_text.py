@@ -19,39 +19,46 @@ BATCH_ROWS = 20_000  # pairs per record batch: a few MB of text, the unit every 
 
 
 class TextPairWriter:
-    """Buffers pairs and writes them as record batches of BATCH_ROWS; `close()` returns the pair count."""
+    """Buffers pairs and writes them as record batches of exactly BATCH_ROWS (the last one shorter);
+    `close()` returns the pair count. Batch boundaries depend on the rows alone, not on how they arrived,
+    so every engine that writes the same rows in the same order writes the same bytes."""
 
     def __init__(self, path: Path, schema: pa.Schema = SCHEMA) -> None:
         self.path, self.schema, self.rows = Path(path), schema, 0
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
-        self._buffer: dict[str, list] = {name: [] for name in schema.names}
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
 
     def write(self, **columns: Sequence) -> None:
-        for name, values in columns.items():
-            self._buffer[name].extend(values)
-        if len(self._buffer[self.schema.names[0]]) >= BATCH_ROWS:
-            self._flush()
+        self.write_batch(pa.record_batch([columns[name] for name in self.schema.names], schema=self.schema))
 
-    def write_batch(self, batch: pa.RecordBatch) -> None:
-        """An Arrow batch as it is (e.g. a filtered batch of another file with this schema)."""
-        self._flush()
+    def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Arrow rows with this schema's columns (e.g. a filtered batch of another file), re-cut."""
         if batch.num_rows:
-            self._writer.write_batch(batch)
-            self.rows += batch.num_rows
+            rows = batch.select(self.schema.names).cast(self.schema)
+            self._pending.extend(rows.to_batches() if isinstance(rows, pa.Table) else [rows])
+            self._pending_rows += batch.num_rows
+        if self._pending_rows >= BATCH_ROWS:
+            self._flush(final=False)
 
     def close(self) -> int:
-        self._flush()
+        self._flush(final=True)
         self._writer.close()
         self._sink.close()
         return self.rows
 
-    def _flush(self) -> None:
-        first = self._buffer[self.schema.names[0]]
-        if first:
-            self._writer.write_batch(pa.record_batch(list(self._buffer.values()), schema=self.schema))
-            self.rows += len(first)
-            self._buffer = {name: [] for name in self.schema.names}
+    def _flush(self, final: bool) -> None:
+        if not self._pending_rows:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self.schema).combine_chunks()
+        whole = table.num_rows if final else table.num_rows - table.num_rows % BATCH_ROWS
+        for start in range(0, whole, BATCH_ROWS):
+            for batch in table.slice(start, min(BATCH_ROWS, whole - start)).to_batches():
+                self._writer.write_batch(batch)
+        self.rows += whole
+        rest = table.slice(whole)
+        self._pending, self._pending_rows = rest.to_batches(), rest.num_rows
 
 
 def open_pairs(path: Path) -> pa.Table:

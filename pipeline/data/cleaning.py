@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
@@ -149,26 +149,58 @@ def _clean_into(pairs: Iterable[Pair], filters: DataConfig | None, target: Path)
     try:
         while chunk := list(islice(stream, BATCH_ROWS)):
             result.loaded += len(chunk)
-            sources, targets, src_len, tgt_len = [], [], [], []
-            for src, tgt in chunk:
-                src, tgt = clean_text(src), clean_text(tgt)
-                reason = drop_reason((src, tgt), filters)
-                if reason is not None:
-                    result.reasons[reason] += 1
-                    continue
-                sources.append(src)
-                targets.append(tgt)
-                src_len.append(n_tokens(src))
-                tgt_len.append(n_tokens(tgt))
-            writer.write(src=sources, tgt=targets)
-            result.digests.append(
-                np.fromiter(map(pair_digest, sources, targets), dtype=np.uint64, count=len(sources))
-            )
-            result.src_len.append(np.asarray(src_len, dtype=np.int32))
-            result.tgt_len.append(np.asarray(tgt_len, dtype=np.int32))
+            sources, targets = zip(*chunk, strict=True)
+            batch = clean_batch(sources, targets, filters)
+            result.reasons.update(batch.reasons())
+            writer.write(src=batch.sources, tgt=batch.targets)
+            result.digests.append(batch.digests)
+            result.src_len.append(batch.src_len)
+            result.tgt_len.append(batch.tgt_len)
     finally:
         result.written = writer.close()
     return result
+
+
+@dataclass(frozen=True)
+class CleanedBatch:
+    """One batch through the per-pair policy: a drop code for every input pair (-1 kept, else the index
+    in DROP_REASONS), and the kept pairs' cleaned text, digests and whitespace-token lengths."""
+
+    codes: np.ndarray  # int8, one per input pair
+    sources: list[str]
+    targets: list[str]
+    digests: np.ndarray  # uint64, one per kept pair
+    src_len: np.ndarray  # int32
+    tgt_len: np.ndarray  # int32
+
+    def reasons(self) -> Counter[str]:
+        counts = np.bincount(self.codes[self.codes >= 0], minlength=len(DROP_REASONS))
+        return Counter(
+            {reason: int(count) for reason, count in zip(DROP_REASONS, counts, strict=True) if count}
+        )
+
+
+def clean_batch(sources: Sequence[str], targets: Sequence[str], filters: DataConfig | None) -> CleanedBatch:
+    """The per-pair part of the policy, for a batch: normalise, then drop by `drop_reason`. Both engines
+    (the local stream and Ray Data's map tasks) call this, so they clean alike."""
+    codes = np.full(len(sources), -1, dtype=np.int8)
+    kept_src, kept_tgt = [], []
+    for position, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+        src, tgt = clean_text(src), clean_text(tgt)
+        reason = drop_reason((src, tgt), filters)
+        if reason is not None:
+            codes[position] = DROP_REASONS.index(reason)
+            continue
+        kept_src.append(src)
+        kept_tgt.append(tgt)
+    return CleanedBatch(
+        codes,
+        kept_src,
+        kept_tgt,
+        np.fromiter(map(pair_digest, kept_src, kept_tgt), dtype=np.uint64, count=len(kept_src)),
+        np.fromiter(map(n_tokens, kept_src), dtype=np.int32, count=len(kept_src)),
+        np.fromiter(map(n_tokens, kept_tgt), dtype=np.int32, count=len(kept_tgt)),
+    )
 
 
 def drop_reason(pair: Pair, filters: DataConfig | None) -> str | None:
@@ -264,14 +296,21 @@ def _empty_split_message(name: str, corpus: RawCorpus, split: _CleanedSplit, dro
 
 def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
     """p50/p90/p99/max by the nearest-rank method (an actual length, so integers)."""
-    if not len(lengths):
+    return counted_percentiles(np.bincount(np.asarray(lengths, dtype=np.int64)))
+
+
+def counted_percentiles(counts: np.ndarray) -> dict[str, int]:
+    """`length_percentiles` from a histogram (counts[n]: how many have length n): exact, and a histogram
+    adds up across batches and processes, so no process keeps one length per pair."""
+    total = int(counts.sum()) if len(counts) else 0
+    if not total:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-    ordered = np.sort(lengths)
+    cumulative = np.cumsum(counts)
 
     def rank(p: float) -> int:
-        return int(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)])
+        return int(np.searchsorted(cumulative, max(1, math.ceil(p / 100 * total))))
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": int(ordered[-1])}
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": int(np.flatnonzero(counts)[-1])}
 
 
 def prepare_stats(corpus: RawCorpus, prepared: PreparedCorpus) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ from pipeline.config import SPLITS
 from pipeline.data.arrow_text import read_texts
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, read_json_object, write_json
-from pipeline.network.encoded import EncodedSplit, EncodedSplitWriter, id_dtype
+from pipeline.network.encoded import EncodedSplit, EncodedSplitWriter, flatten_ids, id_dtype
 from pipeline.network.tokenization import UNK_ID, encode_texts, load_tokenizer
 from pipeline.paths import PROCESSED_DIR
 
@@ -78,17 +78,39 @@ class ProcessedData:
         return int(self.meta["pairs"][split])
 
 
+# A batch of encoded pairs, flat: (source ids, source lengths, target ids, target lengths).
+FlatBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# Split name -> its encoded batches in order: how an engine encodes (in this process, or Ray Data's actors).
+SplitEncoder = Callable[[str], Iterable[FlatBatch]]
+
+
+def local_encoder(prepared: PreparedData, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer) -> SplitEncoder:
+    """Encode in this process, one Arrow batch of data/prepared at a time."""
+    dtype = id_dtype(max(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size()))
+
+    def encode(split: str) -> Iterator[FlatBatch]:
+        for sources, targets in prepared.text_batches(split):
+            src = flatten_ids(encode_texts(src_tokenizer, sources), dtype)
+            tgt = flatten_ids(encode_texts(tgt_tokenizer, targets), dtype)
+            yield src[0], src[1], tgt[0], tgt[1]
+
+    return encode
+
+
 def write_processed(
     target: Path,
     prepared: PreparedData,
     src_tokenizer: Tokenizer,
     tgt_tokenizer: Tokenizer,
     meta: dict[str, Any],
+    encoder: SplitEncoder | None = None,
 ) -> dict[str, Any]:
-    """Encode every split of `prepared` into a temporary folder that replaces `target` once complete.
+    """Encode every split of `prepared` into a temporary folder that replaces `target` once complete;
+    `encoder` (default: `local_encoder`) gives each split's encoded batches in order.
 
     Returns the meta.json written: `meta` plus the id dtype and, per split, pairs and unk rates.
     """
+    encoder = encoder or local_encoder(prepared, src_tokenizer, tgt_tokenizer)
     vocab = max(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size())
     dtype = id_dtype(vocab)
     meta = {**meta, "id_dtype": dtype.name, "pairs": {}, "unk_rate": {}}
@@ -99,10 +121,8 @@ def write_processed(
             writer = EncodedSplitWriter(tmp / ENCODED_DIR / name, dtype)
             unknown = np.zeros(2, dtype=np.int64)
             tokens = np.zeros(2, dtype=np.int64)
-            for sources, targets in prepared.text_batches(name):
-                written = writer.append(
-                    encode_texts(src_tokenizer, sources), encode_texts(tgt_tokenizer, targets)
-                )
+            for batch in encoder(name):
+                written = writer.append_flat(*batch)
                 unknown += [np.count_nonzero(ids == UNK_ID) for ids in written]
                 tokens += [len(ids) for ids in written]
             meta["pairs"][name] = writer.close()

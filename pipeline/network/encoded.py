@@ -100,6 +100,13 @@ def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
     return flat, offsets
 
 
+def flatten_ids(sequences: Sequence[Sequence[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(ids end to end as `dtype`, length of each sequence)."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.fromiter((t for s in sequences for t in s), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
 class EncodedSplitWriter:
     """Appends batches of encoded pairs to a split folder; memory stays at one batch plus 8 bytes per pair
     of lengths (the offsets are written at the end)."""
@@ -119,12 +126,19 @@ class EncodedSplitWriter:
         """Add pairs; returns the flat source and target ids just written (e.g. to count <unk>)."""
         if len(src) != len(tgt):
             raise ValueError(f"{len(src)} source but {len(tgt)} target sequences")
+        return self.append_flat(*flatten_ids(src, self.dtype), *flatten_ids(tgt, self.dtype))
+
+    def append_flat(
+        self, src_ids: np.ndarray, src_lengths: np.ndarray, tgt_ids: np.ndarray, tgt_lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`append` for pairs already flat: ids end to end and a length per sentence, per side."""
+        if len(src_lengths) != len(tgt_lengths):
+            raise ValueError(f"{len(src_lengths)} source but {len(tgt_lengths)} target sequences")
         written = []
-        for side, sequences in (("src", src), ("tgt", tgt)):
-            lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-            flat = np.fromiter((t for s in sequences for t in s), dtype=self.dtype, count=int(lengths.sum()))
+        for side, flat, lengths in (("src", src_ids, src_lengths), ("tgt", tgt_ids, tgt_lengths)):
+            flat = np.asarray(flat, dtype=self.dtype)
             self._ids[side].append(flat)
-            self._lengths[side].append(lengths)
+            self._lengths[side].append(np.asarray(lengths, dtype=np.int64))
             written.append(flat)
         return written[0], written[1]
 

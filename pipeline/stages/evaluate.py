@@ -94,7 +94,7 @@ def _log_to_train_run(metrics: dict[str, float | int | str]) -> None:
     train_run = read_train_run()
     if train_run is not None:
         from pipeline.tracking import store
-        from pipeline.tracking.candidate import metric_tag
+        from pipeline.tracking.lineage import metric_tag
 
         run_id = train_run.mlflow_run_id
         named = {metric_tag(key): value for key, value in metrics.items()}

@@ -9,6 +9,7 @@ so memory stays bounded whatever its size and nothing is replaced unless the who
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pipeline import paths
@@ -25,12 +26,23 @@ def run(config: PipelineConfig) -> None:
     corpus = load_corpus(config.data)
     with outputs_together():  # data/prepared and its statistics: all new, or all as they were
         with atomic_dir(paths.PREPARED_DIR) as folder:
-            prepared = clean_corpus(corpus, config.data, folder)
+            prepared = _clean(corpus, config, folder)
             write_corpus_info(folder, corpus, prepared.pairs)
         stats = prepare_stats(corpus, prepared)
         write_json(paths.PREPARE_STATS, stats)
         write_json(paths.PREPARE_METRICS, headline_metrics(stats))
     logger.info(_summary(corpus, prepared))
+
+
+def _clean(corpus: RawCorpus, config: PipelineConfig, folder: Path) -> PreparedCorpus:
+    """The cleaning policy, by the engine `data.engine` names: the same files either way."""
+    if config.data.engine == "local":
+        return clean_corpus(corpus, config.data, folder)
+    from pipeline.data.ray_prepare import clean_corpus_ray  # Ray only when asked for
+    from pipeline.training.ray_session import ray_session
+
+    with ray_session():
+        return clean_corpus_ray(corpus, config.data, folder)
 
 
 def headline_metrics(stats: dict[str, Any]) -> dict[str, Any]:

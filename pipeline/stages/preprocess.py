@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer
 from pipeline import paths
 from pipeline.config import PipelineConfig, PreprocessConfig
 from pipeline.data.prepared import PreparedData, load_prepared
-from pipeline.data.processed import write_processed
+from pipeline.data.processed import SplitEncoder, write_processed
 from pipeline.network.tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,28 @@ SAMPLE_SEED = 0  # the tokenizer sample is a property of the data, not of any ot
 def run(config: PipelineConfig) -> None:
     prepared = load_prepared(paths.PREPARED_DIR, config.data)
     src_tokenizer, tgt_tokenizer = train_tokenizers(prepared, config.preprocess)
-    meta = write_processed(
+    with _encoder(config, prepared, src_tokenizer, tgt_tokenizer) as encoder:
+        meta = _write(config, prepared, src_tokenizer, tgt_tokenizer, encoder)
+    logger.info(
+        "%s tokenizers (vocab src %d, tgt %d%s) -> %s; test unk rate src %.2f%%, tgt %.2f%%",
+        config.preprocess.tokenizer,
+        meta["src_vocab_size"],
+        meta["tgt_vocab_size"],
+        ", joint" if config.preprocess.joint_vocab else "",
+        paths.PROCESSED_DIR,
+        100 * meta["unk_rate"]["test"]["src"],
+        100 * meta["unk_rate"]["test"]["tgt"],
+    )
+
+
+def _write(
+    config: PipelineConfig,
+    prepared: PreparedData,
+    src_tokenizer: Tokenizer,
+    tgt_tokenizer: Tokenizer,
+    encoder: SplitEncoder | None,
+) -> dict:
+    return write_processed(
         paths.PROCESSED_DIR,
         prepared,
         src_tokenizer,
@@ -44,17 +66,23 @@ def run(config: PipelineConfig) -> None:
             "tokenizer_sample": config.preprocess.tokenizer_sample,
             "hub": prepared.hub,  # carried forward: the training run logs it as its dataset's source
         },
+        encoder,
     )
-    logger.info(
-        "%s tokenizers (vocab src %d, tgt %d%s) -> %s; test unk rate src %.2f%%, tgt %.2f%%",
-        config.preprocess.tokenizer,
-        meta["src_vocab_size"],
-        meta["tgt_vocab_size"],
-        ", joint" if config.preprocess.joint_vocab else "",
-        paths.PROCESSED_DIR,
-        100 * meta["unk_rate"]["test"]["src"],
-        100 * meta["unk_rate"]["test"]["tgt"],
-    )
+
+
+@contextmanager
+def _encoder(
+    config: PipelineConfig, prepared: PreparedData, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer
+) -> Iterator[SplitEncoder | None]:
+    """Who encodes, by `data.engine`: this process (None: write_processed's default) or Ray Data's actors."""
+    if config.data.engine == "local":
+        yield None
+        return
+    from pipeline.data.ray_encode import ray_encoder  # Ray only when asked for
+    from pipeline.training.ray_session import ray_session
+
+    with ray_session():
+        yield ray_encoder(prepared, src_tokenizer, tgt_tokenizer)
 
 
 def train_tokenizers(prepared: PreparedData, config: PreprocessConfig) -> tuple[Tokenizer, Tokenizer]:

@@ -149,12 +149,6 @@ def stage_model_dir(source: Path, settings: EvaluateConfig, staging: Path) -> Pa
 # ---------------------------------------------------------------------------------------------------------
 
 
-def metric_tag(key: str) -> str:
-    """bleu -> test_bleu, test_loss stays, and so do the decoding settings chosen on the validation split
-    (length_penalty, validation_bleu_length_penalty_*): the names evaluate logs to the train run."""
-    return key if key.startswith(("test", "validation_", "length_penalty")) else f"test_{key}"
-
-
 def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]:
     model = candidate.model_config
     tags = {
@@ -174,7 +168,7 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
     settings = settings_in_use(model.get("model", {}))
     tags.update({f"model.{key}": str(value) for key, value in settings.items()})
     tags.update({f"decoding.{key}": str(value) for key, value in candidate.decoding.items()})
-    tags.update({metric_tag(key): str(value) for key, value in candidate.metrics.items()})
+    tags.update({lineage.metric_tag(key): str(value) for key, value in candidate.metrics.items()})
     run = candidate.train_run
     if run is not None:
         tags.update({"train.ray_run_name": run.ray_run_name, "train.mlflow_run_id": run.mlflow_run_id})

@@ -173,3 +173,9 @@ def config_params(config: PipelineConfig, sections: tuple[str, ...]) -> dict[str
     for section in sections:
         params.update(flatten(section, dumped[section]))
     return {key: str(value)[:6000] for key, value in params.items()}
+
+
+def metric_tag(key: str) -> str:
+    """bleu -> test_bleu, test_loss stays, and so do the decoding settings chosen on the validation split
+    (length_penalty, validation_bleu_length_penalty_*): the names evaluate logs to the train run."""
+    return key if key.startswith(("test", "validation_", "length_penalty")) else f"test_{key}"

@@ -1,0 +1,160 @@
+"""`translate --input FILE_OR_DIR --output PATH`: a file (or a folder of files, in name order) translated by
+a pool of model actors on Ray Data, one GPU each where the cluster has GPUs, else CPU actors.
+
+    read lines (one task, on this node, where the input is) -> blocks of `max_sentences` lines
+    -> map_batches(TranslatorActor) on every node -> lines written in input order, as they come
+
+The input is cut into the very chunks `translate` cuts stdin into, and each actor runs the same
+`Translator.translate` on a chunk, so the output equals `translate < FILE` line for line; on a GPU the
+Translator cuts each chunk into batches by padded tokens. Nothing holds the file: the driver writes each
+block once it is next in order, into a temporary file renamed to PATH at the end. The model folder goes to
+the actors through Ray's object store, so nodes need no shared disk. Run it on a cluster as a Ray job:
+`python -m pipeline submit -- python -m pipeline translate --input ... --output ...`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from pipeline.data.folder_source import read_lines
+from pipeline.data.ray_blocks import (
+    actor_pool,
+    ordered_execution,
+    read_stream,
+    task_errors_as_pipeline_errors,
+)
+from pipeline.errors import PipelineError
+from pipeline.network.translator import InputBounds
+
+logger = logging.getLogger(__name__)
+
+
+def input_files(path: Path) -> list[Path]:
+    """The file itself, or a folder's visible regular files in name order."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if files:
+            return files
+        raise PipelineError(f"--input {path}: the folder holds no files to translate")
+    raise PipelineError(f"--input {path}: no such file or folder")
+
+
+def _read_chunks(files: list[Path], chunk: int) -> Callable[[], Iterator[pa.Table]]:
+    """The read task: every file's lines end to end (strict UTF-8; a bad byte names file and line), in
+    tables of `chunk` lines, numbered from 1 across files as `translate` numbers stdin lines."""
+
+    def read() -> Iterator[pa.Table]:
+        lines: list[str] = []
+        first = 1
+        for path in files:
+            for _, text in read_lines(path):
+                lines.append(text)
+                if len(lines) == chunk:
+                    yield pa.table({"number": range(first, first + chunk), "text": lines})
+                    first, lines = first + chunk, []
+        if lines:
+            yield pa.table({"number": range(first, first + len(lines)), "text": lines})
+
+    return read
+
+
+class TranslatorActor:
+    """One model, loaded once from the folder's files, translating a chunk of lines per call."""
+
+    def __init__(
+        self, files: dict[str, bytes], device: str, beam_size: int | None, bounds: InputBounds
+    ) -> None:
+        import torch
+
+        from pipeline.network.translator import Translator
+
+        if device == "cpu":  # one thread per actor: the actors are the parallelism, and threads would fight
+            torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in files.items():
+                Path(folder, name).write_bytes(data)
+            self.translator = Translator.from_dir(folder, device=device, bounds=bounds)
+        self.beam_size = beam_size
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        texts = block.column("text").to_pylist()
+        first = block.column("number")[0].as_py() if block.num_rows else 1
+        out = self.translator.translate(texts, beam_size=self.beam_size, unit="line", first_number=first)
+        # One line per input, always: a stray newline in an output would shift every later line.
+        return pa.table({"translation": [" ".join(text.splitlines()) for text in out]})
+
+
+def model_files(model: str) -> dict[str, bytes]:
+    """The model folder's files, from a folder or an MLflow models:/ URI, checked by loading it once."""
+    from pipeline.network.model_files import load_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if model.startswith("models:/"):
+            from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
+            from pipeline.tracking.store import download_model_dir
+
+            folder = download_model_dir(model, Path(tmp), MODEL_DIR_ARTIFACT)
+        else:
+            folder = Path(model)
+        load_model_dir(folder)  # a bad folder fails here, with the file at fault, not in every actor
+        return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def translate_file(
+    source: Path,
+    output: Path,
+    model: str,
+    beam_size: int | None = None,
+    actors: int | None = None,
+    bounds: InputBounds | None = None,
+) -> int:
+    """Translate `source` into `output` on the connected Ray cluster; returns the lines written."""
+    bounds = bounds or InputBounds.resolve()
+    files = input_files(source)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        pool = actors or gpus
+        options = {"compute": ray.data.ActorPoolStrategy(size=pool), "num_gpus": 1, "num_cpus": 0}
+    else:
+        pool, options = actor_pool(actors)
+    logger.info("translating %s with %d %s actor(s) -> %s", source, pool, "GPU" if gpus else "CPU", output)
+    settings = {"device": "cuda" if gpus else "cpu", "beam_size": beam_size, "bounds": bounds}
+    # Inside the context: a dataset keeps the Ray Data settings of the moment it is made.
+    with ordered_execution(), task_errors_as_pipeline_errors():
+        lines = read_stream(_read_chunks(files, bounds.max_sentences), "ReadLines", bounds.max_sentences)
+        translated = lines.map_batches(
+            TranslatorActor,
+            fn_constructor_args=(model_files(model),),
+            fn_constructor_kwargs=settings,
+            batch_format="pyarrow",
+            batch_size=bounds.max_sentences,
+            **options,
+        )
+        return _write_in_order(translated, output)
+
+
+def _write_in_order(translated: ray.data.Dataset, output: Path) -> int:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    written = 0
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as sink:
+            for batch in translated.iter_batches(batch_format="pyarrow", batch_size=None):
+                for text in batch.column("translation").to_pylist():
+                    sink.write(text + "\n")
+                written += batch.num_rows
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("%d lines -> %s", written, output)
+    return written

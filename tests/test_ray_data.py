@@ -1,0 +1,202 @@
+"""The Ray Data engine against the local one, and batch translation against `translate` on stdin, on one
+real local Ray instance shared by the module.
+
+The corpus is small, so blocks are made small too: several map tasks, actors and group-by partitions
+take part, as they do at scale.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, working_directory, write_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance", "one_torch_thread", "small_blocks")]
+
+OUTPUTS = ("data/prepared", "data/processed", "reports/prepare_stats.json", "reports/prepare_metrics.json")
+
+
+@pytest.fixture(scope="module")
+def small_blocks() -> object:
+    from pipeline.data import ray_encode, ray_prepare
+
+    saved = ray_prepare.BLOCK_ROWS, ray_encode.BLOCK_ROWS
+    ray_prepare.BLOCK_ROWS = ray_encode.BLOCK_ROWS = 64
+    yield
+    ray_prepare.BLOCK_ROWS, ray_encode.BLOCK_ROWS = saved
+
+
+def messy_corpus(folder: Path) -> Path:
+    """train.tsv with exact and whitespace-only duplicates, pairs also in test, empty, too long and
+    badly proportioned pairs; test.tsv given, validation carved."""
+    from pipeline.data.builtin_corpus import iter_corpus
+
+    pairs = list(iter_corpus(400, seed=3))
+    test = pairs[:30]
+    train = list(pairs[30:])
+    train += pairs[40:80]  # exact duplicates, later: the first occurrence is kept
+    train += [
+        (f"  {src}\u00a0", tgt.replace(" ", "  ")) for src, tgt in pairs[100:120]
+    ]  # same after cleaning
+    train += pairs[5:25]  # in the test split
+    train += [("", "x"), ("word", "")] + [("a " * 80, "b " * 80), ("one", "one two three four five six")]
+    train = [train[(i * 37) % len(train)] for i in range(len(train))]  # interleave (37 is coprime)
+    folder.mkdir()
+    for name, rows in (("train", train), ("test", test)):
+        lines = ["en\tart"] + [f"{src}\t{tgt}" for src, tgt in rows]
+        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def run_data_stages(project: Path, source: str, engine: str) -> None:
+    from pipeline.params_file import load_config
+    from pipeline.stages import prepare, preprocess
+
+    project.mkdir(exist_ok=True)
+    write_params(project, deep_merge(TINY_PARAMS, {"data": {"source": source, "engine": engine}}))
+    with working_directory(project):
+        config = load_config("params.yaml")
+        prepare.run(config)
+        preprocess.run(config)
+
+
+def different_files(a: Path, b: Path) -> list[str]:
+    """Paths under OUTPUTS whose bytes differ between projects a and b (or exist in one only)."""
+    names = {
+        path.relative_to(root)
+        for root in (a, b)
+        for output in OUTPUTS
+        for path in ([root / output] if (root / output).is_file() else (root / output).rglob("*"))
+        if path.is_file()
+    }
+    return sorted(
+        str(n) for n in names if not ((a / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes())
+    )
+
+
+@pytest.fixture(scope="module")
+def engine_projects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("engines")
+    corpus = messy_corpus(root / "corpus")
+    run_data_stages(root / "local", str(corpus), "local")
+    run_data_stages(root / "ray", str(corpus), "ray")
+    return root / "local", root / "ray"
+
+
+def test_engines_write_the_same_pairs_splits_ids_and_reports(engine_projects: tuple[Path, Path]) -> None:
+    import json
+
+    local, ray_project = engine_projects
+    assert different_files(local, ray_project) == []
+    stats = json.loads((ray_project / "reports/prepare_stats.json").read_text())
+    dropped = stats["dropped"]["train"]
+    assert dropped["duplicate"] >= 60 and dropped["in_eval_split"] == 20, dropped
+    assert dropped["empty"] == 2 and dropped["too_long"] == 1 and dropped["length_ratio"] == 1, dropped
+    assert stats["carved"] == {"validation": True, "test": False}
+
+
+def own_ray_environment() -> dict[str, str]:
+    """This environment minus what would send a subprocess to the module's Ray: it starts its own."""
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def prepare_stderr(project: Path, engine: str) -> tuple[int, str]:
+    write_params(project, {"data": {"source": str(project / "corpus"), "engine": engine, "src_lang": "de"}})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-q", "prepare"],
+        cwd=project,
+        env=own_ray_environment(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return done.returncode, done.stderr
+
+
+def test_a_bad_line_gives_the_local_engines_one_line_error(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [f"line {i}" for i in range(300)]
+    (corpus / "train.de").write_bytes("\n".join(good).encode() + b"\n")
+    (corpus / "train.art").write_bytes(
+        "\n".join(good[:250]).encode() + b"\nbad \xff byte\n" + "\n".join(good[251:]).encode() + b"\n"
+    )
+    local_code, local_err = prepare_stderr(tmp_path, "local")
+    ray_code, ray_err = prepare_stderr(tmp_path, "ray")
+    expected = f"error: {corpus / 'train.art'}:251: invalid UTF-8"
+    assert local_code == ray_code == 2
+    error_lines = [line for line in ray_err.splitlines() if line.startswith("error:")]
+    assert error_lines == [line for line in local_err.splitlines() if line.startswith("error:")]
+    assert error_lines[0].startswith(expected), error_lines
+    assert "Traceback" not in ray_err, ray_err[-3000:]
+    assert not (tmp_path / "data/prepared").exists()
+
+
+# ------------------------------------------------------------------------------------------ batch translation
+
+
+@pytest.fixture(scope="module")
+def model_dir(engine_projects: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from benchmarks.ray_data import random_model_dir
+
+    return random_model_dir(
+        engine_projects[1] / "data/processed", tmp_path_factory.mktemp("model") / "models"
+    )
+
+
+def stdin_translation(model: Path, text: bytes, capsys: pytest.CaptureFixture, monkeypatch) -> str:
+    from pipeline.__main__ import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
+    assert main(["-q", "translate", "--model", str(model), "--max-sentences", "25"]) == 0
+    return capsys.readouterr().out
+
+
+def test_batch_translation_keeps_order_and_equals_stdin(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.__main__ import main
+    from pipeline.data.builtin_corpus import iter_corpus
+
+    sources = [src for src, _ in iter_corpus(120, seed=9)]
+    sources[7], sources[60] = "", "  odd\u00a0 spacing\tand   runs "  # empty lines translate to empty lines
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (folder / "a.txt").write_text("\n".join(sources[:70]) + "\n", encoding="utf-8")
+    (folder / "b.txt").write_text("\n".join(sources[70:]) + "\n", encoding="utf-8")
+    args = ["-q", "translate", "--model", str(model_dir), "--max-sentences", "25", "--actors", "2"]
+    assert main([*args, "--input", str(folder), "--output", str(tmp_path / "out.txt")]) == 0
+    batch = (tmp_path / "out.txt").read_text(encoding="utf-8")
+    expected = stdin_translation(model_dir, ("\n".join(sources) + "\n").encode(), capsys, monkeypatch)
+    assert batch.count("\n") == len(sources)
+    assert batch == expected
+    assert batch.splitlines()[7] == ""
+
+
+def test_batch_translation_names_the_bad_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.__main__ import main
+
+    (tmp_path / "in.txt").write_bytes(b"one\ntwo\nth\xffree\n")
+    code = main(
+        [
+            "-q",
+            "translate",
+            "--model",
+            str(model_dir),
+            "--input",
+            str(tmp_path / "in.txt"),
+            "--output",
+            str(tmp_path / "out.txt"),
+        ]
+    )
+    assert code == 2
+    assert f"error: {tmp_path / 'in.txt'}:3: invalid UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "out.txt").exists()
