@@ -141,7 +141,7 @@ def _champion_score(
         return gate.ChampionScore(number, candidate.bleu, rescored=False)
     champion = store.get_model_version(name, number)
     metric = gate.gate_metric(candidate.lowercases, champion.tags.get(candidates.TAG_LOWERCASE) == "true")
-    own_tag = candidates.metric_tag(metric)
+    own_tag = lineage.metric_tag(metric)
     if champion.tags.get(candidates.TAG_TEST_HASH) == candidate.test_hash and own_tag in champion.tags:
         return gate.ChampionScore(number, float(champion.tags[own_tag]), rescored=False, metric=metric)
     cache_tag = f"{RESCORED_TAG_PREFIX}{candidate.test_hash[:16]}" + ("_lc" if metric == "bleu_lc" else "")
