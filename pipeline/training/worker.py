@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -242,9 +243,8 @@ def train_worker(loop_config: dict[str, TrainLoop]) -> None:
         if loop.train.average_last > 1:
             state.keep_weights(worker.bare_model, loop.train.average_last)
         if worker.rank == 0 and not quiet():  # Train V2 prints no reported metrics: the stage's heartbeat
-            # A log record, not print(): Train V2 patches print() to log *and* echo, which showed every
-            # line twice; its logging configuration forwards a record to the driver once.
-            logger.info(epoch_line(metrics, loop.epochs, time.perf_counter() - run_started, epochs_this_run))
+            line = epoch_line(metrics, loop.epochs, time.perf_counter() - run_started, epochs_this_run)
+            _heartbeat(line)
         if worker.epoch_logger is not None:
             worker.epoch_logger.log(metrics, step=epoch)
         worker.checkpointer.save(state, metrics)
@@ -257,6 +257,14 @@ def train_worker(loop_config: dict[str, TrainLoop]) -> None:
                     state.stale_epochs,
                 )
             break
+
+
+def _heartbeat(line: str) -> None:
+    """One line on the worker's stderr, which Ray forwards to the driver's console. Not print(): Train V2
+    patches print() to log *and* echo, which showed every line twice; and not a log record, which depends
+    on how Ray Train set up the worker's logging (a run was seen where no record reached the console)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _train_epoch(worker: Worker, config: TrainConfig, epoch: int) -> None:
