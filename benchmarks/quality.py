@@ -1,6 +1,7 @@
 """Quality on real text: each architecture's Multi30k recipe through the pipeline's own stages, one table.
 
     python -m benchmarks.quality [--archs gru,gru_attention,transformer] [--data ../shared/data/multi30k]
+                                 [--set KEY=VALUE ...] [--decode "KEY=VALUE KEY=VALUE" ...]
                                  [--out quality.json]                             # from the project root
 
 For each architecture: a fresh folder with params.yaml, `set-params --recipe recipes/multi30k-<arch>.yaml
@@ -9,6 +10,11 @@ the recipes: it only records the recipe's settings). The transformer takes its C
 (`multi30k-transformer-cpu.yaml`) unless `--full-transformer`. Printed beside the published figures on
 the same test set (Multi30k test2016 de->en, lowercase BLEU). Runs Ray locally: nothing else may start a
 local Ray on this machine meanwhile.
+
+Ablations: `--set` changes a setting for every run after the recipe (a training-side row, e.g.
+`--set preprocess.byte_fallback=false`); each `--decode` re-runs only evaluate on the same trained model
+with other settings (a decoding-side row, e.g. `--decode evaluate.length_penalty=0.6`), so a decoding
+change is measured on identical weights.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,7 +51,10 @@ PUBLISHED = {
 }
 
 
-def run_recipe(arch: str, recipe: Path, data: Path, keep: Path | None) -> dict[str, Any]:
+def run_recipe(
+    arch: str, recipe: Path, data: Path, keep: Path | None, overrides: list[str], decodes: list[list[str]]
+) -> list[dict[str, Any]]:
+    """The recipe's row, then one row per decoding variant evaluated on the same weights."""
     folder = Path(tempfile.mkdtemp(prefix=f"quality-{arch}-"))
     shutil.copy(REPO_ROOT / "params.yaml", folder / "params.yaml")
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -59,7 +69,7 @@ def run_recipe(arch: str, recipe: Path, data: Path, keep: Path | None) -> dict[s
         if done.returncode:
             raise SystemExit(f"{arch}: {' '.join(arguments)} failed (exit {done.returncode}); see {log}")
 
-    pipeline("set-params", "--recipe", str(recipe), f"data.source={data.resolve()}")
+    pipeline("set-params", "--recipe", str(recipe), f"data.source={data.resolve()}", *overrides)
     seconds: dict[str, float] = {}
     for stage in STAGES:
         started = time.perf_counter()
@@ -67,27 +77,41 @@ def run_recipe(arch: str, recipe: Path, data: Path, keep: Path | None) -> dict[s
         seconds[stage] = time.perf_counter() - started
         print(f"  {arch}: {stage} {seconds[stage]:.0f} s", flush=True)
     reports = folder / "reports"
-    metrics = json.loads((reports / "metrics.json").read_text())
     trained = json.loads((reports / "train_metrics.json").read_text())
     with (reports / "train_history.csv").open(encoding="utf-8") as handle:
         history = list(csv.DictReader(handle))
-    result = {
+    trained_result = {
         "arch": arch,
         "recipe": recipe.name,
+        "settings": " ".join(overrides) or "recipe",
         "parameters": trained["parameters"],
         "epochs": len(history),
         "wall_seconds": sum(seconds.values()),
         "stage_seconds": seconds,
         "train_tokens_per_sec": statistics.median(float(row["tokens_per_sec"]) for row in history),
-        "bleu": metrics["bleu"],
-        "bleu_lc": metrics["bleu_lc"],
-        "chrf": metrics["chrf"],
         "history": history,
     }
+    results = [{**trained_result, **_test_scores(reports)}]
     if keep is not None:
-        shutil.copytree(folder / "reports", keep / arch, dirs_exist_ok=True)
+        shutil.copytree(reports, keep / arch, dirs_exist_ok=True)
+    base_params = (folder / "params.yaml").read_text()
+    for decode in decodes:
+        (folder / "params.yaml").write_text(base_params)  # each variant starts from the trained settings
+        pipeline("set-params", *decode)
+        pipeline("evaluate")
+        settings = " ".join([*overrides, *decode])
+        results.append({**trained_result, **_test_scores(reports), "settings": settings, "decode_only": True})
+        print(f"  {arch}: {settings}: lowercase BLEU {results[-1]['bleu_lc']:.1f}", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    return result
+    return results
+
+
+def _test_scores(reports: Path) -> dict[str, Any]:
+    metrics = json.loads((reports / "metrics.json").read_text())
+    scores = {key: metrics[key] for key in ("bleu", "bleu_lc", "chrf")}
+    # With evaluate.length_penalty_search, the length penalty chosen on the validation split.
+    scores["length_penalty"] = metrics.get("length_penalty")
+    return scores
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -109,6 +133,7 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "architecture": result["arch"],
         "recipe": result["recipe"],
+        "settings": result["settings"] + (" (same weights)" if result.get("decode_only") else ""),
         "parameters M": result["parameters"] / 1e6,
         "epochs": result["epochs"],
         "train min": result["stage_seconds"]["train"] / 60,
@@ -117,6 +142,7 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
         "test BLEU": result["bleu"],
         "lowercase BLEU": result["bleu_lc"],
         "chrF": result["chrf"],
+        "length penalty": result["length_penalty"],
         "published lowercase BLEU": PUBLISHED[result["arch"]],
     }
 
@@ -125,7 +151,8 @@ def curve_note(result: dict[str, Any]) -> str:
     """The run's learning curve, which one final figure does not show."""
     bleu = ", ".join(_figure(row.get("val_bleu"), ".1f") for row in result["history"])
     seconds = ", ".join(_figure(row.get("epoch_seconds"), ".0f") for row in result["history"])
-    return f"{result['arch']}: validation BLEU (greedy) by epoch {bleu}; epoch seconds {seconds}"
+    label = f"{result['arch']} ({result['settings']})"
+    return f"{label}: validation BLEU (greedy) by epoch {bleu}; epoch seconds {seconds}"
 
 
 def _figure(value: str | None, spec: str) -> str:
@@ -139,6 +166,21 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder (train/val/test)")
     parser.add_argument("--full-transformer", action="store_true", help="the GPU recipe, not the CPU one")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting after the recipe, for every run (repeatable)",
+    )
+    parser.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="re-run evaluate on the trained model with these settings, one row each (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     parser.add_argument("--keep-reports", type=Path, default=None, help="copy each run's reports/ here")
     args = parser.parse_args()
@@ -153,9 +195,12 @@ def main() -> None:
         name = (
             "multi30k-transformer.yaml" if arch == "transformer" and args.full_transformer else RECIPES[arch]
         )
-        results.append(run_recipe(arch, REPO_ROOT / "recipes" / name, args.data, args.keep_reports))
+        decodes = [shlex.split(variant) for variant in args.decode]
+        recipe = REPO_ROOT / "recipes" / name
+        results += run_recipe(arch, recipe, args.data, args.keep_reports, args.overrides, decodes)
         if args.out:  # after each architecture: a run of hours keeps what it has measured
-            rows, notes = [table_row(r) for r in results], [curve_note(r) for r in results]
+            rows = [table_row(r) for r in results]
+            notes = [curve_note(r) for r in results if not r.get("decode_only")]
             write_result(args.out, "quality", rows, notes)
     print_table(results)
 
