@@ -10,7 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.network.batching import source_tensor
 from pipeline.network.model import Seq2Seq, build_model, count_parameters, select_rows, select_state
 from pipeline.network.tokenization import BOS_ID, PAD_ID
-from pipeline.network.transformer import DecoderCache, TransformerMemory
+from pipeline.network.transformer import CACHE_GROWTH, DecoderCache, TransformerMemory
 from tests.seq2seq_toys import TINY, VOCAB_SIZE, random_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,7 +37,7 @@ def _target_in(targets: list[list[int]], width: int) -> torch.Tensor:
     return _padded([[BOS_ID, *target] for target in targets], width, PAD_ID)
 
 
-def test_encode_gives_the_cross_attention_memory_and_an_empty_cache_that_grows_one_step_at_a_time() -> None:
+def test_encode_gives_the_cross_attention_memory_and_an_empty_cache_that_grows_in_place() -> None:
     model = _transformer(n_layers=2)
     src, lengths = source_tensor([[4, 5, 6], [7, 8, 9, 10, 11]])
     with torch.inference_mode():
@@ -48,8 +48,14 @@ def test_encode_gives_the_cross_attention_memory_and_an_empty_cache_that_grows_o
         assert cache.keys.shape == cache.values.shape == (2, 2, 4, 0, 8)  # [L,B,h,t,d_k]
         logits, cache = model.decode_step(torch.full((2,), BOS_ID), cache, memory)
         logits, cache = model.decode_step(logits.argmax(-1), cache, memory)
+        assert cache.length == 2 and cache.keys.shape == (2, 2, 4, 2 + CACHE_GROWTH, 8)
+        buffers = cache.keys.data_ptr(), cache.values.data_ptr()
+        for _ in range(CACHE_GROWTH):  # the room made at step 2: each step writes into it, no new buffers
+            logits, cache = model.decode_step(logits.argmax(-1), cache, memory)
+            assert (cache.keys.data_ptr(), cache.values.data_ptr()) == buffers
+        logits, cache = model.decode_step(logits.argmax(-1), cache, memory)  # full: larger buffers
     assert logits.shape == (2, VOCAB_SIZE)
-    assert cache.keys.shape == (2, 2, 4, 2, 8) and cache.length == 2
+    assert cache.length == 3 + CACHE_GROWTH and cache.keys.size(3) > cache.length
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

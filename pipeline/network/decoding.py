@@ -68,11 +68,9 @@ def next_token_log_probs(logits: Tensor, at_limit: Tensor) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs[:, PAD_ID] = float("-inf")
     log_probs[:, BOS_ID] = float("-inf")
-    if bool(at_limit.any()):
-        eos = log_probs[:, EOS_ID].clone()
-        log_probs[at_limit] = float("-inf")
-        log_probs[at_limit, EOS_ID] = eos[at_limit]
-    return log_probs
+    # Masked without asking the host whether any row is at its limit: no device sync.
+    not_eos = torch.arange(log_probs.size(-1), device=log_probs.device) != EOS_ID
+    return log_probs.masked_fill(at_limit.unsqueeze(1) & not_eos, float("-inf"))
 
 
 def greedy_decode(
@@ -138,6 +136,7 @@ class _BeamSearch:
         batch = src.size(0)
         self.limits = torch.tensor(limits, device=self.device)
         self.active = torch.arange(batch, device=self.device)
+        self.active_ids = list(range(batch))  # `active` on the host
         memory, state = model.encode(src, src_lengths)
         rows = torch.arange(batch, device=self.device).repeat_interleave(k)
         self.memory, self.state = select_rows(memory, rows), select_state(state, rows)
@@ -147,21 +146,23 @@ class _BeamSearch:
         self.scores[:, 0] = 0.0
         self.history = torch.zeros((batch, k, 0), dtype=torch.long, device=self.device)
         self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # best first, <= k
-        self.worst_kept = torch.full((batch,), float("-inf"), device=self.device)  # k-th finished, or -inf
+        self.worst_kept = [float("-inf")] * batch  # the k-th finished score, or -inf
 
     def run(self) -> list[list[int]]:
         length = 0
-        while len(self.active):
+        while self.active_ids:
             length += 1  # tokens generated so far, including the one chosen now
             self._step(length)
         return [hypotheses[0][1] if hypotheses else [] for hypotheses in self.finished]
 
     def _step(self, length: int) -> None:
-        k, n_active = self.k, len(self.active)
+        """One token for every live beam. The host reads the device once a step (twice on a step where
+        hypotheses finish, for their tokens): what ended, with which scores, and what still runs."""
+        k, n_active = self.k, len(self.active_ids)
         penalty = ((5.0 + length) / 6.0) ** self.alpha
         logits, self.state = self.model.decode_step(self.tokens, self.state, self.memory)
-        at_limit = (self.limits[self.active] <= length).repeat_interleave(k)
-        log_probs = next_token_log_probs(logits, at_limit)
+        at_limit = self.limits[self.active] <= length
+        log_probs = next_token_log_probs(logits, at_limit.repeat_interleave(k))
         vocab = log_probs.size(-1)
         candidates = (self.scores.unsqueeze(-1) + log_probs.view(n_active, k, vocab)).view(
             n_active, k * vocab
@@ -170,18 +171,17 @@ class _BeamSearch:
         cand_scores, cand_ids = candidates.topk(n_candidates, dim=1)  # best first
         cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
         is_eos = cand_tokens == EOS_ID
-        self._keep_finished(
-            is_eos[:, :k] & torch.isfinite(cand_scores[:, :k]), cand_scores, cand_beams, penalty
-        )
+        hits = is_eos[:, :k] & torch.isfinite(cand_scores[:, :k])
         # The k best candidates that are not </s> go on (there are at least k of the 2k).
         rank_key = is_eos.long() * n_candidates + torch.arange(n_candidates, device=self.device)
         chosen = rank_key.argsort(dim=1)[:, :k]
+        previous_history = self.history
         self.scores = cand_scores.gather(1, chosen)
         beams = cand_beams.gather(1, chosen)
         new_tokens = cand_tokens.gather(1, chosen)
         self.history = torch.cat(
             [
-                self.history.gather(1, beams.unsqueeze(-1).expand(-1, -1, self.history.size(2))),
+                previous_history.gather(1, beams.unsqueeze(-1).expand(-1, -1, previous_history.size(2))),
                 new_tokens.unsqueeze(-1),
             ],
             dim=2,
@@ -189,32 +189,54 @@ class _BeamSearch:
         offsets = (torch.arange(n_active, device=self.device) * k).unsqueeze(1)
         self.state = select_state(self.state, (beams + offsets).view(-1))
         self.tokens = new_tokens.view(-1)
+        # One transfer: per sentence its k hits, their scores and beams, the best live score, the limit.
+        summary = torch.cat(
+            [
+                hits.float(),
+                cand_scores[:, :k],
+                cand_beams[:, :k].float(),
+                self.scores[:, :1],
+                at_limit[:, None],
+            ],
+            dim=1,
+        ).tolist()
+        self._keep_finished(summary, previous_history, penalty)
         # Done: at the length limit (every hypothesis ended there), or no live one can beat the k-th finished.
-        done = (self.limits[self.active] <= length) | (
-            self.scores[:, 0] / penalty <= self.worst_kept[self.active]
-        )
-        if bool(done.any()):
-            self._drop(~done)
+        keep = [
+            position
+            for position, row in enumerate(summary)
+            if not (row[3 * k + 1] or row[3 * k] / penalty <= self.worst_kept[self.active_ids[position]])
+        ]
+        if len(keep) < n_active:
+            self._drop(keep)
 
-    def _keep_finished(self, hits: Tensor, cand_scores: Tensor, cand_beams: Tensor, penalty: float) -> None:
+    def _keep_finished(self, summary: list[list[float]], history: Tensor, penalty: float) -> None:
         """Hypotheses ended by one of the k best candidates being </s>, kept with their penalised score."""
-        found = hits.nonzero().tolist()
+        k = self.k
+        found = [
+            (position, rank, int(row[2 * k + rank]))
+            for position, row in enumerate(summary)
+            for rank in range(k)
+            if row[rank]
+        ]
         if not found:
             return
-        scores, beams, active = cand_scores.tolist(), cand_beams.tolist(), self.active.tolist()
-        for position, rank in found:
-            sentence = active[position]
-            ids = self.history[position, beams[position][rank]].tolist()
+        positions = torch.tensor([position for position, _, _ in found], device=self.device)
+        beams = torch.tensor([beam for _, _, beam in found], device=self.device)
+        all_ids = history[positions, beams].tolist()
+        for (position, rank, _), ids in zip(found, all_ids, strict=True):
+            sentence = self.active_ids[position]
             hypotheses = self.finished[sentence]
-            hypotheses.append((scores[position][rank] / penalty, ids))
+            hypotheses.append((summary[position][k + rank] / penalty, ids))
             hypotheses.sort(key=lambda pair: -pair[0])  # stable: the earlier of equal scores stays first
-            del hypotheses[self.k :]
-            if len(hypotheses) == self.k:
+            del hypotheses[k:]
+            if len(hypotheses) == k:
                 self.worst_kept[sentence] = hypotheses[-1][0]
 
-    def _drop(self, keep: Tensor) -> None:
+    def _drop(self, keep: list[int]) -> None:
         """Only the sentences still searching stay in the batch."""
-        positions = keep.nonzero().squeeze(1)
+        self.active_ids = [self.active_ids[position] for position in keep]
+        positions = torch.tensor(keep, dtype=torch.long, device=self.device)
         rows = (positions.unsqueeze(1) * self.k + torch.arange(self.k, device=self.device)).view(-1)
         self.active = self.active[positions]
         self.scores, self.history = self.scores[positions], self.history[positions]

@@ -150,7 +150,7 @@ def select_state(state: State, index: Tensor) -> State:
     """The decoder state of rows `index` (repeats allowed), the batch being dim 1 of every tensor in it."""
     if isinstance(state, Tensor):
         return state.index_select(1, index)
-    return type(state)(*(field.index_select(1, index) for field in state))
+    return state.select(index)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ padding.
 
 Decoding is incremental. `start` computes each layer's cross-attention keys and values of the source once
 per batch (`TransformerMemory`); the decoder state is a `DecoderCache` of each layer's self-attention keys
-and values of the positions decoded so far, so a step runs the new token only. Under teacher forcing the
+and values of the positions decoded so far, in buffers with room for more, so a step runs the new token only
+and writes its keys and values in place. Under teacher forcing the
 cache starts empty and the whole target runs in one parallel pass.
 
 Shapes: B batch, S source length, T new target positions, t cached positions, L layers, h heads,
@@ -213,14 +214,34 @@ class TransformerMemory(NamedTuple):
     mask: Tensor  # [B,1,1,S] True at real source tokens
 
 
-class DecoderCache(NamedTuple):
-    keys: Tensor  # self-attention keys of the t positions decoded so far, per layer [L,B,h,t,d_k]
-    values: Tensor  # [L,B,h,t,d_k]
+# Positions a cache's buffers grow by when a decoding step needs room (see DecoderCache.with_room).
+CACHE_GROWTH = 16
 
-    @property
-    def length(self) -> int:
-        """t: positions decoded so far, so the next token sits at position t."""
-        return self.keys.size(3)
+
+class DecoderCache(NamedTuple):
+    """Each layer's self-attention keys and values of the `length` positions decoded so far, held at the front
+    of buffers with room for more: a decoding step writes its position in place, where concatenating would
+    copy the whole cache once per layer and again to stack the layers. A cache is consumed by the call it is
+    given to (that call writes into its buffers); use the cache the call returns."""
+
+    keys: Tensor  # [L,B,h,capacity,d_k], positions 0..length-1 filled
+    values: Tensor  # [L,B,h,capacity,d_k]
+    length: int  # t: positions decoded so far, so the next token sits at position t
+
+    def select(self, index: Tensor) -> DecoderCache:
+        """Rows `index` (repeats allowed), as beam search reorders and drops them: one copy per buffer."""
+        return DecoderCache(self.keys.index_select(1, index), self.values.index_select(1, index), self.length)
+
+    def with_room(self, n_new: int) -> DecoderCache:
+        """This cache in buffers that hold n_new more positions; new buffers only when these are full."""
+        needed = self.length + n_new
+        if self.keys.size(3) >= needed:
+            return self
+        shape = (*self.keys.shape[:3], needed + CACHE_GROWTH, self.keys.size(4))
+        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        keys[:, :, :, : self.length] = self.keys[:, :, :, : self.length]
+        values[:, :, :, : self.length] = self.values[:, :, :, : self.length]
+        return DecoderCache(keys, values, self.length)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,18 +263,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         y: Tensor,
-        cached: tuple[Tensor, Tensor],
+        cached: tuple[Tensor, Tensor] | None,
+        n_cached: int,
         source: tuple[Tensor, Tensor],
         source_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """y [B,T,d] at positions t..t+T-1; cached self-attention keys and values [B,h,t,d_k] of positions
-        0..t-1; source cross-attention keys and values [B,h,S,d_k]. Returns y and the self-attention keys and
-        values of positions 0..t+T-1, the cache of the next call."""
+        """y [B,T,d] at positions t..t+T-1 (t = n_cached); source cross-attention keys and values [B,h,S,d_k].
+        `cached`: this layer's self-attention key and value buffers [B,h,capacity,d_k] holding positions
+        0..t-1, into which positions t..t+T-1 are written; None when nothing is cached (t = 0, as under
+        teacher forcing). Returns y and the self-attention keys and values of positions 0..t+T-1."""
         normed = self.norm_self_attention(y)
-        new_keys, new_values = self.self_attention.keys_values(normed)
-        keys = torch.cat([cached[0], new_keys], dim=2)
-        values = torch.cat([cached[1], new_values], dim=2)
-        mask, is_causal = _causal_mask(y.size(1), cached[0].size(2), y.device)
+        keys, values = self.self_attention.keys_values(normed)
+        if cached is not None:
+            end = n_cached + y.size(1)
+            cached[0][:, :, n_cached:end] = keys
+            cached[1][:, :, n_cached:end] = values
+            keys, values = cached[0][:, :, :end], cached[1][:, :, :end]
+        mask, is_causal = _causal_mask(y.size(1), n_cached, y.device)
         y = y + self.dropout(self.self_attention(normed, keys, values, mask, is_causal))
         y = y + self.dropout(self.cross_attention(self.norm_cross_attention(y), *source, source_mask))
         y = y + self.dropout(self.feed_forward(self.norm_feed_forward(y)))
@@ -308,7 +334,7 @@ class TransformerDecoder(nn.Module):
         # The cache takes the projections' dtype (bf16 under autocast), so appending to it never up-casts.
         batch, d_k = outputs.size(0), keys.size(-1)
         empty = keys.new_zeros((len(self.layers), batch, self.n_heads, 0, d_k))
-        return TransformerMemory(keys, values, mask[:, None, None, :]), DecoderCache(empty, empty)
+        return TransformerMemory(keys, values, mask[:, None, None, :]), DecoderCache(empty, empty, 0)
 
     def forward(
         self, tokens: Tensor, cache: DecoderCache, memory: TransformerMemory
@@ -318,12 +344,21 @@ class TransformerDecoder(nn.Module):
         Every position runs in parallel: T = the whole target under teacher forcing, T = 1 when decoding.
         """
         y = self.dropout(embed(self.embedding, tokens, cache.length))
-        layer_keys, layer_values = [], []
+        if cache.length == 0:  # nothing cached: the layers' keys and values become the first cache
+            return self._first_positions(y, memory)
+        cache = cache.with_room(tokens.size(1))
         for index, layer in enumerate(self.layers):
             cached = (cache.keys[index], cache.values[index])
             source = (memory.keys[:, index], memory.values[:, index])
-            y, keys, values = layer(y, cached, source, memory.mask)
+            y, _, _ = layer(y, cached, cache.length, source, memory.mask)
+        return self.W_o(self.norm(y)), cache._replace(length=cache.length + tokens.size(1))
+
+    def _first_positions(self, y: Tensor, memory: TransformerMemory) -> tuple[Tensor, DecoderCache]:
+        layer_keys, layer_values = [], []
+        for index, layer in enumerate(self.layers):
+            source = (memory.keys[:, index], memory.values[:, index])
+            y, keys, values = layer(y, None, 0, source, memory.mask)
             layer_keys.append(keys)
             layer_values.append(values)
         logits = self.W_o(self.norm(y))
-        return logits, DecoderCache(torch.stack(layer_keys), torch.stack(layer_values))
+        return logits, DecoderCache(torch.stack(layer_keys), torch.stack(layer_values), y.size(1))
