@@ -149,7 +149,10 @@ class TrainConfig(_Section):
     pad_multiple: int = Field(1, ge=1, le=128, description="padded lengths are multiples of this")
     average_last: int = Field(1, ge=1, le=100, description="average the weights of the last N epochs")
     lr: float = Field(3e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)  # on weight matrices; never on biases, norms, embeddings
+    weight_decay: float = Field(0.01, ge=0.0)
+    # matrices: weight matrices only, never biases, norms or embeddings (fairseq's and Hugging Face's
+    # practice); all: every parameter, as torch.optim.AdamW does by default.
+    weight_decay_scope: Literal["matrices", "all"] = "matrices"
     adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0)

@@ -178,6 +178,8 @@ def test_weight_decay_skips_biases_norms_and_embeddings() -> None:
     assert all(model.get_parameter(name).ndim == 2 and "embedding" not in name for name in decayed_names)
     optimizer, _ = build_optimizer(model, train_config(adam_beta2=0.98), 10)
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+    everything, none = build_optimizer(model, train_config(weight_decay_scope="all"), 10)[0].param_groups
+    assert len(everything["params"]) == len(list(model.parameters())) and not none["params"]
 
 
 def test_averaging_checkpoints_gives_the_mean_of_their_weights() -> None:

@@ -65,14 +65,15 @@ def lr_factor(total_steps: int, warmup_fraction: float) -> Callable[[int], float
     return factor
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the weight matrices only: not on biases and norms (vectors) nor on embeddings (a
-    tied output projection is the target embedding), as fairseq and Hugging Face's trainers do."""
+def decay_groups(model: torch.nn.Module, weight_decay: float, scope: str = "matrices") -> list[dict]:
+    """Weight decay on the weight matrices only (scope "matrices"): not on biases and norms (vectors) nor
+    on embeddings (a tied output projection is the target embedding), as fairseq and Hugging Face's
+    trainers do; on every parameter with scope "all"."""
     decayed, exempt = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        no_decay = parameter.ndim < 2 or "embedding" in name
+        no_decay = scope == "matrices" and (parameter.ndim < 2 or "embedding" in name)
         (exempt if no_decay else decayed).append(parameter)
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
@@ -84,7 +85,7 @@ def build_optimizer(
     and its warm-up + cosine schedule over `total_steps` updates."""
     on_cuda = device is not None and device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        decay_groups(model, config.weight_decay),
+        decay_groups(model, config.weight_decay, config.weight_decay_scope),
         lr=config.lr,
         betas=(0.9, config.adam_beta2),
         fused=on_cuda or None,
