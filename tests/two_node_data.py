@@ -1,0 +1,61 @@
+"""Run by tests/test_multinode.py in a process of its own: a two-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`), the data stages with `data.engine: ray` and a batch translation on it, and
+which nodes ran their tasks and actors, as JSON on the last line of stdout.
+
+    python -m tests.two_node_data PROJECT MODEL INPUT OUTPUT
+
+A process of its own because a cluster started inside pytest changes process-wide Ray and logging state
+that later Ray runs in the same process would inherit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# Ray Data operators whose tasks or actors must reach both nodes.
+OPERATORS = ("_clean_block", "TokenizerActor", "TranslatorActor")
+
+
+def block_node_ids(name_part: str) -> set[str]:
+    """The nodes whose tasks or actors (Ray's state records) ran an operator named with `name_part`."""
+    from ray.util.state import list_actors, list_tasks
+
+    tasks = list_tasks(limit=10_000, raise_on_missing_output=False)
+    actors = list_actors(limit=10_000, raise_on_missing_output=False)
+    return {task.node_id for task in tasks if name_part in (task.name or "") and task.node_id} | {
+        actor.node_id for actor in actors if name_part in (actor.class_name or "") and actor.node_id
+    }
+
+
+def main(project: Path, model: Path, source: Path, output: Path) -> dict[str, list[str]]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.__main__ import main as pipeline_main
+    from pipeline.data import ray_encode, ray_prepare
+    from tests.test_ray_data import run_data_stages
+
+    # 3 CPUs a node and 4 model actors of 1 CPU each (a pool leaves a CPU per node to the readers): no node
+    # can hold every actor, so both run some. Ray Data spreads actors only as far as free CPUs allow.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    cluster.add_node(num_cpus=3)
+    ray_prepare.BLOCK_ROWS = ray_encode.BLOCK_ROWS = 100  # several blocks from a small corpus
+    try:
+        ray.init(address=cluster.address)
+        nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+        run_data_stages(project, "builtin", "ray")
+        arguments = ["-q", "translate", "--model", str(model), "--max-sentences", "10", "--actors", "4"]
+        if pipeline_main([*arguments, "--input", str(source), "--output", str(output)]) != 0:
+            raise SystemExit("batch translation failed")
+        ran_on = {name: sorted(block_node_ids(name)) for name in OPERATORS}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"nodes": nodes, **ran_on}
+
+
+if __name__ == "__main__":
+    found = main(*(Path(argument) for argument in sys.argv[1:5]))
+    print(json.dumps(found))
