@@ -27,6 +27,7 @@ ORDER = (
     "data_scale",
     "ray_data",
     "quality",
+    "decoding",
     "arch_throughput",
     "gpu_torch",
     "gpu_check",

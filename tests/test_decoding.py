@@ -224,3 +224,24 @@ def test_val_bleu_scores_greedy_output_against_the_cleaned_references() -> None:
 
     assert bleu == round(sacrebleu.corpus_bleu(hypotheses, [references], force=True).score, 2)
     assert bleu < round(sacrebleu.corpus_bleu(hypotheses, [rebuilt], force=True).score, 2)
+
+
+def test_the_decoding_benchmarks_earlier_rules_differ_from_the_shipped_one_only_where_named() -> None:
+    """benchmarks/decoding.py re-creates the rules without masking and without forcing </s>: each must
+    change the scores in its own place and nowhere else, or its row measures something else."""
+    from benchmarks.decoding import SHIPPED, limit_without_eos, without_special_mask
+
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    at_limit = torch.tensor([False, True, False])
+    shipped = SHIPPED(logits, at_limit)
+    plain = torch.log_softmax(logits, dim=-1)
+
+    unmasked = without_special_mask(logits, at_limit)
+    assert torch.equal(unmasked[:, [PAD_ID, BOS_ID]], plain[:, [PAD_ID, BOS_ID]])
+    others = [i for i in range(12) if i not in (PAD_ID, BOS_ID)]
+    assert torch.equal(unmasked[:, others], shipped[:, others])
+
+    free_end = limit_without_eos(logits, at_limit)
+    assert free_end[1, EOS_ID] == 0.0 and shipped[1, EOS_ID] == plain[1, EOS_ID]
+    free_end[1, EOS_ID] = shipped[1, EOS_ID]
+    assert torch.equal(free_end, shipped)
