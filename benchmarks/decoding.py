@@ -2,6 +2,7 @@
 change, beside the rules without them, on the same weights and test split.
 
     python -m benchmarks.decoding --project DIR [--beam-size 5] [--out FILE]     # from the project root
+    python -m benchmarks.decoding --project DIR --split validation --length-penalties 0.4,0.6,0.8,1.0,1.2
 
 DIR is a project after `train` (its models/ and data/processed/). Every variant translates the test split
 with the evaluate stage's `Translator` and the model folder's decoding settings. The rules without the
@@ -10,8 +11,9 @@ the search uses (`decoding.next_token_log_probs`):
 - "no <pad>/<s> mask": <pad> and <s> keep their probabilities, so the search may pick them;
 - "limit without </s>": a hypothesis at its length limit ends there with its score as it is, without the
   probability of </s> (the rule before </s> was forced and scored there).
-Rows: lowercase BLEU, BLEU and chrF on the test split, the hypotheses that reached their length limit,
-and the decoding seconds.
+Rows: lowercase BLEU, BLEU and chrF on the split, the hypotheses that reached their length limit, and the
+decoding seconds. With `--length-penalties`, one row per length penalty instead, with the shipped rules:
+how a default penalty is chosen (on the validation split; the test split takes no part).
 """
 
 from __future__ import annotations
@@ -78,21 +80,31 @@ def searching_with(scoring: Scoring, counts: dict[str, int]) -> Iterator[None]:
         decoding.next_token_log_probs, translator.decode_batch = SHIPPED, search
 
 
-def run_variant(name: str, scoring: Scoring, project: Path, beam_size: int) -> dict[str, Any]:
+def run_variant(
+    name: str,
+    scoring: Scoring,
+    project: Path,
+    split: str,
+    beam_size: int,
+    length_penalty: float | None = None,
+) -> dict[str, Any]:
     from pipeline.network.model_files import load_model_dir
     from pipeline.network.scoring import score_corpus
 
-    sources, references = load_test_split(project)
+    sources, references = load_split(project, split)
     loaded = load_model_dir(project / "models")
     counts = {"at_limit": 0, "special": 0}
     started = time.perf_counter()
     with searching_with(scoring, counts):
-        hypotheses = translator.Translator(loaded).translate(sources, beam_size=beam_size)
+        search = translator.Translator(loaded, length_penalty=length_penalty)
+        hypotheses = search.translate(sources, beam_size=beam_size)
     seconds = time.perf_counter() - started
     scores = score_corpus(hypotheses, references).scores
     return {
         "decoding": name,
+        "split": split,
         "beam size": beam_size,
+        "length penalty": search.length_penalty,
         "lowercase BLEU": scores["bleu_lc"],
         "BLEU": scores["bleu"],
         "chrF": scores["chrf"],
@@ -103,22 +115,28 @@ def run_variant(name: str, scoring: Scoring, project: Path, beam_size: int) -> d
     }
 
 
-def load_test_split(project: Path) -> tuple[list[str], list[str]]:
+def load_split(project: Path, split: str) -> tuple[list[str], list[str]]:
     from pipeline.data.processed import load_processed
 
-    return load_processed(project / "data" / "processed", splits=("test",)).texts("test")
+    return load_processed(project / "data" / "processed", splits=(split,)).texts(split)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, required=True, help="a project after train")
     parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--length-penalties", help="comma-separated: one row each, shipped rules")
     parser.add_argument("--out", type=Path, help="write the result (JSON) here")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCHMARK_THREADS", "2")))
+    if args.length_penalties:
+        runs = [("as shipped", SHIPPED, float(alpha)) for alpha in args.length_penalties.split(",")]
+    else:
+        runs = [(name, scoring, None) for name, scoring in VARIANTS.items()]
     rows = []
-    for name, scoring in VARIANTS.items():
-        rows.append(run_variant(name, scoring, args.project, args.beam_size))
+    for name, scoring, alpha in runs:
+        rows.append(run_variant(name, scoring, args.project, args.split, args.beam_size, alpha))
         print(rows[-1], flush=True)
     if args.out:
         write_result(args.out, "decoding", rows, [f"torch threads: {torch.get_num_threads()}"])
