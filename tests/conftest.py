@@ -3,11 +3,27 @@ for tiny models. The helpers they use are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from pipeline.progress import QUIET_ENV
 from tests.helpers import torch_threads
+
+# `python -m pipeline -q ...` sets PIPELINE_QUIET in its own process, for the Ray processes it starts. A test
+# that calls the CLI's main() in-process would leave it set for the rest of the session: every later
+# subprocess (a `dvc repro` whose epoch lines a test reads) would then run quiet.
+SESSION_QUIET = os.environ.get(QUIET_ENV)
+
+
+@pytest.fixture(autouse=True)
+def quiet_flag_as_the_session_began() -> Iterator[None]:
+    yield
+    if SESSION_QUIET is None:
+        os.environ.pop(QUIET_ENV, None)
+    else:
+        os.environ[QUIET_ENV] = SESSION_QUIET
 
 
 @pytest.fixture(scope="module")
