@@ -1,5 +1,5 @@
-"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): one DDP worker on each, and Ray Data's
-tasks and actors (the data stages, batch translation) on both.
+"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): one DDP worker on each, the data stages'
+Ray Data tasks and actors on both, and a batch translation on the two-node cluster.
 
 The data reaches the second node's worker through the object store, not the driver's disk.
 """
@@ -50,7 +50,8 @@ def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
 def test_data_stages_and_batch_translation_run_blocks_on_both_nodes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ray Data's map tasks and actors land on both nodes, and the files are those of the local engine."""
+    """The data stages' map tasks and tokenizer actors land on both nodes, and the files are those of the
+    local engine; the batch translation on the two-node cluster equals one process's."""
     from benchmarks.ray_data import random_model_dir
     from tests.test_ray_data import different_files, run_data_stages, stdin_translation
     from tests.two_node_data import OPERATORS
