@@ -10,7 +10,7 @@ masking or the forcing are re-created here, for one variant's run only, by repla
 the search uses (`decoding.next_token_log_probs`):
 - "no <pad>/<s> mask": <pad> and <s> keep their probabilities, so the search may pick them;
 - "limit without </s>": a hypothesis at its length limit ends there with its score as it is, without the
-  probability of </s> (the rule before </s> was forced and scored there).
+  probability of </s>.
 Rows: lowercase BLEU, BLEU and chrF on the split, the hypotheses that reached their length limit, and the
 decoding seconds. With `--length-penalties`, one row per length penalty instead, with the shipped rules:
 how a default penalty is chosen (on the validation split; the test split takes no part).
