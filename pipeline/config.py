@@ -154,6 +154,10 @@ class TrainConfig(_Section):
     # practice); all: every parameter, as torch.optim.AdamW does by default.
     weight_decay_scope: Literal["matrices", "all"] = "matrices"
     adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
+    # global: every micro-batch's summed loss over the global batch's target tokens (fairseq), so an
+    # update is the same with 1 worker or 8; rank: over this rank's own tokens, so DDP averages the means
+    # of unequal shares and a token in a short share weighs more.
+    loss_denominator: Literal["global", "rank"] = "global"
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)

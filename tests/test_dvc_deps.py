@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import TrainConfig
 from tests.dvc_project import make_dvc_project, run
 from tests.helpers import REPO_ROOT, TINY_PARAMS
 from tests.import_graph import import_closure, package_files
@@ -155,6 +156,19 @@ def test_a_change_to_any_file_a_stage_runs_shows_that_stage_in_dvc_status(projec
     for stage in STAGES:
         expected = {Path(dep) for dep in dvc_stages()[stage]["deps"] if dep.startswith("pipeline")}
         assert changed[stage] == expected, stage
+
+
+def test_the_tune_stage_lists_every_train_setting_a_trial_reads() -> None:
+    """A trial trains with every train setting but the epochs (tune.max_epochs) and the averaging (which
+    only changes the train stage's final weights): a setting left off would not re-run the search."""
+    listed = {
+        param.removeprefix("train.")
+        for param in dvc_stages()["tune"]["params"]
+        if isinstance(param, str) and param.startswith("train.")
+    }
+    assert listed == set(TrainConfig.model_fields) - {"epochs", "average_last"}
+    shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]
+    assert set(shipped) == set(TrainConfig.model_fields), "params.yaml names every train setting"
 
 
 @pytest.mark.slow

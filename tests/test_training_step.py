@@ -126,6 +126,48 @@ def test_accumulated_micro_batches_give_the_update_of_the_whole_batch() -> None:
         torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
 
 
+def _rank_gradients(split: EncodedSplit, config: TrainConfig, rank: int, world: int) -> list[torch.Tensor]:
+    """The gradient one rank hands to DDP's all-reduce for one global batch of the whole split."""
+    batch = np.arange(len(split))
+    model = toy_model("gru_attention")
+    update = UpdateStep(model, *sgd(model), config, torch.device("cpu"), world_size=world)
+    update(micro_batches(split, batch, rank, world, 1, 1), target_tokens(split, batch))
+    return [parameter.grad.clone() for parameter in model.parameters()]
+
+
+@pytest.mark.parametrize("denominator", ["global", "rank"])
+def test_two_ranks_average_to_the_batch_mean_or_to_the_mean_of_rank_means(denominator: str) -> None:
+    """DDP averages the ranks' gradients. Divided by the global token count, that average is the whole
+    batch's gradient per token; divided by each rank's own count, it is the mean of two per-token means,
+    which differs when the shares have unequal token counts."""
+    split = toy_split()
+    config = train_config(batch_size=100_000, label_smoothing=0.0, grad_clip=1e9)
+    shares = update_shares(np.arange(len(split)), 0, 2, 1) + update_shares(np.arange(len(split)), 1, 2, 1)
+    rank_tokens = [target_tokens(split, share) for share in shares]
+    assert rank_tokens[0] != rank_tokens[1], "the test needs shares of unequal token counts"
+    whole = _rank_gradients(split, config, 0, 1)
+    as_global = [_rank_gradients(split, config, rank, 2) for rank in range(2)]
+    chosen = config.model_copy(update={"loss_denominator": denominator})
+    ranks = [_rank_gradients(split, chosen, rank, 2) for rank in range(2)]
+    averaged = [(first + second) / 2 for first, second in zip(*ranks, strict=True)]
+    if denominator == "global":
+        for got, expected in zip(averaged, whole, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        return
+    # A rank's summed-loss gradient is its global-mode gradient times (global tokens / 2).
+    total = sum(rank_tokens)
+    means = [
+        [gradient * total / 2 / tokens for gradient in gradients]
+        for gradients, tokens in zip(as_global, rank_tokens, strict=True)
+    ]
+    expected_mean_of_means = [(first + second) / 2 for first, second in zip(*means, strict=True)]
+    for got, expected in zip(averaged, expected_mean_of_means, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    pairs = zip(averaged, whole, strict=True)
+    differs = [not torch.allclose(got, w, rtol=1e-3, atol=1e-6) for got, w in pairs]
+    assert any(differs), "the mean of rank means should differ from the batch mean"
+
+
 def test_every_rank_and_micro_batch_gets_its_share_of_a_global_batch_once() -> None:
     batch = np.arange(10)
     shares = [share for rank in range(2) for share in update_shares(batch, rank, 2, 3)]

@@ -141,9 +141,7 @@ class UpdateStep:
         but must still take part in DDP's gradient all-reduce), clipping, update, schedule. Returns the
         summed (smoothed, plain) losses as device tensors: reading them would wait for the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        # DDP averages gradients over ranks; scaled by world/global tokens, the sum over ranks is the
-        # gradient of the whole global batch's summed loss over its token count.
-        scale = self.world_size / max(global_tokens, 1)
+        scale = self._loss_scale(micro_batches, global_tokens)
         smoothed_total = torch.zeros((), device=self.device)
         nll_total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
@@ -159,6 +157,15 @@ class UpdateStep:
         self.scaler.update()
         self.scheduler.step()
         return smoothed_total, nll_total
+
+    def _loss_scale(self, micro_batches: Sequence[Batch | None], global_tokens: int) -> float:
+        """What each micro-batch's summed loss is multiplied by before backward (`train.loss_denominator`)."""
+        if self.config.loss_denominator == "rank":
+            rank_tokens = sum(batch.n_target_tokens for batch in micro_batches if batch is not None)
+            return 1.0 / max(rank_tokens, 1)
+        # DDP averages gradients over ranks; scaled by world/global tokens, the sum over ranks is the
+        # gradient of the whole global batch's summed loss over its token count.
+        return self.world_size / max(global_tokens, 1)
 
     def _forward(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
         if batch is None:  # a zero loss through every parameter: DDP's hooks fire, the gradients stay 0
