@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, working_directory, write_params
@@ -34,7 +36,7 @@ def small_blocks() -> object:
 
 def messy_corpus(folder: Path) -> Path:
     """train.tsv with exact and whitespace-only duplicates, pairs also in test, empty, too long and
-    badly proportioned pairs; test.tsv given, validation carved."""
+    badly proportioned pairs; test.parquet given, validation carved."""
     from pipeline.data.builtin_corpus import iter_corpus
 
     pairs = list(iter_corpus(400, seed=3))
@@ -48,9 +50,10 @@ def messy_corpus(folder: Path) -> Path:
     train += [("", "x"), ("word", "")] + [("a " * 80, "b " * 80), ("one", "one two three four five six")]
     train = [train[(i * 37) % len(train)] for i in range(len(train))]  # interleave (37 is coprime)
     folder.mkdir()
-    for name, rows in (("train", train), ("test", test)):
-        lines = ["en\tart"] + [f"{src}\t{tgt}" for src, tgt in rows]
-        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = ["en\tart"] + [f"{src}\t{tgt}" for src, tgt in train]
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    columns = {"art": [tgt for _, tgt in test], "en": [src for src, _ in test]}
+    pq.write_table(pa.table(columns), folder / "test.parquet", row_group_size=8)
     return folder
 
 

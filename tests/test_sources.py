@@ -200,6 +200,73 @@ def test_jsonl_folder_reads_language_keys_and_translation_objects(tmp_path):
     assert pairs_of(corpus, "train") == PAIRS
 
 
+def _string_column(values: list[bytes]):
+    """A string column holding these bytes as they are (Arrow checks no UTF-8 on this path)."""
+    import pyarrow as pa
+
+    offsets = [0]
+    for value in values:
+        offsets.append(offsets[-1] + len(value))
+    buffer = pa.py_buffer(pa.array(offsets, pa.int32()).buffers()[1].to_pybytes())
+    return pa.Array.from_buffers(pa.string(), len(values), [None, buffer, pa.py_buffer(b"".join(values))])
+
+
+def test_parquet_folder_reads_language_columns_and_translation_structs(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import folder_source
+
+    monkeypatch.setattr(folder_source, "PARQUET_BATCH_ROWS", 2)  # several batches and row groups
+    train = pa.table(
+        {"id": [1, 2, 3], "en": [t for _, t in PAIRS], "de": [s for s, _ in PAIRS]},
+        schema=pa.schema([("id", pa.int64()), ("en", pa.large_string()), ("de", pa.string())]),
+    )
+    pq.write_table(train, tmp_path / "train.parquet", row_group_size=2)
+    translations = [{"de": s, "en": t, "fr": "x"} for s, t in PAIRS]
+    pq.write_table(pa.table({"translation": translations}), tmp_path / "valid.parquet")
+    corpus = read_corpus(data_config(tmp_path, max_examples=2))
+    assert pairs_of(corpus, "train") == PAIRS[:2]
+    assert pairs_of(corpus, "validation") == PAIRS
+    assert corpus.splits["train"].origin == str(tmp_path / "train.parquet")
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"de": ["a"], "fr": ["b"]}, r"train\.parquet: no column en \(columns: de, fr\)"),
+        ({"translation": [{"de": "a", "fr": "b"}]}, r"train\.parquet: no column translation\.en"),
+        ({"de": ["a"], "en": [1]}, r"train\.parquet: column en holds int64, expected strings"),
+        ({"de": ["a", "b", "c", None], "en": ["a"] * 4}, r"train\.parquet: row 4: 'de' is null; expected"),
+        ({"de": ["a"] * 3, "en": [b"ok", b"ok", b"\xff"]}, r"train\.parquet: row 3: 'en' is invalid UTF-8"),
+    ],
+    ids=["missing-column", "missing-struct-field", "not-strings", "null", "bad-utf8"],
+)
+def test_malformed_parquet_names_file_column_and_row(tmp_path, monkeypatch, table, expected):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import folder_source
+
+    monkeypatch.setattr(folder_source, "PARQUET_BATCH_ROWS", 2)  # the bad row is in a later batch
+    columns = {
+        name: _string_column(values) if values and isinstance(values[0], bytes) else values
+        for name, values in table.items()
+    }
+    pq.write_table(pa.table(columns), tmp_path / "train.parquet", row_group_size=2)
+    with pytest.raises(PipelineError, match=expected):
+        read_corpus(data_config(tmp_path))
+
+
+def test_a_file_named_parquet_that_is_not_one_or_is_gzipped_is_refused(tmp_path):
+    (tmp_path / "train.parquet").write_text("de\ten\n")
+    with pytest.raises(PipelineError, match=r"cannot read .*train\.parquet: not a Parquet file"):
+        read_corpus(data_config(tmp_path))
+    (tmp_path / "train.parquet").rename(tmp_path / "train.parquet.gz")
+    with pytest.raises(PipelineError, match=r"train\.parquet\.gz: a Parquet file compresses its own pages"):
+        read_corpus(data_config(tmp_path))
+
+
 def test_max_examples_caps_training_pairs_but_not_evaluation_splits(tmp_path):
     write_text_split(tmp_path, "train", PAIRS)
     write_text_split(tmp_path, "test", PAIRS)

@@ -1,8 +1,9 @@
 """A local folder as the source: (source, target) pairs per split from the split files it holds.
 
 Each split is `{split}.{lang}` plain-text pairs (Moses / Multi30k convention, optionally `.gz`),
-`{split}.tsv` (header row of language codes) or `{split}.jsonl` (objects keyed by language). Problems are
-`PipelineError`s naming the file and line.
+`{split}.tsv` (header row of language codes), `{split}.jsonl` (objects keyed by language) or
+`{split}.parquet` (a string column per language, or a `translation` struct column). Problems are
+`PipelineError`s naming the file and line (the row, for Parquet).
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.config import DataConfig
 from pipeline.data.sources import Pair, RawSplit, resolve_split_names, split_cap, split_listing
 from pipeline.errors import PipelineError
+
+PARQUET_BATCH_ROWS = 20_000  # rows in memory at a time: a few MB of text
 
 
 @dataclass(frozen=True)
 class _SplitFiles:
     """The file(s) holding one split in a local folder: two parallel text files, or one tsv/jsonl file."""
 
-    kind: str  # "text" | "tsv" | "jsonl"
+    kind: str  # "text" | "tsv" | "jsonl" | "parquet"
     paths: tuple[Path, ...]
 
     @property
@@ -54,6 +60,7 @@ def load_folder_splits(config: DataConfig) -> dict[str, RawSplit]:
         "text": _read_text_pair,
         "tsv": _read_tsv,
         "jsonl": _read_jsonl,
+        "parquet": _read_parquet,
     }
     splits = {}
     for canonical, stem in resolved.items():
@@ -67,7 +74,7 @@ def _missing_train_message(folder: Path, config: DataConfig, found: Mapping[str,
     src, tgt = config.src_lang, config.tgt_lang
     expected = (
         f"{folder}/train.{src} and {folder}/train.{tgt} (optionally .gz), "
-        f"{folder}/train.tsv or {folder}/train.jsonl"
+        f"{folder}/train.tsv, {folder}/train.jsonl or {folder}/train.parquet"
     )
     present = sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
     return (
@@ -80,8 +87,12 @@ def _split_name_and_kind(filename: str, src_lang: str, tgt_lang: str) -> tuple[s
     """`train.de.gz` -> ("train", "de"); `dev.tsv` -> ("dev", "tsv"); anything else -> None (ignored)."""
     name = filename[: -len(".gz")] if filename.endswith(".gz") else filename
     stem, dot, suffix = name.rpartition(".")
-    if not dot or not stem or suffix not in (src_lang, tgt_lang, "tsv", "jsonl"):
+    if not dot or not stem or suffix not in (src_lang, tgt_lang, "tsv", "jsonl", "parquet"):
         return None
+    if suffix == "parquet" and name != filename:
+        raise PipelineError(
+            f"{filename}: a Parquet file compresses its own pages; store it as {name}, not gzipped"
+        )
     return stem, suffix
 
 
@@ -134,7 +145,7 @@ def _split_files(
     if duplicated:
         raise PipelineError(f"{folder}: both {duplicated[0][0].name} and {duplicated[0][1].name}; keep one")
     has_text = src_lang in files or tgt_lang in files
-    if sum((has_text, "tsv" in files, "jsonl" in files)) > 1:
+    if sum((has_text, "tsv" in files, "jsonl" in files, "parquet" in files)) > 1:
         raise PipelineError(
             f"{folder}: split {stem!r} is stored more than once "
             f"({', '.join(p.name for p in every)}); keep one format"
@@ -143,6 +154,8 @@ def _split_files(
         return _SplitFiles("tsv", (files["tsv"][0],))
     if "jsonl" in files:
         return _SplitFiles("jsonl", (files["jsonl"][0],))
+    if "parquet" in files:
+        return _SplitFiles("parquet", (files["parquet"][0],))
     for lang in (src_lang, tgt_lang):
         if lang not in files:
             present = every[0].name
@@ -278,6 +291,87 @@ def _read_jsonl(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | Non
         if cap is None or n_pairs < cap:
             n_pairs += 1
             yield src, tgt
+
+
+def _read_parquet(files: _SplitFiles, src_lang: str, tgt_lang: str, cap: int | None) -> Iterator[Pair]:
+    """Checks the schema now; the rows are read as the returned stream is, one record batch at a time."""
+    (path,) = files.paths
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise PipelineError(f"cannot read {path}: not a Parquet file ({error})") from None
+    struct = _parquet_layout(path, parquet.schema_arrow, src_lang, tgt_lang)
+    return _parquet_rows(path, parquet, struct, (src_lang, tgt_lang), cap)
+
+
+def _parquet_layout(path: Path, schema: pa.Schema, src_lang: str, tgt_lang: str) -> bool:
+    """True when the languages are fields of a `translation` struct (the Hugging Face shape), False when
+    they are top-level columns; a missing language or a column that is not text names the file."""
+    struct = src_lang not in schema.names and tgt_lang not in schema.names and "translation" in schema.names
+    if struct:
+        kind = schema.field("translation").type
+        if not pa.types.is_struct(kind):
+            raise PipelineError(f"{path}: column 'translation' holds {kind}, expected a struct of languages")
+        fields = {field.name: field.type for field in kind}
+    else:
+        fields = {field.name: field.type for field in schema}
+    prefix = "translation." if struct else ""
+    for lang in (src_lang, tgt_lang):
+        if lang not in fields:
+            raise PipelineError(
+                f"{path}: no column {prefix}{lang} (columns: {', '.join(fields) or 'none'});"
+                " expected a string column per language, or a translation struct of them"
+            )
+        if not (pa.types.is_string(fields[lang]) or pa.types.is_large_string(fields[lang])):
+            raise PipelineError(f"{path}: column {prefix}{lang} holds {fields[lang]}, expected strings")
+    return struct
+
+
+def _parquet_rows(
+    path: Path, parquet: pq.ParquetFile, struct: bool, langs: tuple[str, str], cap: int | None
+) -> Iterator[Pair]:
+    """(source, target) per row, a record batch in memory at a time; rows are counted from 1, as lines."""
+    first_row = 1
+    n_pairs = 0
+    try:
+        batches = parquet.iter_batches(
+            batch_size=PARQUET_BATCH_ROWS, columns=["translation"] if struct else list(langs)
+        )
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            if struct:  # translation.de, translation.en -> de, en
+                flat = table.flatten()
+                table = flat.rename_columns([name.removeprefix("translation.") for name in flat.column_names])
+            sides = [_parquet_texts(path, table, lang, first_row) for lang in langs]
+            for src, tgt in zip(*sides, strict=True):
+                if cap is not None and n_pairs >= cap:
+                    return
+                n_pairs += 1
+                yield src, tgt
+            first_row += batch.num_rows
+    except (OSError, pa.ArrowException) as error:
+        raise PipelineError(f"cannot read {path}: {error}") from None
+
+
+def _parquet_texts(path: Path, table: pa.Table, lang: str, first_row: int) -> list[str]:
+    """One language's column of a batch as Python strings; a null or a bad byte names its row (Arrow
+    does not check that a Parquet file's strings are UTF-8)."""
+    column = table.column(lang)
+    if column.null_count:
+        row = first_row + column.is_null().to_pylist().index(True)
+        raise PipelineError(f"{path}: row {row}: {lang!r} is null; expected text in every row")
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        for offset, raw in enumerate(column.cast(pa.binary()).to_pylist()):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PipelineError(
+                    f"{path}: row {first_row + offset}: {lang!r} is invalid UTF-8"
+                    f" ({error.reason} at byte {error.start})"
+                ) from None
+        raise
 
 
 __all__ = ["decode_lines", "load_folder_splits", "read_lines"]
