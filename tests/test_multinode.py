@@ -50,8 +50,9 @@ def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
 def test_data_stages_and_batch_translation_run_blocks_on_both_nodes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The data stages' map tasks and tokenizer actors land on both nodes, and the files are those of the
-    local engine; the batch translation on the two-node cluster equals one process's."""
+    """The data stages' map tasks and tokenizer actors, and the batch translation's model actors, work on
+    blocks on both nodes; the files are those of the local engine, and the translation equals one
+    process's."""
     from benchmarks.ray_data import random_model_dir
     from tests.test_ray_data import different_files, run_data_stages, stdin_translation
     from tests.two_node_data import OPERATORS

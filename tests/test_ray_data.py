@@ -203,3 +203,28 @@ def test_batch_translation_names_the_bad_line(model_dir: Path, tmp_path: Path, c
     assert code == 2
     assert f"error: {tmp_path / 'in.txt'}:3: invalid UTF-8" in capsys.readouterr().err
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_a_model_pool_that_cannot_start_stops_with_one_line(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every CPU held by a placement group: the pool's actors cannot start, and after the timeout the
+    job stops with what it asked for, rather than waiting for ever; the output is not written."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline.errors import PipelineError
+    from pipeline.jobs import batch_translate
+
+    (tmp_path / "in.txt").write_text("one\ntwo\n", encoding="utf-8")
+    monkeypatch.setattr(batch_translate, "ACTOR_START_TIMEOUT_S", 5)
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=30)
+    try:
+        with pytest.raises(PipelineError, match=r"the 2 model actor\(s\) did not all start within 5 s"):
+            batch_translate.translate_file(
+                tmp_path / "in.txt", tmp_path / "out.txt", str(model_dir), actors=2
+            )
+    finally:
+        remove_placement_group(held)
+    assert not (tmp_path / "out.txt").exists()

@@ -14,21 +14,26 @@ import json
 import sys
 from pathlib import Path
 
-# Ray Data operators whose tasks or actors must reach both nodes. The batch translation's model actors are
-# not among them: Ray Data starts a pool's actors as CPUs come free, and on a loaded machine the first ones
-# have translated a small input before the others are placed, so where they ran is not a stable fact.
-OPERATORS = ("_clean_block", "TokenizerActor")
+# Ray Data operators whose tasks or actors must reach both nodes: the data stages' cleaning tasks and
+# tokenizer actors, and the batch translation's model actors (4 one-CPU actors cannot fit on a 3-CPU node,
+# and the translation starts only once all of them are up).
+OPERATORS = ("_clean_block", "TokenizerActor", "TranslatorActor")
 
 
 def block_node_ids(name_part: str) -> set[str]:
-    """The nodes whose tasks or actors (Ray's state records) ran an operator named with `name_part`."""
-    from ray.util.state import list_actors, list_tasks
+    """The nodes whose tasks (Ray's state records) worked on blocks of an operator named with `name_part`:
+    its map tasks, or its actors' `submit` calls (not the actors' start or location probes, which run
+    wherever an actor stands, whether or not it is given a block)."""
+    from ray.util.state import list_tasks
 
     tasks = list_tasks(limit=10_000, raise_on_missing_output=False)
-    actors = list_actors(limit=10_000, raise_on_missing_output=False)
-    return {task.node_id for task in tasks if name_part in (task.name or "") and task.node_id} | {
-        actor.node_id for actor in actors if name_part in (actor.class_name or "") and actor.node_id
-    }
+    return {task.node_id for task in tasks if _on_blocks(task.name or "", name_part) and task.node_id}
+
+
+def _on_blocks(task_name: str, name_part: str) -> bool:
+    if name_part not in task_name:
+        return False
+    return task_name.endswith(".submit") if task_name.startswith("MapWorker(") else True
 
 
 def main(project: Path, model: Path, source: Path, output: Path) -> dict[str, list[str]]:
@@ -48,7 +53,7 @@ def main(project: Path, model: Path, source: Path, output: Path) -> dict[str, li
         ray.init(address=cluster.address)
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
         run_data_stages(project, "builtin", "ray")
-        arguments = ["-q", "translate", "--model", str(model), "--max-sentences", "10", "--actors", "4"]
+        arguments = ["-q", "translate", "--model", str(model), "--max-sentences", "2", "--actors", "4"]
         if pipeline_main([*arguments, "--input", str(source), "--output", str(output)]) != 0:
             raise SystemExit("batch translation failed")
         ran_on = {name: sorted(block_node_ids(name)) for name in OPERATORS}

@@ -79,9 +79,11 @@ def _in_directory(read: Callable[[], Iterable[pa.Table]], directory: str) -> Cal
 
 
 @contextmanager
-def ordered_execution() -> Iterator[DataContext]:
+def ordered_execution(wait_for_actors_s: int = -1) -> Iterator[DataContext]:
     """Ray Data settings for the project's pipelines: input order kept, progress bars unless -q, and no
-    retries of a task that failed on bad data (it would fail again); restored afterwards."""
+    retries of a task that failed on bad data (it would fail again); restored afterwards. With
+    `wait_for_actors_s` above 0, an actor pool takes no block until all its actors are up (Ray Data's
+    `wait_for_min_actors_s`), and fails after that many seconds."""
     context = DataContext.get_current()
     # Ray Data logs a failed task's traceback before raising; a bad line is reported once, in one line,
     # by the caller (other errors still propagate with their traceback).
@@ -93,8 +95,10 @@ def ordered_execution() -> Iterator[DataContext]:
         context.execution_options.preserve_order,
         context.enable_progress_bars,
         context.max_errored_blocks,
+        context.wait_for_min_actors_s,
     )
     context.execution_options.preserve_order = True
+    context.wait_for_min_actors_s = wait_for_actors_s
     context.enable_progress_bars = not quiet()
     context.max_errored_blocks = 0
     try:
@@ -106,6 +110,7 @@ def ordered_execution() -> Iterator[DataContext]:
             context.execution_options.preserve_order,
             context.enable_progress_bars,
             context.max_errored_blocks,
+            context.wait_for_min_actors_s,
         ) = saved
 
 

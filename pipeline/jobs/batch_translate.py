@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,6 +35,9 @@ from pipeline.errors import PipelineError
 from pipeline.network.translator import InputBounds
 
 logger = logging.getLogger(__name__)
+
+# How long the whole pool may take to start (an autoscaling cluster adds a GPU node in a few minutes).
+ACTOR_START_TIMEOUT_S = 600
 
 
 def input_files(path: Path) -> list[Path]:
@@ -123,13 +127,21 @@ def translate_file(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         pool = actors or gpus
+        if pool > gpus:
+            raise PipelineError(f"--actors {pool}: each model actor takes a GPU, and the cluster has {gpus}")
         options = {"compute": ray.data.ActorPoolStrategy(size=pool), "num_gpus": 1, "num_cpus": 0}
     else:
         pool, options = actor_pool(actors)
     logger.info("translating %s with %d %s actor(s) -> %s", source, pool, "GPU" if gpus else "CPU", output)
     settings = {"device": "cuda" if gpus else "cpu", "beam_size": beam_size, "bounds": bounds}
-    # Inside the context: a dataset keeps the Ray Data settings of the moment it is made.
-    with ordered_execution(), task_errors_as_pipeline_errors():
+    # Inside the context: a dataset keeps the Ray Data settings of the moment it is made. Every model
+    # actor is up before the first chunk goes out, and Ray Data sends a chunk to the least busy actor:
+    # without the wait, the first actors to load their model would take a short job's every chunk.
+    with (
+        ordered_execution(ACTOR_START_TIMEOUT_S),
+        task_errors_as_pipeline_errors(),
+        _actor_start_errors(pool),
+    ):
         lines = read_stream(_read_chunks(files, bounds.max_sentences), "ReadLines", bounds.max_sentences)
         translated = lines.map_batches(
             TranslatorActor,
@@ -140,6 +152,18 @@ def translate_file(
             **options,
         )
         return _write_in_order(translated, output)
+
+
+@contextmanager
+def _actor_start_errors(pool: int) -> Iterator[None]:
+    """Ray Data's timeout for a pool that cannot start, as one line that says what was asked for."""
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError:
+        raise PipelineError(
+            f"the {pool} model actor(s) did not all start within {ACTOR_START_TIMEOUT_S} s; the cluster has"
+            f" {ray.cluster_resources()} in all, {ray.available_resources()} free now: lower --actors"
+        ) from None
 
 
 def _write_in_order(translated: ray.data.Dataset, output: Path) -> int:
