@@ -79,10 +79,10 @@ def _in_directory(read: Callable[[], Iterable[pa.Table]], directory: str) -> Cal
 
 
 @contextmanager
-def ordered_execution(wait_for_actors_s: int = -1) -> Iterator[DataContext]:
+def ordered_execution(wait_for_actors_s: int | None = None) -> Iterator[DataContext]:
     """Ray Data settings for the project's pipelines: input order kept, progress bars unless -q, and no
     retries of a task that failed on bad data (it would fail again); restored afterwards. With
-    `wait_for_actors_s` above 0, an actor pool takes no block until all its actors are up (Ray Data's
+    `wait_for_actors_s`, an actor pool takes no block until all its actors are up (Ray Data's
     `wait_for_min_actors_s`), and fails after that many seconds."""
     context = DataContext.get_current()
     # Ray Data logs a failed task's traceback before raising; a bad line is reported once, in one line,
@@ -98,7 +98,8 @@ def ordered_execution(wait_for_actors_s: int = -1) -> Iterator[DataContext]:
         context.wait_for_min_actors_s,
     )
     context.execution_options.preserve_order = True
-    context.wait_for_min_actors_s = wait_for_actors_s
+    if wait_for_actors_s is not None:
+        context.wait_for_min_actors_s = wait_for_actors_s
     context.enable_progress_bars = not quiet()
     context.max_errored_blocks = 0
     try:
