@@ -90,7 +90,7 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 def data_engines(n_pairs: int, root: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"run": f"prepare + preprocess, {n_pairs:,} pairs"}
+    row: dict[str, Any] = {"measurement": f"prepare + preprocess, {n_pairs:,} pairs"}
     projects = {}
     for engine in ("local", "ray"):
         project = projects[engine] = root / f"{engine}-{n_pairs}"
@@ -159,7 +159,7 @@ def batch_translation(count: int, actors: int, processed: Path, root: Path) -> d
         flush=True,
     )
     return {
-        "run": f"translate {count:,} sentences",
+        "measurement": f"translate {count:,} sentences",
         "one process s": round(single, 1),
         f"{actors} actors s": round(batch, 1),
         "speed-up": round(speedup, 2),
