@@ -14,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-# Ray Data operators whose tasks or actors must reach both nodes: the data stages' cleaning tasks and
-# tokenizer actors, and the batch translation's model actors (4 one-CPU actors cannot fit on a 3-CPU node,
-# and the translation starts only once all of them are up).
+# Ray Data operators whose tasks or actors must work on blocks on both nodes: the data stages' cleaning
+# tasks and tokenizer actors, and the batch translation's model actors. 4 one-CPU actors cannot fit on a
+# 3-CPU node, the translation starts only once all of them are up, and its 30 chunks are more than the
+# reading node's actors queue (2 each), so some go to the other node's actors.
 OPERATORS = ("_clean_block", "TokenizerActor", "TranslatorActor")
 
 

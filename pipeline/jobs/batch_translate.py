@@ -135,8 +135,9 @@ def translate_file(
     logger.info("translating %s with %d %s actor(s) -> %s", source, pool, "GPU" if gpus else "CPU", output)
     settings = {"device": "cuda" if gpus else "cpu", "beam_size": beam_size, "bounds": bounds}
     # Inside the context: a dataset keeps the Ray Data settings of the moment it is made. Every model
-    # actor is up before the first chunk goes out, and Ray Data sends a chunk to the least busy actor:
-    # without the wait, the first actors to load their model would take a short job's every chunk.
+    # actor is up before the first chunk goes out: without the wait, the first actors to load their model
+    # would take a short job's every chunk. Ray Data then gives a chunk to an actor on the node holding
+    # it while one there has room, else to the least busy actor anywhere.
     with (
         ordered_execution(ACTOR_START_TIMEOUT_S),
         task_errors_as_pipeline_errors(),
