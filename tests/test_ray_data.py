@@ -228,3 +228,32 @@ def test_a_model_pool_that_cannot_start_stops_with_one_line(
     finally:
         remove_placement_group(held)
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_blocks_leave_the_read_task_while_it_is_still_reading(tmp_path: Path) -> None:
+    """A split is read by one task: its first blocks must reach the map tasks and the driver before the
+    read ends, or no other core works meanwhile and the read task holds up to a whole block of text.
+    Halfway, the read waits (up to 60 s) for the driver to have a block."""
+    import time
+
+    from pipeline.data.ray_blocks import READ_BLOCK_BYTES, read_stream
+
+    seen, finished = tmp_path / "driver-has-a-block", tmp_path / "read-finished"
+    rows, tables = 2_000, 8
+    text = "x" * (2 * READ_BLOCK_BYTES // rows)  # each table is two read blocks' worth of text
+
+    def read() -> object:
+        for number in range(tables):
+            yield pa.table({"text": [text] * rows})
+            deadline = time.monotonic() + 60
+            while number == tables // 2 and not seen.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finished.touch()
+
+    blocks = read_stream(read, "WaitingRead", block_rows=rows).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    )
+    first = next(iter(blocks))
+    seen.touch()
+    assert first.num_rows == rows
+    assert not finished.exists(), "the driver had no block before the whole split had been read"

@@ -28,6 +28,8 @@ from pipeline.progress import quiet
 _TRACEBACK_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
 # Ray Data appends this to the message of an exception raised in a task; the project's errors are one line.
 _RAY_SUFFIX = "\nFailed to apply UDF transform"
+# The largest block the read task hands on; about 7,000 pairs of short sentences.
+READ_BLOCK_BYTES = 1 << 20
 
 
 class StreamSource(Datasource):
@@ -59,7 +61,10 @@ def read_stream(read: Callable[[], Iterable[pa.Table]], name: str, block_rows: i
         num_cpus=0,  # reading is light, and actors that hold every CPU must not starve it
         label_selector={"ray.io/node-id": here},  # as Ray pins its own local:// reads to the driver
     )
-    # The read task's tables would otherwise be merged into blocks of up to 128 MiB: one task's worth.
+    # The read task's tables would otherwise be merged into one block of up to 128 MiB (Ray Data's default),
+    # so nothing downstream starts before the read has held that much: small blocks stream out as they are
+    # read, then are cut to `block_rows` rows.
+    dataset.context.target_max_block_size = READ_BLOCK_BYTES
     return dataset.repartition(target_num_rows_per_block=block_rows, strict=True)
 
 
