@@ -11,7 +11,8 @@ must be byte for byte the same.
 
 Batch translation: M source sentences of the built-in corpus, a randomly initialised GRU with attention
 on the smallest project's tokenizers (the work per sentence is a real model's; the words are not), greedy;
-`translate < FILE` in one process against `translate --input FILE --actors N`; the outputs must be equal.
+`translate < FILE` in one process (torch's default threads, then one thread, as each actor has) against
+`translate --input FILE --actors N`; the outputs must be equal.
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ def sampled_peak_rss_mib(root: psutil.Process, stop: threading.Event, peak: dict
         stop.wait(SAMPLE_S)
 
 
-def run_measured(command: list[str], cwd: Path, stdin: Path | None = None, stdout: Path | None = None):
+def run_measured(
+    command: list[str],
+    cwd: Path,
+    stdin: Path | None = None,
+    stdout: Path | None = None,
+    environment: dict[str, str] | None = None,
+):
     """(wall seconds, largest peak RSS of any process in MiB) of `command`, which must succeed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(environment or {})}
     log = cwd / "bench.log"
     with (
         open(stdin or os.devnull, "rb") as source,
@@ -146,26 +153,33 @@ def source_sentences(count: int, path: Path) -> Path:
 def batch_translation(count: int, actors: int, processed: Path, root: Path) -> dict[str, Any]:
     model = random_model_dir(processed, root / "model")
     text = source_sentences(count, root / "sentences.txt")
-    one, many = root / "stdin.out", root / "ray.out"
+    one, threaded, many = root / "stdin.out", root / "stdin-1-thread.out", root / "ray.out"
     translate = [sys.executable, "-m", "pipeline", "translate", "--model", str(model)]
     single, single_rss = run_measured(translate, root, stdin=text, stdout=one)
+    # The same process with one torch thread: each actor's setting, so the ratio shows how the pool scales.
+    one_thread, _ = run_measured(
+        translate, root, stdin=text, stdout=threaded, environment={"OMP_NUM_THREADS": "1"}
+    )
     batch, batch_rss = run_measured(
         [*translate, "--input", str(text), "--output", str(many), "--actors", str(actors)], root
     )
     speedup = single / batch
     print(
-        f"translate {count:,} sentences: one process {single:.1f} s, {actors} actors {batch:.1f} s"
-        f" ({speedup:.2f}x)",
+        f"translate {count:,} sentences: one process {single:.1f} s (one thread {one_thread:.1f} s),"
+        f" {actors} actors {batch:.1f} s ({speedup:.2f}x)",
         flush=True,
     )
+    outputs = {one.read_bytes(), threaded.read_bytes(), many.read_bytes()}
     return {
         "measurement": f"translate {count:,} sentences",
         "one process s": round(single, 1),
+        "one process, 1 thread s": round(one_thread, 1),
         f"{actors} actors s": round(batch, 1),
         "speed-up": round(speedup, 2),
+        "speed-up over 1 thread": round(one_thread / batch, 2),
         "one process peak RSS MiB": round(single_rss),
         "actors peak RSS MiB": round(batch_rss),
-        "same output": "yes" if one.read_bytes() == many.read_bytes() else "no",
+        "same output": "yes" if len(outputs) == 1 else "no",
     }
 
 

@@ -28,6 +28,7 @@ ORDER = (
     "ray_data",
     "quality",
     "decoding",
+    "decoding_speed",
     "arch_throughput",
     "gpu_torch",
     "gpu_check",

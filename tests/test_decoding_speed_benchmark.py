@@ -1,0 +1,36 @@
+"""benchmarks/decoding_speed.py measures the search of the commit it names: the child process must import that
+commit's `pipeline` package, unpacked from git, and not the checkout's or an installed one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.decoding_speed import code_at, timed_child
+from pipeline.network.model_files import load_model_dir
+from pipeline.network.translator import Translator
+from tests.test_model_io import REPO_ROOT, _save_word_model
+
+
+def _is_git_checkout() -> bool:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _is_git_checkout(), reason="needs the project as a git checkout (git archive)")
+def test_the_child_translates_with_the_unpacked_commit_as_this_checkout_does(tmp_path: Path) -> None:
+    models, pairs = _save_word_model(tmp_path, "transformer")
+    code = code_at("HEAD", tmp_path / "code")
+    assert (code / "pipeline" / "network" / "decoding.py").is_file()
+    sources = [source for source, _ in pairs]
+    source_file, output = tmp_path / "sources.json", tmp_path / "translations.json"
+    source_file.write_text(json.dumps(sources), encoding="utf-8")
+    # The child exits with an error if `pipeline` came from anywhere but `code`.
+    seconds = timed_child(code, models, source_file, output, beam_size=2)
+    assert seconds > 0
+    translations = json.loads(output.read_text(encoding="utf-8"))
+    assert translations == Translator(load_model_dir(models)).translate(sources, beam_size=2)
+    assert translations == [target for _, target in pairs]  # the toy model has memorised its pairs
