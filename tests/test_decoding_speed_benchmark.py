@@ -14,6 +14,8 @@ from pipeline.network.model_files import load_model_dir
 from pipeline.network.translator import Translator
 from tests.test_model_io import REPO_ROOT, _save_word_model
 
+pytestmark = pytest.mark.slow  # a child process
+
 
 def _is_git_checkout() -> bool:
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True)
