@@ -21,11 +21,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import REPO_ROOT, write_result
+from benchmarks.results import REPO_ROOT, git_output, write_result
 
 
 def code_at(revision: str, folder: Path) -> Path:
@@ -39,13 +40,6 @@ def code_at(revision: str, folder: Path) -> Path:
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     return folder
-
-
-def short_hash(revision: str) -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", revision], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
 
 
 def timed_child(code: Path, models: Path, sources: Path, output: Path, beam_size: int) -> float:
@@ -64,8 +58,6 @@ def timed_child(code: Path, models: Path, sources: Path, output: Path, beam_size
 
 def child(code: Path, models: Path, sources: Path, output: Path, beam_size: int) -> None:
     """In the child: translate with the `pipeline` package of `code`, print the seconds as JSON."""
-    import time
-
     import torch
 
     import pipeline
@@ -108,7 +100,7 @@ def measure(
         rows.append(
             {
                 "decoding code": label,
-                "commit": short_hash(revision),
+                "commit": git_output("rev-parse", "--short", revision),
                 "split": split,
                 "sentences": len(sources),
                 "beam size": beam_size,

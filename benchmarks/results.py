@@ -38,14 +38,15 @@ def command_line(benchmark: str) -> str:
 def git_state() -> tuple[str, bool | None]:
     """(commit hash, whether the work tree differs from it); ("unknown", None) outside a git checkout."""
     try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        commit = git_output("rev-parse", "HEAD")
+        dirty = bool(git_output("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
         return "unknown", None
     return commit, dirty
 
 
-def _git(*arguments: str) -> str:
+def git_output(*arguments: str) -> str:
+    """What a git command prints in this checkout, stripped; raises if it fails."""
     done = subprocess.run(
         ["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
     )

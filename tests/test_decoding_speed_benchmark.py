@@ -4,25 +4,20 @@ commit's `pipeline` package, unpacked from git, and not the checkout's or an ins
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks.decoding_speed import code_at, timed_child
+from benchmarks.results import git_state
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.translator import Translator
-from tests.test_model_io import REPO_ROOT, _save_word_model
+from tests.test_model_io import _save_word_model
 
 pytestmark = pytest.mark.slow  # a child process
 
 
-def _is_git_checkout() -> bool:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True)
-    return done.returncode == 0
-
-
-@pytest.mark.skipif(not _is_git_checkout(), reason="needs the project as a git checkout (git archive)")
+@pytest.mark.skipif(git_state()[0] == "unknown", reason="needs the project as a git checkout (git archive)")
 def test_the_child_translates_with_the_unpacked_commit_as_this_checkout_does(tmp_path: Path) -> None:
     models, pairs = _save_word_model(tmp_path, "transformer")
     code = code_at("HEAD", tmp_path / "code")

@@ -28,7 +28,9 @@ from pipeline.progress import quiet
 _TRACEBACK_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
 # Ray Data appends this to the message of an exception raised in a task; the project's errors are one line.
 _RAY_SUFFIX = "\nFailed to apply UDF transform"
-# The largest block the read task hands on; about 7,000 pairs of short sentences.
+# The largest block of a pipeline that starts with `read_stream` (its read task's, and every later
+# operator's): about 7,000 pairs of short sentences, about the size of a cleaned or encoded 5,000-pair
+# block of them.
 READ_BLOCK_BYTES = 1 << 20
 
 
