@@ -96,3 +96,23 @@ def random_model(arch: str, n_layers: int = 1, seed: int = 0, vocab_size: int = 
     torch.manual_seed(seed)
     config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers})
     return build_model(config, vocab_size, vocab_size).eval()
+
+
+def toy_split(n: int = 40, seed: int = 0) -> EncodedSplit:
+    """n random pairs of 3-11 source and 2-13 target symbols."""
+    rng = random.Random(seed)
+    sources = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(3, 11))] for _ in range(n)]
+    targets = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(2, 13))] for _ in range(n)]
+    return EncodedSplit.from_lists(sources, targets)
+
+
+def toy_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch=arch, **TINY), VOCAB_SIZE, VOCAB_SIZE)
+
+
+def sgd(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Plain SGD: the weights move by the gradient itself, so equal updates mean equal gradients (Adam's
+    first step, about lr times the gradient's sign, would magnify rounding in near-zero gradients)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

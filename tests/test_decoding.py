@@ -70,7 +70,11 @@ def test_each_sentence_stops_at_its_own_end_of_sentence(arch: str, beam_size: in
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_output_respects_the_length_limits(arch: str) -> None:
+    """A limit counts the generated tokens with </s>: a model that would never end a sentence yields exactly
+    limit - 1 tokens before the </s> forced at the limit, by greedy and beam search alike."""
     model = random_model(arch, seed=2)
+    with torch.no_grad():
+        model.decoder.W_o.bias[EOS_ID] -= 1e4  # </s> never chosen unless forced
     src, lengths = source_tensor(SOURCES)
     limits = max_lengths(lengths, 0.5)
     assert limits == [int(0.5 * (len(s) + 1)) + 5 for s in SOURCES]
@@ -78,9 +82,12 @@ def test_output_respects_the_length_limits(arch: str) -> None:
         greedy_decode(model, src, lengths, max_len_ratio=0.5),
         beam_search(model, src, lengths, beam_size=3, max_len_ratio=0.5),
     ):
-        assert all(len(h) <= limit for h, limit in zip(hypotheses, limits, strict=True))
-    assert all(len(h) <= 2 for h in greedy_decode(model, src, lengths, max_len_ratio=None, max_len=2))
-    assert all(len(h) <= 2 for h in beam_search(model, src, lengths, beam_size=2, max_len=2))
+        assert [len(h) for h in hypotheses] == [limit - 1 for limit in limits]
+    for hypotheses in (
+        greedy_decode(model, src, lengths, max_len_ratio=None, max_len=2),
+        beam_search(model, src, lengths, beam_size=2, max_len=2),
+    ):
+        assert [len(h) for h in hypotheses] == [1] * len(SOURCES)
 
 
 def _exhaustive_best(model: Seq2Seq, source: list[int], vocab: int, limit: int, alpha: float) -> list[int]:

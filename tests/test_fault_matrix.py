@@ -42,7 +42,8 @@ pytestmark = pytest.mark.slow
 # test_pipeline_end_to_end, test_multinode and the driver-kill test below.
 MID_EPOCH_CHECKPOINTS = {
     "model": {"arch": "transformer", "emb_dim": 32, "n_heads": 4, "ff_dim": 64, "dropout": 0.1},
-    "train": {"epochs": 2, "batch_size": 1200, "early_stopping_patience": 50, "lr": 0.002},
+    # average_last: the epoch weights kept for averaging must survive the restart too.
+    "train": {"epochs": 2, "batch_size": 1200, "early_stopping_patience": 50, "lr": 0.002, "average_last": 2},
     "runtime": {"checkpoint_every": 6},
 }
 
@@ -211,6 +212,10 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
     assert reference["model"].keys() == final["model"].keys()
     for name, tensor in reference["model"].items():
         assert torch.equal(tensor, final["model"][name]), f"{name} differs from the uninterrupted run"
+    kept = [final["state"]["best_weights"], reference["state"]["best_weights"]]
+    assert len(kept[0]) == len(kept[1]) > 0, "rank 0 keeps the epoch weights to average"
+    for resumed_epoch, reference_epoch in zip(*kept, strict=True):
+        assert all(torch.equal(resumed_epoch[name], reference_epoch[name]) for name in reference_epoch)
     reference_history = reference["state"]["history"]
     for key in ("train_loss", "val_loss"):
         assert [row[key] for row in history] == [row[key] for row in reference_history], key

@@ -3,14 +3,12 @@ batch's micro-batches, weight decay groups, checkpoint averaging and the two los
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.network.batching import (
     collate,
     micro_batches,
@@ -19,7 +17,6 @@ from pipeline.network.batching import (
     update_shares,
 )
 from pipeline.network.encoded import EncodedSplit
-from pipeline.network.model import build_model
 from pipeline.network.training_step import (
     UpdateStep,
     build_optimizer,
@@ -28,23 +25,11 @@ from pipeline.network.training_step import (
     sequence_losses,
 )
 from pipeline.training.checkpoint import average_weights
-from tests.seq2seq_toys import TINY, VOCAB_SIZE
+from tests.seq2seq_toys import sgd, toy_model, toy_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCHS = ("gru", "gru_attention", "transformer")
-
-
-def toy_split(n: int = 40, seed: int = 0) -> EncodedSplit:
-    rng = random.Random(seed)
-    sources = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(3, 11))] for _ in range(n)]
-    targets = [[rng.randrange(4, VOCAB_SIZE) for _ in range(rng.randint(2, 13))] for _ in range(n)]
-    return EncodedSplit.from_lists(sources, targets)
-
-
-def toy_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(arch=arch, **TINY), VOCAB_SIZE, VOCAB_SIZE)
 
 
 def train_config(**overrides) -> TrainConfig:
@@ -81,34 +66,30 @@ def test_the_smoothed_and_the_plain_loss_come_from_the_same_logits() -> None:
     assert float(equal[0]) == float(equal[1])
 
 
-def sgd(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Plain SGD: the weights move by the gradient itself, so equal updates mean equal gradients (Adam's
-    first step, about lr times the gradient's sign, would magnify rounding in near-zero gradients)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def _epoch(update: UpdateStep, split: EncodedSplit, config: TrainConfig, read_every_step: bool) -> float:
-    total, on_device = 0.0, torch.zeros(())
+def _epoch(update: UpdateStep, split: EncodedSplit, config: TrainConfig) -> float:
+    """An epoch's plain losses as the worker sums them: on the device, read once at the end."""
+    on_device = torch.zeros(())
     for batch in token_budget_batches(split, config.batch_size, seed=1):
         shares = micro_batches(split, batch, 0, 1, config.accumulate, config.pad_multiple)
-        nll = update(shares, target_tokens(split, batch))[1]
-        if read_every_step:
-            total += float(nll)
-        else:
-            on_device += nll
-    return total if read_every_step else float(on_device)
+        on_device += update(shares, target_tokens(split, batch))[1]
+    return float(on_device)
 
 
-def test_losses_read_once_an_epoch_equal_losses_read_every_step() -> None:
-    split, config = toy_split(), train_config()
-    epochs = []
-    for read_every_step in (True, False):
-        model = toy_model("gru_attention")
-        optimizer, scheduler = build_optimizer(model, config, 100)
-        update = UpdateStep(model, optimizer, scheduler, config, torch.device("cpu"))
-        epochs.append([_epoch(update, split, config, read_every_step) for _ in range(2)])
-    assert epochs[0] == pytest.approx(epochs[1], rel=1e-6)
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_losses_summed_on_the_device_are_each_updates_loss_before_its_step(accumulate: int) -> None:
+    """The sum read once an epoch equals the losses computed apart, batch by batch, with the weights each
+    update started from: every micro-batch counted once, none after its optimizer step."""
+    split, config = toy_split(), train_config(accumulate=accumulate)
+    model = toy_model("gru_attention")
+    update = UpdateStep(model, *build_optimizer(model, config, 100), config, torch.device("cpu"))
+    summed, expected = torch.zeros(()), 0.0
+    for batch in token_budget_batches(split, config.batch_size, seed=1):
+        whole = collate(split, batch)
+        with torch.no_grad():
+            logits = model(whole.src, whole.src_lengths, whole.tgt_in)
+            expected += float(sequence_losses(logits, whole.tgt_out, config.label_smoothing)[1])
+        summed += update(micro_batches(split, batch, 0, 1, accumulate, 1), target_tokens(split, batch))[1]
+    assert float(summed) == pytest.approx(expected, rel=1e-5)
 
 
 def test_accumulated_micro_batches_give_the_update_of_the_whole_batch() -> None:
@@ -120,7 +101,7 @@ def test_accumulated_micro_batches_give_the_update_of_the_whole_batch() -> None:
         config = train_config(accumulate=accumulate, batch_size=100_000, label_smoothing=0.0)
         model = toy_model("transformer")
         update = UpdateStep(model, *sgd(model), config, torch.device("cpu"))
-        _epoch(update, split, config, read_every_step=False)
+        _epoch(update, split, config)
         weights.append(model.state_dict())
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
@@ -183,8 +164,26 @@ def test_reduced_precision_trains_a_tiny_model(precision: str) -> None:
     update = UpdateStep(model, optimizer, scheduler, config, torch.device("cpu"))
     assert update.scaler.is_enabled() == (precision == "fp16")
     tokens = sum(target_tokens(split, b) for b in token_budget_batches(split, config.batch_size, seed=1))
-    losses = [_epoch(update, split, config, read_every_step=False) / tokens for _ in range(12)]
+    losses = [_epoch(update, split, config) / tokens for _ in range(12)]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_one_fp16_update_with_clipping_equals_the_fp32_update() -> None:
+    """Loss scaling undone before clipping: with SGD (which, unlike Adam, moves by the gradient's size) and a
+    clip norm every gradient exceeds, a missing or late unscale would clip the scaled gradient and move the
+    weights by the clip norm divided by the scale."""
+    split = toy_split()
+    batch = np.arange(len(split))
+    deltas = {}
+    for precision in ("fp32", "fp16"):
+        config = train_config(precision=precision, label_smoothing=0.0, grad_clip=0.05)
+        model = toy_model("gru_attention")
+        start = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        update = UpdateStep(model, *sgd(model), config, torch.device("cpu"))
+        update(micro_batches(split, batch, 0, 1, 1, 1), target_tokens(split, batch))
+        deltas[precision] = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - start
+    assert float(deltas["fp32"].norm()) == pytest.approx(0.5 * 0.05, rel=1e-3), "the clip norm must bind"
+    assert float((deltas["fp16"] - deltas["fp32"]).norm()) < 0.02 * float(deltas["fp32"].norm())
 
 
 @pytest.mark.slow

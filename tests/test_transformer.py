@@ -92,6 +92,53 @@ def test_each_cached_step_equals_rerunning_the_whole_prefix() -> None:
             torch.testing.assert_close(step_logits, rerun_logits, atol=1e-5, rtol=1e-5)
 
 
+def _stepwise_and_whole(model: Seq2Seq, tgt_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of tgt_in decoded one cached step at a time, and of the whole target in one pass."""
+    src, lengths = source_tensor(SOURCES)
+    memory, cache = model.encode(src, lengths)
+    steps = []
+    for t in range(tgt_in.size(1)):
+        logits, cache = model.decode_step(tgt_in[:, t], cache, memory)
+        steps.append(logits)
+    assert cache.length == tgt_in.size(1)
+    return torch.stack(steps, dim=1), model(src, lengths, tgt_in)
+
+
+@pytest.mark.parametrize("gradients", [False, True], ids=["no_grad", "grad"])
+def test_cached_steps_across_buffer_growths_equal_the_whole_pass(gradients: bool) -> None:
+    """Values, not buffers: past two growths of the cache (CACHE_GROWTH positions each), each step's logits
+    equal the parallel pass's; with gradients on, so do the gradients (scheduled sampling's backward)."""
+    model = _transformer(n_layers=2)
+    generator = torch.Generator().manual_seed(0)
+    tgt_in = torch.randint(4, VOCAB_SIZE, (len(SOURCES), 2 * CACHE_GROWTH + 3), generator=generator)
+    tgt_in[:, 0] = BOS_ID
+    with torch.set_grad_enabled(gradients):
+        stepwise, whole = _stepwise_and_whole(model, tgt_in)
+    torch.testing.assert_close(stepwise, whole, atol=1e-5, rtol=1e-5)
+    if not gradients:
+        return
+    weights = torch.randn(whole.shape, generator=generator)  # a loss that weighs every logit differently
+    gradient_sets = []
+    for logits in (stepwise, whole):
+        model.zero_grad()
+        (logits * weights).sum().backward(retain_graph=True)
+        gradient_sets.append([parameter.grad.clone() for parameter in model.parameters()])
+    for step_gradient, whole_gradient in zip(*gradient_sets, strict=True):
+        torch.testing.assert_close(step_gradient, whole_gradient, atol=1e-4, rtol=1e-4)
+
+
+def test_scheduled_sampling_trains_the_transformer() -> None:
+    """`train.teacher_forcing` < 1: forward step by step through the cache, then backward to every weight."""
+    model = _transformer(n_layers=2).train()
+    src, lengths = source_tensor(SOURCES)
+    tgt_in = _target_in(TARGETS, 7)
+    logits = model(src, lengths, tgt_in, teacher_forcing=0.5, generator=torch.Generator().manual_seed(0))
+    logits.logsumexp(-1).sum().backward()
+    gradients = [parameter.grad for parameter in model.parameters()]
+    assert all(gradient is not None and torch.isfinite(gradient).all() for gradient in gradients)
+    assert all(gradient.any() for gradient in gradients)
+
+
 def test_several_positions_after_cached_steps_equal_the_whole_pass() -> None:
     """The causal mask of new positions behind cached ones (neither a single step nor a fresh start)."""
     model = _transformer(n_layers=2)

@@ -148,14 +148,27 @@ def task_errors_as_pipeline_errors() -> Iterator[None]:
         raise found from None
 
 
-def actor_pool(actors: int | None) -> tuple[int, dict[str, Any]]:
+# The tokenizers library encodes a batch on a thread pool as large as the machine unless RAYON_NUM_THREADS
+# says otherwise: with one actor per CPU that is cores x cores threads a node, which only thrash. Each
+# actor (tokenizer or model) is one CPU's worth of work, so it gets one thread.
+ONE_THREAD_ACTOR_ENV = {"env_vars": {"RAYON_NUM_THREADS": "1"}}
+
+
+def actor_pool(actors: int | None, flag: str = "--actors") -> tuple[int, dict[str, Any]]:
     """(pool size, `map_batches` arguments) for a pool of CPU actors: `actors`, default one per CPU of the
-    cluster. The pool leaves a CPU per node free, so the tasks that read and cut blocks always find one
-    beside actors that wait for those very blocks (Ray Data spreads the actors over the nodes)."""
+    cluster, at most one per CPU (more would only queue for the same cores; `flag` names the setting in
+    the refusal). The pool leaves a CPU per node free, so the tasks that read and cut blocks always find
+    one beside actors that wait for those very blocks (Ray Data spreads the actors over the nodes)."""
     total = ray.cluster_resources().get("CPU", 1.0)
+    if actors is not None and actors > max(1, int(total)):
+        raise PipelineError(
+            f"{flag} {actors}: each CPU actor holds a model or tokenizer on up to a CPU, and the cluster has "
+            f"{int(total)} CPUs: use at most {max(1, int(total))}"
+        )
     nodes = max(1, sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")))
     pool = actors or max(1, int(total))
     return pool, {
         "compute": ray.data.ActorPoolStrategy(size=pool),
         "num_cpus": min(1.0, max(0.0, total - nodes) / pool),
+        "runtime_env": ONE_THREAD_ACTOR_ENV,
     }

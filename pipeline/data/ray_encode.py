@@ -6,12 +6,13 @@ the same `write_processed` as the local engine, so the files are the same.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from pipeline.data.arrow_text import iter_batches
+from pipeline.data.arrow_text import check_text_columns, iter_batches
 from pipeline.data.prepared import PreparedData
 from pipeline.data.processed import FlatBatch, SplitEncoder
 from pipeline.data.ray_blocks import (
@@ -55,9 +56,7 @@ def ray_encoder(
         path = prepared.split_path(split)
         # Inside the context: a dataset keeps the Ray Data settings of the moment it is made.
         with ordered_execution(), task_errors_as_pipeline_errors():
-            text = read_stream(
-                lambda: (pa.Table.from_batches([b]) for b in iter_batches(path)), "ReadPrepared", BLOCK_ROWS
-            )
+            text = read_stream(lambda: _checked_tables(path), "ReadPrepared", BLOCK_ROWS)
             encoded = text.map_batches(
                 TokenizerActor,
                 fn_constructor_kwargs=jsons,
@@ -71,6 +70,15 @@ def ray_encoder(
                 yield src_ids, src_lengths, tgt_ids, tgt_lengths
 
     return encode
+
+
+def _checked_tables(path: Path) -> Iterator[pa.Table]:
+    """A prepared split's record batches, each checked as the local engine checks them: a null or a
+    column that is not text names the file here, in the read task, not as a tokenizer's TypeError in an
+    actor."""
+    for batch in iter_batches(path):
+        check_text_columns(path, batch)
+        yield pa.Table.from_batches([batch])
 
 
 def _flat(column: pa.ChunkedArray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

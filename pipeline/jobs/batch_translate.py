@@ -26,6 +26,7 @@ import ray
 
 from pipeline.data.folder_source import read_lines
 from pipeline.data.ray_blocks import (
+    ONE_THREAD_ACTOR_ENV,
     actor_pool,
     ordered_execution,
     read_stream,
@@ -129,7 +130,12 @@ def translate_file(
         pool = actors or gpus
         if pool > gpus:
             raise PipelineError(f"--actors {pool}: each model actor takes a GPU, and the cluster has {gpus}")
-        options = {"compute": ray.data.ActorPoolStrategy(size=pool), "num_gpus": 1, "num_cpus": 0}
+        options = {
+            "compute": ray.data.ActorPoolStrategy(size=pool),
+            "num_gpus": 1,
+            "num_cpus": 0,
+            "runtime_env": ONE_THREAD_ACTOR_ENV,
+        }
     else:
         pool, options = actor_pool(actors)
     logger.info("translating %s with %d %s actor(s) -> %s", source, pool, "GPU" if gpus else "CPU", output)

@@ -56,8 +56,8 @@ def _cut_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[n
 def update_shares(batch: np.ndarray, rank: int, world_size: int, accumulate: int) -> list[np.ndarray | None]:
     """This rank's micro-batches of one global batch: the batch is cut into `world_size x accumulate`
     shares of (nearly) equal sentence counts, the same cut whatever the rank, and each rank takes
-    `accumulate` consecutive ones. None for a share that is empty (a global batch of very few sentences):
-    the rank must still take part in the gradient all-reduce."""
+    `accumulate` consecutive ones. None for a share that is empty (a global batch of fewer sentences than
+    shares): the rank must still take part in the gradient all-reduce (see `micro_batches`)."""
     shares = np.array_split(batch, world_size * accumulate)[rank * accumulate : (rank + 1) * accumulate]
     return [share if len(share) else None for share in shares]
 
@@ -80,6 +80,9 @@ class Batch:
     tgt_in: torch.Tensor  # [B, T] <s> + target
     tgt_out: torch.Tensor  # [B, T] target + </s>
     n_target_tokens: int
+    # A stand-in for an empty share: it runs forward and backward like any micro-batch, so that DDP
+    # all-reduces on this rank too, but its loss is multiplied by 0 and its tokens are not counted.
+    placeholder: bool = False
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -88,6 +91,7 @@ class Batch:
             self.tgt_in.to(device),
             self.tgt_out.to(device),
             self.n_target_tokens,
+            self.placeholder,
         )
 
 
@@ -116,10 +120,22 @@ def collate(split: EncodedSplit, indices: np.ndarray, pad_multiple: int = 1) -> 
 
 def micro_batches(
     split: EncodedSplit, batch: np.ndarray, rank: int, world_size: int, accumulate: int, pad_multiple: int
-) -> list[Batch | None]:
-    """This rank's micro-batches of the global batch `batch`, collated (see `update_shares`)."""
+) -> list[Batch]:
+    """This rank's micro-batches of the global batch `batch`, collated (see `update_shares`). An empty
+    share becomes a placeholder of the batch's first sentence (as fairseq's dummy batch): DDP launches its
+    all-reduce only on ranks whose wrapper ran forward, so every rank must run one for every micro-batch."""
     shares = update_shares(batch, rank, world_size, accumulate)
-    return [None if share is None else collate(split, share, pad_multiple) for share in shares]
+    return [
+        collate(split, share, pad_multiple) if share is not None else placeholder(split, batch, pad_multiple)
+        for share in shares
+    ]
+
+
+def placeholder(split: EncodedSplit, batch: np.ndarray, pad_multiple: int) -> Batch:
+    """A one-sentence micro-batch that counts for nothing (see `Batch.placeholder`)."""
+    stand_in = collate(split, batch[:1], pad_multiple)
+    stand_in.n_target_tokens, stand_in.placeholder = 0, True
+    return stand_in
 
 
 def real_token_mask(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:

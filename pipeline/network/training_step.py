@@ -107,21 +107,28 @@ def compiled(model: torch.nn.Module, config: TrainConfig, device: torch.device) 
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 on a GPU, fp32 on the CPU; a precision the device cannot do is one clear error."""
+    """`auto` is bf16 on a GPU that computes in bfloat16 natively, fp16 (with loss scaling) on one that does
+    not (V100, T4), fp32 on the CPU; an explicit bf16 on such a GPU is one clear error."""
     from pipeline.errors import PipelineError
 
+    if device.type != "cuda":
+        return "fp32" if precision == "auto" else precision
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return "bf16" if native_bf16 else "fp16"
+    if precision == "bf16" and not native_bf16:
         name = torch.cuda.get_device_name(device)
-        raise PipelineError(f"train.precision bf16: {name} has no bfloat16; use fp16 (with loss scaling)")
+        raise PipelineError(
+            f"train.precision bf16: {name} has no native bfloat16 (only emulated, far slower); "
+            "use fp16 (with loss scaling) or auto"
+        )
     return precision
 
 
 @dataclass
 class UpdateStep:
     """One optimizer update over this rank's micro-batches of a global batch. Holds what persists from one
-    update to the next: fp16's loss scaler (not checkpointed: after a restart it finds its scale again)."""
+    update to the next: fp16's loss scaler (checkpointed, so that a resumed run scales alike)."""
 
     model: torch.nn.Module  # may be wrapped in DistributedDataParallel
     optimizer: torch.optim.Optimizer
@@ -135,11 +142,11 @@ class UpdateStep:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def __call__(
-        self, micro_batches: Sequence[Batch | None], global_tokens: int
+        self, micro_batches: Sequence[Batch], global_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of each micro-batch (None: this rank has no share of a small global batch,
-        but must still take part in DDP's gradient all-reduce), clipping, update, schedule. Returns the
-        summed (smoothed, plain) losses as device tensors: reading them would wait for the device."""
+        """Forward and backward of each micro-batch (a placeholder when this rank has no share of a small
+        global batch: it still takes part in DDP's gradient all-reduce), clipping, update, schedule. Returns
+        the summed (smoothed, plain) losses as device tensors: reading them would wait for the device."""
         self.optimizer.zero_grad(set_to_none=True)
         scale = self._loss_scale(micro_batches, global_tokens)
         smoothed_total = torch.zeros((), device=self.device)
@@ -158,24 +165,26 @@ class UpdateStep:
         self.scheduler.step()
         return smoothed_total, nll_total
 
-    def _loss_scale(self, micro_batches: Sequence[Batch | None], global_tokens: int) -> float:
+    def _loss_scale(self, micro_batches: Sequence[Batch], global_tokens: int) -> float:
         """What each micro-batch's summed loss is multiplied by before backward (`train.loss_denominator`)."""
         if self.config.loss_denominator == "rank":
-            rank_tokens = sum(batch.n_target_tokens for batch in micro_batches if batch is not None)
+            rank_tokens = sum(batch.n_target_tokens for batch in micro_batches)
             return 1.0 / max(rank_tokens, 1)
         # DDP averages gradients over ranks; scaled by world/global tokens, the sum over ranks is the
         # gradient of the whole global batch's summed loss over its token count.
         return self.world_size / max(global_tokens, 1)
 
-    def _forward(self, batch: Batch | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch is None:  # a zero loss through every parameter: DDP's hooks fire, the gradients stay 0
-            zero = sum(parameter.sum() for parameter in self.model.parameters()) * 0.0
-            return zero, zero.detach()
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Through the model as given (the DDP wrapper on a worker): its forward is what makes DDP expect
+        this rank's gradients and all-reduce them."""
         batch = batch.to(self.device)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
             logits = self.model(batch.src, batch.src_lengths, batch.tgt_in, self.config.teacher_forcing)
-        return sequence_losses(logits, batch.tgt_out, self.config.label_smoothing)
+        smoothed, nll = sequence_losses(logits, batch.tgt_out, self.config.label_smoothing)
+        if batch.placeholder:  # zero gradients, but through the same graph: every bucket is all-reduced
+            return smoothed * 0.0, nll * 0.0
+        return smoothed, nll
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces on the last micro-batch only: the earlier ones accumulate locally."""

@@ -29,8 +29,10 @@ padding.
 Decoding is incremental. `start` computes each layer's cross-attention keys and values of the source once
 per batch (`TransformerMemory`); the decoder state is a `DecoderCache` of each layer's self-attention keys
 and values of the positions decoded so far, in buffers with room for more, so a step runs the new token only
-and writes its keys and values in place. Under teacher forcing the
-cache starts empty and the whole target runs in one parallel pass.
+and writes its keys and values in place. Writing in place is for inference only: with gradients on (training
+with scheduled sampling), autograd has saved the earlier steps' keys and values for backward, so each step
+concatenates into fresh tensors instead. Under teacher forcing the cache starts empty and the whole target
+runs in one parallel pass.
 
 Shapes: B batch, S source length, T new target positions, t cached positions, L layers, h heads,
 d model width (model.emb_dim), d_k = d / h, F feed-forward width (model.ff_dim), V vocabulary.
@@ -222,7 +224,8 @@ class DecoderCache(NamedTuple):
     """Each layer's self-attention keys and values of the `length` positions decoded so far, held at the front
     of buffers with room for more: a decoding step writes its position in place, where concatenating would
     copy the whole cache once per layer and again to stack the layers. A cache is consumed by the call it is
-    given to (that call writes into its buffers); use the cache the call returns."""
+    given to (that call writes into its buffers); use the cache the call returns. With gradients on, a call
+    never writes into a cache's buffers: it returns a new cache of exactly `length` positions."""
 
     keys: Tensor  # [L,B,h,capacity,d_k], positions 0..length-1 filled
     values: Tensor  # [L,B,h,capacity,d_k]
@@ -270,20 +273,32 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """y [B,T,d] at positions t..t+T-1 (t = n_cached); source cross-attention keys and values [B,h,S,d_k].
         `cached`: this layer's self-attention key and value buffers [B,h,capacity,d_k] holding positions
-        0..t-1, into which positions t..t+T-1 are written; None when nothing is cached (t = 0, as under
-        teacher forcing). Returns y and the self-attention keys and values of positions 0..t+T-1."""
+        0..t-1; None when nothing is cached (t = 0, as under teacher forcing). Positions t..t+T-1 are written
+        into the buffers (`_writes_in_place`), or else joined to a copy of positions 0..t-1. Returns y and
+        the self-attention keys and values of positions 0..t+T-1."""
         normed = self.norm_self_attention(y)
         keys, values = self.self_attention.keys_values(normed)
         if cached is not None:
             end = n_cached + y.size(1)
-            cached[0][:, :, n_cached:end] = keys
-            cached[1][:, :, n_cached:end] = values
-            keys, values = cached[0][:, :, :end], cached[1][:, :, :end]
+            if _writes_in_place():
+                cached[0][:, :, n_cached:end] = keys
+                cached[1][:, :, n_cached:end] = values
+                keys, values = cached[0][:, :, :end], cached[1][:, :, :end]
+            else:
+                keys = torch.cat((cached[0][:, :, :n_cached], keys), dim=2)
+                values = torch.cat((cached[1][:, :, :n_cached], values), dim=2)
         mask, is_causal = _causal_mask(y.size(1), n_cached, y.device)
         y = y + self.dropout(self.self_attention(normed, keys, values, mask, is_causal))
         y = y + self.dropout(self.cross_attention(self.norm_cross_attention(y), *source, source_mask))
         y = y + self.dropout(self.feed_forward(self.norm_feed_forward(y)))
         return y, keys, values
+
+
+def _writes_in_place() -> bool:
+    """Whether a decoding step may write into the cache's buffers: only with gradients off. With them on,
+    attention has saved views of those buffers for backward, and an in-place write would make backward fail
+    (or, worse, use the overwritten values)."""
+    return not torch.is_grad_enabled()
 
 
 def _causal_mask(n_new: int, n_cached: int, device: torch.device) -> tuple[Tensor | None, bool]:
@@ -344,21 +359,17 @@ class TransformerDecoder(nn.Module):
         Every position runs in parallel: T = the whole target under teacher forcing, T = 1 when decoding.
         """
         y = self.dropout(embed(self.embedding, tokens, cache.length))
-        if cache.length == 0:  # nothing cached: the layers' keys and values become the first cache
-            return self._first_positions(y, memory)
-        cache = cache.with_room(tokens.size(1))
-        for index, layer in enumerate(self.layers):
-            cached = (cache.keys[index], cache.values[index])
-            source = (memory.keys[:, index], memory.values[:, index])
-            y, _, _ = layer(y, cached, cache.length, source, memory.mask)
-        return self.W_o(self.norm(y)), cache._replace(length=cache.length + tokens.size(1))
-
-    def _first_positions(self, y: Tensor, memory: TransformerMemory) -> tuple[Tensor, DecoderCache]:
+        in_place = cache.length > 0 and _writes_in_place()
+        if in_place:
+            cache = cache.with_room(tokens.size(1))
         layer_keys, layer_values = [], []
         for index, layer in enumerate(self.layers):
+            cached = (cache.keys[index], cache.values[index]) if cache.length else None
             source = (memory.keys[:, index], memory.values[:, index])
-            y, keys, values = layer(y, None, 0, source, memory.mask)
+            y, keys, values = layer(y, cached, cache.length, source, memory.mask)
             layer_keys.append(keys)
             layer_values.append(values)
-        logits = self.W_o(self.norm(y))
-        return logits, DecoderCache(torch.stack(layer_keys), torch.stack(layer_values), y.size(1))
+        logits, length = self.W_o(self.norm(y)), cache.length + tokens.size(1)
+        if in_place:  # the layers wrote into the cache's buffers
+            return logits, cache._replace(length=length)
+        return logits, DecoderCache(torch.stack(layer_keys), torch.stack(layer_values), length)

@@ -132,9 +132,9 @@ def _start_failure_named(config: PipelineConfig) -> Iterator[None]:
 
 
 def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
-    """The best checkpoint's weights by validation loss; with `train.average_last` over 1, the mean of the
-    last epochs' weights instead (kept in the latest checkpoint)."""
-    from pipeline.training.checkpoint import average_weights, read_checkpoint
+    """The best checkpoint's weights by validation loss; with `train.average_last` N over 1, the mean of
+    the N epoch-end weights ending at the best epoch (kept in the latest checkpoint, which holds the run)."""
+    from pipeline.training.checkpoint import averaged_best_weights, read_checkpoint
 
     best_checkpoint = result.get_best_checkpoint(metric="val_loss", mode="min")
     if best_checkpoint is None:
@@ -144,11 +144,12 @@ def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
     latest_is_best = result.checkpoint is None or result.checkpoint.path == best_checkpoint.path
     latest = best if latest_is_best else read_checkpoint(result.checkpoint)
     history = latest["state"]["history"]
-    recent = latest["state"].get("recent_weights") or []
-    if average_last > 1 and recent:
-        logger.info("averaging the weights of the last %d epochs", len(recent))
-        return TrainedRun(average_weights(recent), latest["state"]["epoch"], history[-1]["val_loss"], history)
-    return TrainedRun(best["model"], best["state"]["epoch"], best["state"]["best_val_loss"], history)
+    averaged = averaged_best_weights(latest["state"]) if average_last > 1 else None
+    weights = best["model"] if averaged is None else averaged
+    if averaged is not None:
+        kept = len(latest["state"]["best_weights"])
+        logger.info("averaging the weights of %d epochs ending at the best one", kept)
+    return TrainedRun(weights, best["state"]["epoch"], best["state"]["best_val_loss"], history)
 
 
 def _write_outputs(

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,23 @@ class TrainState:
     stale_epochs: int = 0  # epochs since val_loss last improved (early stopping)
     # This rank's progress in epoch `epoch + 1`; a checkpoint keeps it per rank (under "ranks").
     progress: EpochProgress = field(default_factory=EpochProgress)
-    # The weights at the end of the last `train.average_last` epochs, oldest first (when it is over 1).
+    # With `train.average_last` N over 1, on rank 0 only: the weights at the end of the last N epochs, and
+    # the N ending at the best epoch (what the model becomes), oldest first. CPU copies.
     recent_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    best_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def keep_weights(self, model: torch.nn.Module, count: int) -> None:
-        """This epoch's weights among the last `count` (a CPU copy), for checkpoint averaging."""
+        """This epoch's weights among the last `count`, after `record` of its metrics: when the epoch is the
+        best so far, the last `count` become the ones to average."""
         weights = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
         self.recent_weights = [*self.recent_weights, weights][-count:]
+        if self.stale_epochs == 0:
+            self.best_weights = list(self.recent_weights)
+
+    def shared_fields(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this state (`progress` is per rank). Not `asdict`: it would deep-copy
+        every kept set of weights at every save."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
 
     def record(self, metrics: dict[str, Any]) -> None:
         """An epoch's metrics; `val_loss` decides whether it improved. The next epoch starts afresh."""
@@ -69,6 +79,13 @@ class TrainState:
         else:
             self.stale_epochs += 1
         self.progress = EpochProgress()
+
+
+def averaged_best_weights(saved_state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The mean of the epoch-end weights kept for `train.average_last` (those ending at the best epoch),
+    from a checkpoint's `state`; None when none were kept."""
+    kept = saved_state.get("best_weights") or []
+    return average_weights(kept) if kept else None
 
 
 def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -107,19 +124,20 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 class Checkpointer:
-    """Saves the model, optimizer, scheduler, `TrainState` and every rank's progress and RNG state into
-    Ray Train reports, and restores them."""
+    """Saves the model, optimizer, scheduler, loss scaler, `TrainState` and every rank's progress and RNG
+    state into Ray Train reports, and restores them."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
         rank: int,
         world_size: int,
         device: torch.device,
     ) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.rank, self.world_size, self.device = rank, world_size, device
         self.resumed = False  # whether load() restored a checkpoint
 
@@ -128,13 +146,7 @@ class Checkpointer:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return TrainState()
-        saved = read_checkpoint(checkpoint)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
-        self._restore_this_rank(state, saved.get("ranks", []))
-        self.resumed = True
+        state = self.restore(read_checkpoint(checkpoint))
         position = f"epoch {state.epoch + 1}, batch {state.progress.batches_done}"
         logger.warning(
             "rank %d: resuming from the checkpoint of epoch %d (next: %s)", self.rank, state.epoch, position
@@ -142,6 +154,31 @@ class Checkpointer:
         if self.rank == 0:
             print(f"Resuming training from checkpoint at epoch {state.epoch} (next: {position})")
         return state
+
+    def restore(self, saved: dict[str, Any]) -> TrainState:
+        """A checkpoint's contents (`read_checkpoint`) into the components; the state to go on from."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):  # fp16: the loss scale and its growth count, as the lost run had them
+            self.scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["state"])
+        if self.rank != 0:  # only rank 0 keeps epoch weights for averaging
+            state.recent_weights, state.best_weights = [], []
+        self._restore_this_rank(state, saved.get("ranks", []))
+        self.resumed = True
+        return state
+
+    def payload(self, state: TrainState, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """What rank 0 saves: the components' state dicts, the shared state and every rank's `ranks` entry."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # fp16's loss scale: empty when not fp16
+            "state": state.shared_fields(),
+            "ranks": ranks,
+        }
 
     def _restore_this_rank(self, state: TrainState, ranks: list[dict[str, Any]]) -> None:
         """This rank's own position, partial sums and RNG state. A rank's batches and RNG stream belong to
@@ -168,23 +205,14 @@ class Checkpointer:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
-                shared_state = asdict(state)
-                del shared_state["progress"]  # rank 0's only: every rank's is under "ranks"
-                payload = {
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "state": shared_state,
-                    "ranks": ranks,
-                }
-                torch.save(payload, Path(directory) / CHECKPOINT_FILE)
+                torch.save(self.payload(state, ranks), Path(directory) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """A checkpoint's contents: `model`, `optimizer`, `scheduler` state dicts, `state` (a TrainState's
-    fields but `progress`) and `ranks` (per rank: `progress`, an EpochProgress's fields, and `rng`, its
-    torch RNG states). weights_only=True: plain tensors and numbers, never an arbitrary pickle."""
+    """A checkpoint's contents: `model`, `optimizer`, `scheduler`, `scaler` state dicts, `state` (a
+    TrainState's fields but `progress`) and `ranks` (per rank: `progress`, an EpochProgress's fields, and
+    `rng`, its torch RNG states). weights_only=True: plain tensors and numbers, never an arbitrary pickle."""
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)

@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 VAL_BATCH_TOKENS = 8000
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's random draws after the weights are built (rank 0 keeps `train.seed`)."""
+    return seed + 1_000_003 * rank
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -98,7 +103,7 @@ def _train_update(worker: Worker, batch: np.ndarray, config: TrainConfig) -> Non
     smoothed, nll = worker.update(shares, target_tokens(worker.train_split, batch))
     worker.pending_losses += torch.stack((smoothed, nll))
     progress = worker.state.progress
-    progress.token_count += sum(share.n_target_tokens for share in shares if share is not None)
+    progress.token_count += sum(share.n_target_tokens for share in shares)
     progress.batches_done += 1
 
 
@@ -189,14 +194,16 @@ def set_up_worker(loop: TrainLoop) -> Worker:
     config, data = loop.train, loop.data
     # One intra-op thread per CPU the worker was given: more threads than cores only thrash.
     torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     train_split, device = data.train.open(), ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_model(loop.model, data.src_vocab_size, data.tgt_vocab_size))
+    # Dropout and scheduled sampling draw per rank: with one seed, every rank would mask alike.
+    torch.manual_seed(rank_seed(config.seed, rank))
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
     steps_per_epoch = len(_epoch_batches(train_split, config, 0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
     update = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
-    checkpointer = Checkpointer(bare_model, optimizer, scheduler, rank, world, device)
+    checkpointer = Checkpointer(bare_model, optimizer, scheduler, update.scaler, rank, world, device)
     state = checkpointer.load()
     fixed_metrics = {
         "resumed_from_epoch": state.epoch,
@@ -240,7 +247,7 @@ def train_worker(loop_config: dict[str, TrainLoop]) -> None:
         _train_epoch(worker, loop.train, epoch)
         metrics = _end_of_epoch_metrics(worker, loop.train, epoch)
         state.record(metrics)
-        if loop.train.average_last > 1:
+        if loop.train.average_last > 1 and worker.rank == 0:
             state.keep_weights(worker.bare_model, loop.train.average_last)
         if worker.rank == 0 and not quiet():  # Train V2 prints no reported metrics: the stage's heartbeat
             line = epoch_line(metrics, loop.epochs, time.perf_counter() - run_started, epochs_this_run)
