@@ -58,7 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument(
         "--device",
         default=None,
-        help="auto (default: a CUDA GPU when present), cpu or cuda; or $PIPELINE_DEVICE",
+        help="auto (default: a CUDA GPU when present), cpu or cuda; or $PIPELINE_DEVICE. With --input: the"
+        " model actors' device; cuda asks the cluster for GPU actors even before it has GPUs (an autoscaler"
+        " adds them)",
     )
     translate.add_argument(
         "--max-input-tokens",
@@ -246,8 +248,8 @@ def run_batch_translate(args: argparse.Namespace) -> int:
         raise PipelineError(f"--beam-size must be at least 1, got {args.beam_size}")
     if args.actors is not None and args.actors < 1:
         raise PipelineError(f"--actors must be at least 1, got {args.actors}")
-    if args.device not in (None, "auto"):
-        raise PipelineError("--device does not apply to --input: actors take a GPU each where there are GPUs")
+    if args.device not in (None, "auto", "cpu", "cuda"):
+        raise PipelineError(f"--device with --input: auto, cpu or cuda, got {args.device!r}")
     from pipeline.jobs.batch_translate import input_files, translate_file
     from pipeline.network.translator import InputBounds
     from pipeline.training.ray_session import ray_session
@@ -255,7 +257,9 @@ def run_batch_translate(args: argparse.Namespace) -> int:
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
     input_files(args.input)  # a missing input is reported before Ray starts
     with ray_session():
-        translate_file(args.input, args.output, args.model, args.beam_size, args.actors, bounds)
+        translate_file(
+            args.input, args.output, args.model, args.beam_size, args.actors, bounds, args.device or "auto"
+        )
     return 0
 
 

@@ -269,6 +269,58 @@ def test_a_model_pool_that_cannot_start_stops_with_one_line(
     assert not (tmp_path / "out.txt").exists()
 
 
+def _gpu_demand(gcs_address: str) -> float:
+    """The GPUs that pending requests ask of the cluster: what an autoscaler reads to add GPU nodes."""
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+    state = get_cluster_resource_state(GcsClient(address=gcs_address))
+    pending = state.pending_resource_requests
+    return sum(request.request.resources_bundle.get("GPU", 0.0) for request in pending)
+
+
+def test_cuda_actors_are_asked_for_before_the_cluster_has_a_gpu(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cuda` on a cluster without GPUs yet (an autoscaler adds them when asked): the pool asks for
+    GPU actors, the demand shows in the cluster's pending requests, and with no GPU node coming the job
+    stops after the start timeout with one line. `auto` would have picked CPU actors and never asked."""
+    import threading
+    import time
+
+    import ray
+
+    from pipeline.errors import PipelineError
+    from pipeline.jobs import batch_translate
+
+    gcs_address = ray.get_runtime_context().gcs_address
+    monkeypatch.setenv("RAY_ADDRESS", gcs_address)  # a driver that joined a cluster, as a Ray job's does
+    monkeypatch.setattr(batch_translate, "ACTOR_START_TIMEOUT_S", 20)
+    assert not ray.cluster_resources().get("GPU")
+    (tmp_path / "in.txt").write_text("one\ntwo\n", encoding="utf-8")
+    errors: list[BaseException] = []
+
+    def translate() -> None:
+        try:
+            batch_translate.translate_file(
+                tmp_path / "in.txt", tmp_path / "out.txt", str(model_dir), actors=1, device="cuda"
+            )
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            errors.append(error)
+
+    worker = threading.Thread(target=translate, daemon=True)
+    worker.start()
+    demanded, deadline = 0.0, time.monotonic() + 18
+    while not demanded and time.monotonic() < deadline:
+        demanded = _gpu_demand(gcs_address)
+        time.sleep(0.5)
+    worker.join(timeout=90)
+    assert demanded >= 1, "no GPU request reached the cluster's pending demand"
+    assert len(errors) == 1 and isinstance(errors[0], PipelineError), errors
+    assert "did not all start within 20 s" in str(errors[0])
+    assert not (tmp_path / "out.txt").exists()
+
+
 def test_blocks_leave_the_read_task_while_it_is_still_reading(tmp_path: Path) -> None:
     """A split is read by one task: its first blocks must reach the map tasks and the driver before the
     read ends, or no other core works meanwhile and the read task holds up to a whole block of text.

@@ -34,6 +34,7 @@ from pipeline.data.ray_blocks import (
 )
 from pipeline.errors import PipelineError
 from pipeline.network.translator import InputBounds
+from pipeline.training.ray_session import cluster_address
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +122,22 @@ def translate_file(
     beam_size: int | None = None,
     actors: int | None = None,
     bounds: InputBounds | None = None,
+    device: str = "auto",
 ) -> int:
-    """Translate `source` into `output` on the connected Ray cluster; returns the lines written."""
+    """Translate `source` into `output` on the connected Ray cluster; returns the lines written. `device`
+    auto: GPU actors when the cluster has GPUs now, else CPU actors; cuda: GPU actors whether or not the
+    cluster has GPUs yet (the request is what makes an autoscaler add GPU nodes); cpu: CPU actors."""
     bounds = bounds or InputBounds.resolve()
     files = input_files(source)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        pool = actors or gpus
-        if pool > gpus:
-            raise PipelineError(f"--actors {pool}: each model actor takes a GPU, and the cluster has {gpus}")
+    use_gpus = device == "cuda" or (device == "auto" and gpus > 0)
+    if use_gpus:
+        pool = actors or max(1, gpus)
+        # A cluster may add GPU nodes for the pool (an autoscaler); a local Ray never will.
+        if pool > gpus and cluster_address() is None:
+            raise PipelineError(
+                f"--actors {pool}: each model actor takes a GPU, and this machine's Ray has {gpus}"
+            )
         options = {
             "compute": ray.data.ActorPoolStrategy(size=pool),
             "num_gpus": 1,
@@ -138,8 +146,9 @@ def translate_file(
         }
     else:
         pool, options = actor_pool(actors)
-    logger.info("translating %s with %d %s actor(s) -> %s", source, pool, "GPU" if gpus else "CPU", output)
-    settings = {"device": "cuda" if gpus else "cpu", "beam_size": beam_size, "bounds": bounds}
+    kind = "GPU" if use_gpus else "CPU"
+    logger.info("translating %s with %d %s actor(s) -> %s", source, pool, kind, output)
+    settings = {"device": "cuda" if use_gpus else "cpu", "beam_size": beam_size, "bounds": bounds}
     # Inside the context: a dataset keeps the Ray Data settings of the moment it is made. Every model
     # actor is up before the first chunk goes out: without the wait, the first actors to load their model
     # would take a short job's every chunk. Ray Data then gives a chunk to an actor on the node holding

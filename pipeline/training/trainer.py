@@ -2,8 +2,10 @@
 
 Knows Ray Train, not Tune: Tune wraps `build_trainer` (see tuning.py). Workers on the driver's machine
 memory-map data/processed directly (no copy: they share the page cache and touch only the pages of their
-batches); only when the cluster has other nodes are the splits also put in the object store once, so a
-worker elsewhere gets one zero-copy replica per node instead of reading the driver's disk.
+batches). On a cluster the splits are also put in the object store once, so a worker elsewhere gets one
+zero-copy replica per node instead of reading the driver's disk, which its node does not have. "On a
+cluster" is decided by how the driver joined Ray, not by the nodes alive now: an autoscaling cluster adds
+its (GPU) workers after the stage asks for them, and those must find the data too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ray.train.torch
 from pipeline.config import CheckpointInterval, ModelConfig, RuntimeConfig, TrainConfig
 from pipeline.data.processed import ProcessedData
 from pipeline.network.encoded import EncodedSplit
+from pipeline.training.ray_session import cluster_address
 from pipeline.training.resources import worker_resources
 from pipeline.training.worker import LOOP_KEY, train_worker
 
@@ -65,7 +68,7 @@ class EpochLogger(Protocol):
 
 def put_training_data(processed: ProcessedData, max_examples: int | None = None) -> TrainingData:
     """Handles to the train (first `max_examples` pairs) and validation splits for the workers."""
-    multi_node = sum(node["Alive"] for node in ray.nodes()) > 1
+    multi_node = may_span_nodes()
     driver_node_id = ray.get_runtime_context().get_node_id()
 
     def handle(split: str, limit: int | None) -> SplitHandle:
@@ -84,6 +87,13 @@ def put_training_data(processed: ProcessedData, max_examples: int | None = None)
         processed.tgt_tokenizer.to_str(),
         tuple(processed.texts("validation")[1]),
     )
+
+
+def may_span_nodes() -> bool:
+    """Whether a worker may run on a node other than the driver's: the driver joined a cluster (RAY_ADDRESS,
+    as in every Ray job), which can grow at any time, or the Ray it uses has several nodes already. A local
+    Ray that a stage started on its own machine has one node for good."""
+    return cluster_address() is not None or sum(node["Alive"] for node in ray.nodes()) > 1
 
 
 @dataclass(frozen=True)
