@@ -43,12 +43,16 @@ def _build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--beam-size", type=int, default=None, help="default: the model's setting")
     translate.add_argument(
         "--input",
-        type=Path,
         default=None,
-        help="a file, or a folder of files in name order: translated on Ray Data (the cluster in"
-        " $RAY_ADDRESS, else a local Ray) into --output, line for line",
+        help="a file, or a folder of files in name order, on this machine or in an object store"
+        " (s3://...): translated on Ray Data (the cluster in $RAY_ADDRESS, else a local Ray) into --output,"
+        " line for line",
     )
-    translate.add_argument("--output", type=Path, default=None, help="with --input: the file to write")
+    translate.add_argument(
+        "--output",
+        default=None,
+        help="with --input: the file to write, on this machine or an s3://... object",
+    )
     translate.add_argument(
         "--actors",
         type=int,
@@ -250,12 +254,14 @@ def run_batch_translate(args: argparse.Namespace) -> int:
         raise PipelineError(f"--actors must be at least 1, got {args.actors}")
     if args.device not in (None, "auto", "cpu", "cuda"):
         raise PipelineError(f"--device with --input: auto, cpu or cuda, got {args.device!r}")
+    from pipeline.jobs import object_store
     from pipeline.jobs.batch_translate import input_files, translate_file
     from pipeline.network.translator import InputBounds
     from pipeline.training.ray_session import ray_session
 
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
-    input_files(args.input)  # a missing input is reported before Ray starts
+    if not object_store.is_uri(args.input):
+        input_files(Path(args.input))  # a missing input is reported before Ray starts
     with ray_session():
         translate_file(
             args.input, args.output, args.model, args.beam_size, args.actors, bounds, args.device or "auto"

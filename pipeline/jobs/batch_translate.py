@@ -33,6 +33,7 @@ from pipeline.data.ray_blocks import (
     task_errors_as_pipeline_errors,
 )
 from pipeline.errors import PipelineError
+from pipeline.jobs import object_store
 from pipeline.network.translator import InputBounds
 from pipeline.training.ray_session import cluster_address
 
@@ -116,18 +117,47 @@ def model_files(model: str) -> dict[str, bytes]:
 
 
 def translate_file(
-    source: Path,
-    output: Path,
+    source: str | Path,
+    output: str | Path,
     model: str,
     beam_size: int | None = None,
     actors: int | None = None,
     bounds: InputBounds | None = None,
     device: str = "auto",
 ) -> int:
-    """Translate `source` into `output` on the connected Ray cluster; returns the lines written. `device`
+    """Translate `source` into `output` on the connected Ray cluster; returns the lines written. Either may be
+    an object-store URI (s3://...; see object_store.py), else a path on the driver's machine. `device`
     auto: GPU actors when the cluster has GPUs now, else CPU actors; cuda: GPU actors whether or not the
     cluster has GPUs yet (the request is what makes an autoscaler add GPU nodes); cpu: CPU actors."""
-    bounds = bounds or InputBounds.resolve()
+    with tempfile.TemporaryDirectory(prefix="translate-") as staging:
+        local_source = (
+            object_store.fetch(str(source), Path(staging)) if object_store.is_uri(source) else source
+        )
+        local_output = Path(staging, "output.txt") if object_store.is_uri(output) else Path(output)
+        written = _translate_local(
+            Path(local_source),
+            local_output,
+            model,
+            beam_size,
+            actors,
+            bounds or InputBounds.resolve(),
+            device,
+        )
+        if object_store.is_uri(output):
+            object_store.upload(local_output, str(output))
+            logger.info("uploaded -> %s", output)
+    return written
+
+
+def _translate_local(
+    source: Path,
+    output: Path,
+    model: str,
+    beam_size: int | None,
+    actors: int | None,
+    bounds: InputBounds,
+    device: str,
+) -> int:
     files = input_files(source)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpus = device == "cuda" or (device == "auto" and gpus > 0)

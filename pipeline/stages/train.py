@@ -37,6 +37,7 @@ class TrainedRun:
     best_epoch: int
     best_val_loss: float
     history: list[dict[str, Any]]
+    worker_addresses: list[list[str]]  # each start of the worker group: its ranks' node addresses
 
 
 def run(config: PipelineConfig) -> None:
@@ -149,7 +150,8 @@ def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
     if averaged is not None:
         kept = len(latest["state"]["best_weights"])
         logger.info("averaging the weights of %d epochs ending at the best one", kept)
-    return TrainedRun(weights, best["state"]["epoch"], best["state"]["best_val_loss"], history)
+    addresses = latest["state"].get("worker_addresses") or []
+    return TrainedRun(weights, best["state"]["epoch"], best["state"]["best_val_loss"], history, addresses)
 
 
 def _write_outputs(
@@ -178,7 +180,7 @@ def _write_outputs(
             "epochs_run": len(trained.history),
         },
     )
-    write_train_run(TrainRun(mlflow_run_id=mlflow_run_id, ray_run_name=run_name))
+    write_train_run(TrainRun(mlflow_run_id, run_name, trained.worker_addresses))
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

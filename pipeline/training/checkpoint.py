@@ -56,6 +56,9 @@ class TrainState:
     # the N ending at the best epoch (what the model becomes), oldest first. CPU copies.
     recent_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
     best_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # The node address of every rank, in rank order, once per start of the worker group (a restart after a
+    # lost worker adds a row): where the run trained, as Ray placed it.
+    worker_addresses: list[list[str]] = field(default_factory=list)
 
     def keep_weights(self, model: torch.nn.Module, count: int) -> None:
         """This epoch's weights among the last `count`, after `record` of its metrics: when the epoch is the

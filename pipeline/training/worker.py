@@ -205,6 +205,7 @@ def set_up_worker(loop: TrainLoop) -> Worker:
     update = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
     checkpointer = Checkpointer(bare_model, optimizer, scheduler, update.scaler, rank, world, device)
     state = checkpointer.load()
+    state.worker_addresses.append(gather_objects(ray.util.get_node_ip_address()))
     fixed_metrics = {
         "resumed_from_epoch": state.epoch,
         "resumed_from_step": state.progress.batches_done if checkpointer.resumed else -1,

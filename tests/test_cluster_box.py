@@ -1,0 +1,326 @@
+"""The pipeline on a cluster in a box (cluster/box.py): Ray hosts that share only the network, an S3 server
+(DVC remote, Ray storage, MLflow artifacts) and an MLflow tracking server on PostgreSQL. This process is the
+laptop: it submits with `python -m pipeline submit` and pulls the results home.
+
+One job runs the whole pipeline (`dvc repro --pull` to register, corpus DVC-tracked under corpus/, the Ray
+Data engine, a tune of 2 trials) on a box that starts with the head alone, as the shipped autoscaling
+clusters start without workers:
+- a worker host joins once the tune stage has started (the autoscaler's case): the trials' second rank
+  runs there, from the object-store copy of the data;
+- in the train stage, after the first epoch, that host is killed (every process of it); a new worker host
+  joins, and Ray Train resumes from the checkpoint in the object store on the head and the new host.
+Then, at home: `dvc repro --pull` restores every stage with none run, the model is in the tracking
+server's registry as champion and `mlflow models serve` of it answers; and `translate --input/--output`
+runs on the box, between a file in the project and the object store.
+
+Skipped, with the reason, where network namespaces cannot be made (not root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cluster.box import BUCKET, Box, can_make_namespaces
+from tests.dvc_project import make_dvc_project
+from tests.helpers import TINY_PARAMS, deep_merge
+from tests.ray_head import clean_env, free_ports
+
+pytestmark = pytest.mark.slow
+
+WHY_NOT = can_make_namespaces()
+if WHY_NOT is not None:
+    pytest.skip(f"cluster in a box: {WHY_NOT}", allow_module_level=True)
+
+MODEL_NAME = "seq2seq-translator"
+EPOCHS = 3
+BOX_PARAMS = deep_merge(
+    TINY_PARAMS,
+    {
+        "data": {"source": "corpus/box", "src_lang": "en", "tgt_lang": "art", "engine": "ray"},
+        "train": {"epochs": EPOCHS},
+        "tune": {
+            "num_samples": 2,
+            "max_epochs": 1,
+            "max_examples": 500,
+            "search_space": {"model.dropout": {"uniform": [0.0, 0.3]}},
+        },
+        "runtime": {"num_workers": 2},
+    },
+)
+JOB_TIMEOUT_S = 900
+
+
+def _laptop_env(box: Box, **extra: str) -> dict[str, str]:
+    return clean_env(**box.laptop_env(), **extra)
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    """The head alone, plus the services: workers join while the job runs."""
+    with Box(tmp_path_factory.mktemp("box")) as made:
+        made.up(workers=0)
+        yield made
+    assert not made.hosts and not made.services
+
+
+@pytest.fixture(scope="module")
+def project(box: Box, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The laptop's project: git + DVC, the corpus DVC-tracked under corpus/ and pushed to the box's S3."""
+    from pipeline.data.builtin_corpus import generate_corpus
+
+    directory = make_dvc_project(tmp_path_factory.mktemp("laptop"), BOX_PARAMS)
+    corpus = directory / "corpus" / "box"
+    corpus.mkdir(parents=True)
+    pairs = generate_corpus(1500, seed=13)
+    (corpus / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
+    (corpus / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
+    # A file in the project travels with the job (translate --input reads it on the head).
+    (directory / "to_translate.txt").write_text("".join(f"{s}\n" for s, _ in pairs[:40]), encoding="utf-8")
+    env = _laptop_env(box)
+    dvc = [sys.executable, "-m", "dvc"]
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    _run([*dvc, "add", "corpus/box"], directory, env)
+    _run([*dvc, "remote", "add", "-d", "box", f"s3://{BUCKET}/dvc"], directory, env)
+    _run([*dvc, "remote", "modify", "box", "endpointurl", box.s3_url], directory, env)
+    _run([*git, "add", "-A"], directory, env)
+    _run([*git, "commit", "-qm", "corpus and remote"], directory, env)
+    _run([*dvc, "push"], directory, env)
+    return directory
+
+
+@dataclass
+class Job:
+    returncode: int
+    log: str
+    seconds: float
+    events: dict[str, float] = field(default_factory=dict)  # what happened when, seconds from submission
+
+
+class _Follower:
+    """Reads the job's streamed output and sets an event when a line matches one of `markers`."""
+
+    def __init__(self, stream, markers: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.events = {name: threading.Event() for name in markers}
+        self.markers = {name: re.compile(pattern) for name, pattern in markers.items()}
+        self.thread = threading.Thread(target=self._follow, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _follow(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+            for name, pattern in self.markers.items():
+                if pattern.search("".join(self.lines[-1:])):
+                    self.events[name].set()
+
+    def wait(self, name: str, process: subprocess.Popen, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.events[name].wait(1.0):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the job never reached {name!r}:\n{''.join(self.lines)[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def job(box: Box, project: Path) -> Job:
+    """The whole pipeline as one job; a worker host joins after tune started, is killed after the train
+    stage's first epoch, and another joins in its place."""
+    env = _laptop_env(box, PIPELINE_SET=f"runtime.storage_path=s3://{BUCKET}/ray")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "submit"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    follower = _Follower(
+        process.stdout,
+        {
+            "tune": r"Running stage 'tune'",
+            "train": r"Running stage 'train'",
+            "train_epoch_1": rf"epoch 1/{EPOCHS}: ",
+        },
+    )
+    events: dict[str, float] = {}
+    try:
+        follower.wait("tune", process, 300)
+        box.add_worker()  # joins after the tune stage put (or failed to put) its data
+        events["worker1 joined"] = time.monotonic() - started
+        follower.wait("train", process, 600)
+        follower.events["train_epoch_1"].clear()  # tune trials print epoch lines too
+        follower.wait("train_epoch_1", process, 300)
+        box.kill_host(box.hosts["worker1"])
+        events["worker1 killed"] = time.monotonic() - started
+        box.add_worker()
+        events["worker2 joined"] = time.monotonic() - started
+        process.wait(timeout=JOB_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    follower.thread.join(timeout=10)
+    return Job(process.returncode, "".join(follower.lines), time.monotonic() - started, events)
+
+
+@pytest.fixture(scope="module")
+def home(box: Box, project: Path, job: Job) -> str:
+    """Back on the laptop: `dvc repro --pull` at the commit and params the job ran."""
+    assert job.returncode == 0, job.log[-8000:]
+    return _run([sys.executable, "-m", "dvc", "repro", "--pull"], project, _laptop_env(box), timeout=600)
+
+
+def test_the_whole_pipeline_job_succeeds_on_hosts_that_share_only_the_network(job: Job) -> None:
+    assert job.returncode == 0 and "finished: SUCCEEDED" in job.log, job.log[-8000:]
+    for stage in ("prepare", "preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in job.log, stage
+
+
+def test_workers_that_join_late_train_from_the_object_store_and_a_killed_one_resumes(
+    box: Box, project: Path, home: str
+) -> None:
+    """The DDP ranks ran on two hosts, the late joiners read the object-store copy of the data, and after
+    the kill the group restarted on the new host from the last checkpoint, training each epoch once."""
+    import csv
+
+    run = json.loads((project / "reports/train_run.json").read_text())
+    groups = run["worker_addresses"]
+    head, first, second = box.head.address, f"{box.subnet}.12", f"{box.subnet}.13"
+    assert len(groups) == 2, groups  # the first start and the restart after the kill
+    assert sorted(groups[0]) == sorted([head, first]), groups
+    assert sorted(groups[1]) == sorted([head, second]), groups
+    with (project / "reports/train_history.csv").open() as handle:
+        history = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in history] == list(range(EPOCHS)), "each epoch exactly once"
+    assert all(int(row["n_nodes"]) == 2 and int(row["object_store_readers"]) == 1 for row in history)
+    resumed = [int(row["resumed_from_epoch"]) for row in history]
+    assert resumed[0] == -1 and resumed[-1] >= 0, resumed
+
+
+def test_checkpoints_are_in_the_object_store(box: Box, project: Path, home: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=box.s3_url, **_boto_credentials(box))
+    run_name = json.loads((project / "reports/train_run.json").read_text())["ray_run_name"]
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"ray/{run_name}/")
+    keys = [item["Key"] for item in listed.get("Contents", [])]
+    assert any("/checkpoint_" in key and key.endswith("training_state.pt") for key in keys), keys
+
+
+def test_results_come_home_with_nothing_rerun(home: str) -> None:
+    assert "Running stage" not in home, home[-4000:]
+    for stage in ("prepare", "preprocess", "tune", "train", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run" in home, (stage, home[-4000:])
+
+
+def test_the_champion_is_in_the_tracking_servers_registry_and_serves(
+    box: Box, project: Path, home: str
+) -> None:
+    from mlflow import MlflowClient
+
+    version = MlflowClient(tracking_uri=box.tracking_uri).get_model_version_by_alias(MODEL_NAME, "champion")
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert version.tags.get("bleu") is None or float(version.tags["bleu"]) == pytest.approx(metrics["bleu"])
+    (port,) = free_ports(1)
+    env = {**_laptop_env(box), "OMP_NUM_THREADS": "1"}
+    log = project / "serve.log"
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve"]
+    command += [
+        "-m",
+        f"models:/{MODEL_NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline, answer = time.monotonic() + 180, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=json.dumps({"inputs": ["the dog sees a cat ."]}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, log.read_text()[-3000:]
+        assert len(answer["predictions"]) == 1 and answer["predictions"][0].strip()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+
+
+def _boto_credentials(box: Box) -> dict[str, str]:
+    env = box.s3_env()
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_REGION"],
+    }
+
+
+def test_batch_translation_on_the_box_reads_the_project_or_the_object_store_and_writes_the_object_store(
+    box: Box, project: Path, home: str
+) -> None:
+    """`translate --input` as a job: a file in the project (it travels with the job) and an object the
+    laptop uploaded, each to an object the laptop downloads; both equal `translate` run at home."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=box.s3_url, **_boto_credentials(box))
+    client.upload_file(str(project / "to_translate.txt"), BUCKET, "translate/in.txt")
+    env = _laptop_env(box)
+    model = f"models:/{MODEL_NAME}@champion"
+    translate = ["python", "-m", "pipeline", "translate", "--model", model]
+    for source, target in (
+        ("to_translate.txt", "translate/from-project.txt"),
+        (f"s3://{BUCKET}/translate/in.txt", "translate/from-bucket.txt"),
+    ):
+        command = [*translate, "--input", source, "--output", f"s3://{BUCKET}/{target}"]
+        _run([sys.executable, "-m", "pipeline", "submit", "--", *command], project, env, timeout=600)
+    lines = (project / "to_translate.txt").read_text(encoding="utf-8")
+    at_home = subprocess.run(
+        [sys.executable, "-m", "pipeline", "translate", "--model", model],
+        input=lines,
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    for target in ("translate/from-project.txt", "translate/from-bucket.txt"):
+        body = client.get_object(Bucket=BUCKET, Key=target)["Body"].read().decode("utf-8")
+        assert body == at_home, target
