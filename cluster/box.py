@@ -34,11 +34,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "box"
@@ -71,12 +73,14 @@ class Host:
 
 
 def can_make_namespaces() -> str | None:
-    """Why a box cannot be made on this machine, or None when it can."""
+    """Why a box cannot be made on this machine (root, the namespace tools, PostgreSQL), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     for tool in ("ip", "unshare", "nsenter"):
         if shutil.which(tool) is None:
             return f"the `{tool}` command is missing (iproute2 / util-linux)"
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
+        return "PostgreSQL is not installed (Debian: apt-get install postgresql)"
     probe = f"s2sprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -128,6 +132,8 @@ class Box:
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     hosts: dict[str, Host] = field(default_factory=dict)
     services: dict[str, subprocess.Popen] = field(default_factory=dict)
+    cleanup: list[Path] = field(default_factory=list)  # folders outside `folder` that `down` removes
+    _previous_sigterm: Any = None
 
     @property
     def bridge(self) -> str:
@@ -154,17 +160,23 @@ class Box:
         return f"http://{self.head.address}:{DASHBOARD_PORT}"
 
     def __enter__(self) -> Box:
+        # SIGTERM (a CI time-out, `kill`) as Ctrl-C: the `with` block unwinds and `down` runs.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.down()
+        try:
+            self.down()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     # ------------------------------------------------------------------------------------------ making it
 
     def up(self, workers: int = 2) -> Box:
         """Bridge, services, the head, and `workers` worker hosts (more can join later: `add_worker`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o755)  # PostgreSQL runs as its own user and keeps its data in here
         if self.subnet + "." in _run("ip", "-o", "-4", "addr"):
             raise BoxError(f"{self.subnet}.0/24 is in use on this machine: give the box another subnet")
         _run("ip", "link", "add", self.bridge, "type", "bridge")
@@ -240,7 +252,9 @@ class Box:
         headers = {"Authorization": f"Bearer {self.token}"}
         _wait("the head's jobs API", lambda: _http_ok(f"{self.jobs_address}/api/jobs/", headers), 120)
 
-    def _service(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _service(
+        self, name: str, command: list[str], env: dict[str, str] | None = None, user: str | None = None
+    ) -> subprocess.Popen:
         log = self.folder / f"{name}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
@@ -249,6 +263,7 @@ class Box:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PATH": HOST_PATH, **(env or {})},
                 start_new_session=True,  # its own process group: stopped with everything it spawned
+                user=user,
             )
         self.services[name] = process
         return process
@@ -262,24 +277,16 @@ class Box:
 
     def _start_tracking_server(self) -> None:
         """PostgreSQL (a private cluster, run as the postgres user: it refuses root), then MLflow on it."""
-        binaries, data = _postgres_bin(), self.folder / "postgres"
-        data.mkdir()
+        # Its own folder, which the postgres user can reach (the box's folder may sit in a private one).
+        binaries = _postgres_bin()
+        data = Path(tempfile.mkdtemp(prefix=f"s2sbox-{self.tag}-pg-"))
+        self.cleanup.append(data)
         shutil.chown(data, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        _run(
-            *as_postgres,
-            str(binaries / "initdb"),
-            "-D",
-            str(data),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            timeout=120,
-        )
+        initdb = [str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]
+        subprocess.run(initdb, user="postgres", check=True, capture_output=True, timeout=120)
         port = str(MLFLOW_PORT + 432)  # not 5432: the machine may run its own PostgreSQL
         server = [str(binaries / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", port, "-k", str(data)]
-        self._service("postgres", [*as_postgres, *server])
+        self._service("postgres", server, user="postgres")  # our own child: stopped and reaped by PID
         psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc"]
 
         def answers() -> bool:
@@ -291,7 +298,8 @@ class Box:
         mlflow = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", store]
         mlflow += ["--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
         mlflow += ["--host", self.gateway, "--port", str(MLFLOW_PORT)]
-        self._service("mlflow", mlflow, env=self.s3_env())
+        # No server-side job runner: it forks consumers in sessions of their own, which nothing here uses.
+        self._service("mlflow", mlflow, env={**self.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         _wait(
             "the MLflow server",
             lambda: _http_ok(f"{self.tracking_uri}/health"),
@@ -371,8 +379,15 @@ class Box:
         for host in self.hosts.values():
             subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for folder in self.cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
         self.hosts.clear()
         self.services.clear()
+        self.cleanup.clear()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stop_group(process: subprocess.Popen) -> None:
