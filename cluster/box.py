@@ -219,7 +219,7 @@ class Box:
         _run("ip", "-n", netns, "route", "add", "default", "via", self.gateway)
         anchor = subprocess.Popen(
             ["ip", "netns", "exec", netns, "unshare", "--mount", "--uts", "--propagation", "private"]
-            + ["--fork", "--", "sh", "-c", _host_init_script(name)],
+            + ["--fork", "--", "sh", "-c", _host_init_script(name, address)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -399,9 +399,11 @@ def _stop_group(process: subprocess.Popen) -> None:
             return
 
 
-def _host_init_script(name: str) -> str:
-    """The host's private mounts and name, then `sleep` for ever: the process the host lives in. A Python
-    environment under /tmp (a checkout there) is bound back over the new /tmp, or the host could not run."""
+def _host_init_script(name: str, address: str) -> str:
+    """The host's private mounts, name and /etc/hosts (its name resolves to its address, as on a real
+    cluster: gloo and NCCL publish what their host name resolves to), then `sleep` for ever: the process
+    the host lives in. A Python environment under /tmp (a checkout there) is bound back over the new /tmp,
+    or the host could not run."""
     keep = f"/run/s2sbox-keep-{os.getpid()}-{name}"
     prefix = Path(sys.prefix).resolve()
     rebind = ""
@@ -413,8 +415,10 @@ def _host_init_script(name: str) -> str:
         )
     else:
         rebind = "mount -t tmpfs tmpfs /tmp"
+    hosts_file = f"127.0.0.1 localhost\\n{address} {name}\\n"
+    hosts = f"printf '{hosts_file}' > /tmp/.hosts; mount --bind /tmp/.hosts /etc/hosts"
     return (
-        f"set -e; {rebind}; mount -t tmpfs tmpfs /dev/shm; mkdir -p /tmp/home; hostname {name}; "
+        f"set -e; {rebind}; mount -t tmpfs tmpfs /dev/shm; mkdir -p /tmp/home; hostname {name}; {hosts}; "
         "echo ready; exec sleep infinity"
     )
 

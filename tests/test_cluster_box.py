@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 
 from cluster.box import BUCKET, Box, can_make_namespaces
+from tests.box_project import BOX_PARAMS, EPOCHS, write_corpus
 from tests.dvc_project import make_dvc_project
-from tests.helpers import TINY_PARAMS, deep_merge
 from tests.ray_head import clean_env, free_ports
 
 pytestmark = pytest.mark.slow
@@ -46,27 +46,6 @@ if WHY_NOT is not None:
     pytest.skip(f"cluster in a box: {WHY_NOT}", allow_module_level=True)
 
 MODEL_NAME = "seq2seq-translator"
-EPOCHS = 3
-BOX_PARAMS = deep_merge(
-    TINY_PARAMS,
-    {
-        "data": {"source": "corpus/box", "src_lang": "en", "tgt_lang": "art", "engine": "ray"},
-        "train": {"epochs": EPOCHS},
-        "tune": {
-            "num_samples": 2,
-            "max_epochs": 1,
-            "max_examples": 500,
-            # The default space's keys, narrowed to tiny models (a merge cannot drop a key).
-            "search_space": {
-                "model.emb_dim": {"choice": [32]},
-                "model.hidden_dim": {"choice": [48]},
-                "model.n_layers": {"choice": [1]},
-                "model.dropout": {"uniform": [0.0, 0.3]},
-            },
-        },
-        "runtime": {"num_workers": 2},
-    },
-)
 JOB_TIMEOUT_S = 900
 
 
@@ -92,16 +71,8 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
 @pytest.fixture(scope="module")
 def project(box: Box, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The laptop's project: git + DVC, the corpus DVC-tracked under corpus/ and pushed to the box's S3."""
-    from pipeline.data.builtin_corpus import generate_corpus
-
     directory = make_dvc_project(tmp_path_factory.mktemp("laptop"), BOX_PARAMS)
-    corpus = directory / "corpus" / "box"
-    corpus.mkdir(parents=True)
-    pairs = generate_corpus(1500, seed=13)
-    (corpus / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
-    (corpus / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
-    # A file in the project travels with the job (translate --input reads it on the head).
-    (directory / "to_translate.txt").write_text("".join(f"{s}\n" for s, _ in pairs[:40]), encoding="utf-8")
+    write_corpus(directory)
     env = _laptop_env(box)
     dvc = [sys.executable, "-m", "dvc"]
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]

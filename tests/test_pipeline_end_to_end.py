@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+import yaml
 
 from tests.dvc_project import make_dvc_project, run
 from tests.ray_head import RayHead, output, submit
@@ -163,24 +164,24 @@ def _set_param(project: Path, assignment: str) -> None:
 
 
 def test_a_parameter_set_that_already_ran_comes_back_from_the_run_cache(project: Path) -> None:
-    """lr A -> lr B -> lr A: the third `dvc repro` restores train (and what follows it) from DVC's
-    run-cache, byte for byte, instead of training again."""
-    model_a = _snapshot(project / "models")
-    lr_a = SMALL_BUT_LEARNABLE["train"]["lr"]
-    _set_param(project, f"train.lr={lr_a / 2}")
+    """data.seed A -> B -> A: the third `dvc repro` restores prepare from DVC's run-cache, byte for byte,
+    instead of running it again, and with its output as it was nothing after it runs. (The run-cache is
+    the same mechanism for every stage; prepare proves it in seconds where train would take minutes.)"""
+    prepared_a = _snapshot(project / "data/prepared")
+    seed_a = yaml.safe_load((project / "params.yaml").read_text())["data"]["seed"]
+    _set_param(project, f"data.seed={seed_a + 1}")
     try:
-        trained_b = run(["dvc", "repro", "train"], project, timeout=1200)
-        assert "Running stage 'train'" in trained_b.stdout, trained_b.stdout
-        assert "Running stage 'prepare'" not in trained_b.stdout
-        assert _snapshot(project / "models") != model_a
+        prepared_b = run(["dvc", "repro", "prepare"], project)
+        assert "Running stage 'prepare'" in prepared_b.stdout, prepared_b.stdout
+        assert _snapshot(project / "data/prepared") != prepared_a, "another seed carves other splits"
     finally:
-        _set_param(project, f"train.lr={lr_a}")
+        _set_param(project, f"data.seed={seed_a}")
 
     restored = run(["dvc", "repro"], project)
 
-    assert "Stage 'train' is cached - skipping run" in restored.stdout, restored.stdout
+    assert "Stage 'prepare' is cached - skipping run" in restored.stdout, restored.stdout
     assert "Running stage" not in restored.stdout, restored.stdout
-    assert _snapshot(project / "models") == model_a
+    assert _snapshot(project / "data/prepared") == prepared_a
     assert json.loads(run(["dvc", "status", "--json"], project).stdout or "{}") == {}
 
 

@@ -1,0 +1,42 @@
+"""The small project the cluster-in-a-box tests (and their benchmark) run: tiny models, a corpus under
+corpus/ for DVC to track, the Ray Data engine and a tune of 2 trials of 2 workers each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import TINY_PARAMS, deep_merge
+
+EPOCHS = 3
+BOX_PARAMS = deep_merge(
+    TINY_PARAMS,
+    {
+        "data": {"source": "corpus/box", "src_lang": "en", "tgt_lang": "art", "engine": "ray"},
+        "train": {"epochs": EPOCHS},
+        "tune": {
+            "num_samples": 2,
+            "max_epochs": 1,
+            "max_examples": 500,
+            # The default space, narrowed to tiny models (a merge cannot drop a key; n_layers draws 1).
+            "search_space": {
+                "model.emb_dim": {"choice": [32]},
+                "model.hidden_dim": {"choice": [48]},
+                "model.dropout": {"uniform": [0.0, 0.3]},
+            },
+        },
+        "runtime": {"num_workers": 2},
+    },
+)
+
+
+def write_corpus(project: Path) -> None:
+    """corpus/box/train.{en,art}: 1,500 built-in pairs (validation and test are carved from them); and
+    to_translate.txt, 40 source lines, a file in the project for `translate --input`."""
+    from pipeline.data.builtin_corpus import generate_corpus
+
+    corpus = project / "corpus" / "box"
+    corpus.mkdir(parents=True)
+    pairs = generate_corpus(1500, seed=13)
+    (corpus / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
+    (corpus / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
+    (project / "to_translate.txt").write_text("".join(f"{s}\n" for s, _ in pairs[:40]), encoding="utf-8")
