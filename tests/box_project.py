@@ -12,7 +12,8 @@ BOX_PARAMS = deep_merge(
     TINY_PARAMS,
     {
         "data": {"source": "corpus/box", "src_lang": "en", "tgt_lang": "art", "engine": "ray"},
-        "train": {"epochs": EPOCHS},
+        # Small batches: enough updates that the tiny model learns, and epochs long enough to be killed in.
+        "train": {"epochs": EPOCHS, "batch_size": 600, "lr": 0.01},
         "tune": {
             "num_samples": 2,
             "max_epochs": 1,

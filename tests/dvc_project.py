@@ -13,6 +13,7 @@ from tests.helpers import REPO_ROOT, write_params
 
 PROJECT_FILES = (
     "dvc.yaml",
+    ".dvcignore",
     ".gitignore",
     ".dvc/config",
     ".dvc/.gitignore",

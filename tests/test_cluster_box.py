@@ -37,7 +37,7 @@ import pytest
 from cluster.box import BUCKET, Box, can_make_namespaces
 from tests.box_project import BOX_PARAMS, EPOCHS, write_corpus
 from tests.dvc_project import make_dvc_project
-from tests.ray_head import clean_env, free_ports
+from tests.ray_head import clean_env, free_ports, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -271,12 +271,7 @@ def test_the_champion_is_in_the_tracking_servers_registry_and_serves(
         assert answer is not None, log.read_text()[-3000:]
         assert len(answer["predictions"]) == 1 and answer["predictions"][0].strip()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
+        stop_process_group(server, grace_s=15)  # the server and its uvicorn workers
 
 
 def _boto_credentials(box: Box) -> dict[str, str]:
