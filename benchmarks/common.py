@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from pipeline.config import ModelConfig, TrainConfig, config_from_dict
-from pipeline.network.batching import micro_batches, target_tokens, token_budget_batches
+from pipeline.network.batching import micro_batches, target_tokens
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import build_model
-from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, epoch_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def bare_loop_tokens_per_sec(
     torch.manual_seed(train_config.seed)
     target = torch.device(device)
     model = build_model(model_config, *vocab).to(target)
-    steps_per_epoch = len(token_budget_batches(split, train_config.batch_size, seed=0))
+    steps_per_epoch = len(epoch_batches(split, train_config, 0))
     optimizer, scheduler = build_optimizer(model, train_config, steps_per_epoch * epochs, target)
     update = UpdateStep(compiled(model, train_config, target), optimizer, scheduler, train_config, target)
     on_gpu = target.type == "cuda"
@@ -73,8 +73,7 @@ def bare_loop_tokens_per_sec(
         torch.cuda.reset_peak_memory_stats()
     rates = []
     for epoch in range(epochs):
-        batches = token_budget_batches(split, train_config.batch_size, seed=train_config.seed * 1000 + epoch)
-        batches = batches[:max_batches]
+        batches = epoch_batches(split, train_config, epoch)[:max_batches]
         if on_gpu:
             torch.cuda.synchronize()
         started, tokens, losses = time.perf_counter(), 0, torch.zeros((), device=target)

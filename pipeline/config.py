@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     # the number of workers changes no update; `accumulate` splits each worker's share further.
     batch_size: int = Field(8000, ge=16, description="target tokens per optimizer update, all workers")
     accumulate: int = Field(1, ge=1, le=256, description="micro-batches per worker and update")
+    # Each update joins this many length-sorted sub-batches of batch_size / N tokens drawn at random, so one
+    # update mixes N ranges of sentence length (one range alone made updates noisier: see the docs).
+    length_buckets: int = Field(2, ge=1, le=64, description="length ranges (sub-batches) mixed in one update")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
     compile: bool = False  # torch.compile the model (CUDA graphs on a GPU)
     pad_multiple: int = Field(1, ge=1, le=128, description="padded lengths are multiples of this")

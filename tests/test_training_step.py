@@ -229,3 +229,21 @@ def test_averaging_checkpoints_gives_the_mean_of_their_weights() -> None:
     for key in states[0]:
         torch.testing.assert_close(averaged[key], sum(state[key] for state in states) / 3)
     assert average_weights(states[:1]).keys() == states[0].keys()
+
+
+def test_an_update_mixes_length_buckets_and_an_epoch_covers_every_pair_once() -> None:
+    """`train.length_buckets` N: each global batch joins N length-sorted sub-batches of batch_size / N
+    tokens (the very batches of that budget, in their shuffled order), so it spans N ranges of target
+    length instead of one; every pair is in exactly one batch."""
+    split = toy_split(n=400, seed=3)
+    lengths = split.tgt_lengths() + 1
+    one_range = token_budget_batches(split, 240, seed=5)
+    mixed = token_budget_batches(split, 240, seed=5, length_buckets=4)
+    sub_batches = token_budget_batches(split, 60, seed=5)
+    for batches in (one_range, mixed):
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(split)))
+    expected = [np.concatenate(sub_batches[i : i + 4]) for i in range(0, len(sub_batches), 4)]
+    assert [batch.tolist() for batch in mixed] == [batch.tolist() for batch in expected]
+    assert all(lengths[sub].max() * len(sub) <= 60 for sub in sub_batches if len(sub) > 1)
+    spans = [np.mean([np.ptp(lengths[batch]) for batch in batches]) for batches in (one_range, mixed)]
+    assert spans[0] <= 1.0 < spans[1], spans  # one length range per update, against several

@@ -16,11 +16,16 @@ from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID
 _BUCKET_WINDOW_BATCHES = 50
 
 
-def token_budget_batches(split: EncodedSplit, max_tokens: int, seed: int | None) -> list[np.ndarray]:
+def token_budget_batches(
+    split: EncodedSplit, max_tokens: int, seed: int | None, length_buckets: int = 1
+) -> list[np.ndarray]:
     """Index batches whose padded target size (sentences x longest target+1) stays within max_tokens.
 
     seed=None gives a deterministic length-sorted order (evaluation); otherwise the order is shuffled,
-    bucketed by length within windows, and the batch order shuffled again.
+    bucketed by length within windows, and the batch order shuffled again. With `length_buckets` N over 1,
+    batches of max_tokens / N are cut that way and every N consecutive ones (after the shuffle) joined into
+    one: a training update then mixes N ranges of sentence length, as fairseq's updates mix one length-
+    bucketed batch per GPU, instead of holding sentences of one length only.
     """
     tgt_cost = split.tgt_lengths() + 1  # the decoder predicts every target token plus </s>
     src_len = split.src_lengths()
@@ -30,13 +35,15 @@ def token_budget_batches(split: EncodedSplit, max_tokens: int, seed: int | None)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(split))
     mean_cost = max(1.0, float(tgt_cost.mean()))
-    window = max(1, int(_BUCKET_WINDOW_BATCHES * max_tokens / mean_cost))
+    window = max(1, int(_BUCKET_WINDOW_BATCHES * max_tokens / length_buckets / mean_cost))
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
         order[start : start + window] = chunk[np.lexsort((src_len[chunk], tgt_cost[chunk]))]
-    batches = _cut_batches(order, tgt_cost, max_tokens)
+    batches = _cut_batches(order, tgt_cost, max(1, max_tokens // length_buckets))
     rng.shuffle(batches)
-    return batches
+    if length_buckets == 1:
+        return batches
+    return [np.concatenate(batches[i : i + length_buckets]) for i in range(0, len(batches), length_buckets)]
 
 
 def _cut_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:

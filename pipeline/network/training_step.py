@@ -18,11 +18,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
-from pipeline.network.batching import Batch
+from pipeline.network.batching import Batch, token_budget_batches
+from pipeline.network.encoded import EncodedSplit
 from pipeline.network.tokenization import PAD_ID
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,6 +52,12 @@ def sequence_losses(
 def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """The summed cross-entropy that training minimises (callers divide by the token count)."""
     return sequence_losses(logits, target, label_smoothing)[0]
+
+
+def epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """The epoch's global batches (one optimizer update each): a deterministic shuffle per epoch, the same
+    list on every rank and whatever the number of ranks, each mixing `train.length_buckets` length ranges."""
+    return token_budget_batches(split, config.batch_size, config.seed * 1000 + epoch, config.length_buckets)
 
 
 def lr_factor(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:

@@ -28,7 +28,7 @@ from pipeline.network.batching import micro_batches, target_tokens, token_budget
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.scoring import greedy_bleu, teacher_forced_loss
-from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, epoch_batches
 from pipeline.progress import epoch_line, quiet
 from pipeline.training.checkpoint import (
     MID_EPOCH_VAL_LOSS,
@@ -87,12 +87,6 @@ def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, wor
     total, tokens = teacher_forced_loss(model, split, batches, device)
     total, tokens = _all_reduce_sum([total, tokens], device)
     return total / max(tokens, 1.0)
-
-
-def _epoch_batches(split: EncodedSplit, config: TrainConfig, epoch: int) -> list[np.ndarray]:
-    """The epoch's global batches (one optimizer update each): a deterministic shuffle per epoch, the same
-    list on every rank and whatever the number of ranks."""
-    return token_budget_batches(split, config.batch_size, seed=config.seed * 1000 + epoch)
 
 
 def _train_update(worker: Worker, batch: np.ndarray, config: TrainConfig) -> None:
@@ -200,7 +194,7 @@ def set_up_worker(loop: TrainLoop) -> Worker:
     # Dropout and scheduled sampling draw per rank: with one seed, every rank would mask alike.
     torch.manual_seed(rank_seed(config.seed, rank))
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
-    steps_per_epoch = len(_epoch_batches(train_split, config, 0))
+    steps_per_epoch = len(epoch_batches(train_split, config, 0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
     update = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
     checkpointer = Checkpointer(bare_model, optimizer, scheduler, update.scaler, rank, world, device)
@@ -277,7 +271,7 @@ def _heartbeat(line: str) -> None:
 
 def _train_epoch(worker: Worker, config: TrainConfig, epoch: int) -> None:
     """The epoch's updates from where the restored state left off, with mid-epoch checkpoints."""
-    batches = _epoch_batches(worker.train_split, config, epoch)
+    batches = epoch_batches(worker.train_split, config, epoch)
     progress = worker.state.progress  # restored inside this epoch, or its start
     worker.clock = time.perf_counter()
     for batch in batches[progress.batches_done :]:
