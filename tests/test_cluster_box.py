@@ -144,14 +144,19 @@ def _s3(box: Box):
 
 
 def _wait_for_a_train_checkpoint(box: Box, process: subprocess.Popen, timeout_s: float) -> None:
-    """Until the train stage's first checkpoint is in the bucket (tune's runs are under ray/tune-*)."""
+    """Until Ray Train has registered the train stage's first checkpoint: its checkpoint manager's snapshot
+    in the bucket lists one (an uploaded checkpoint that the controller has not taken yet would be lost
+    with the worker group, and the run would start over). Tune's runs are under ray/tune-*."""
     client, deadline = _s3(box), time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        listed = client.list_objects_v2(Bucket=BUCKET, Prefix="ray/train-")
-        if any(item["Key"].endswith("/training_state.pt") for item in listed.get("Contents", [])):
-            return
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix="ray/train-").get("Contents", [])
+        for item in listed:
+            if item["Key"].endswith("/checkpoint_manager_snapshot.json"):
+                snapshot = json.loads(client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read())
+                if snapshot.get("checkpoint_results"):
+                    return
         time.sleep(0.3)
-    pytest.fail("no checkpoint of the train stage reached the object store")
+    pytest.fail("Ray Train registered no checkpoint of the train stage")
 
 
 @pytest.fixture(scope="module")
