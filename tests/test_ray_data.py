@@ -382,3 +382,27 @@ def test_the_engines_order_survives_blocks_that_finish_out_of_order(preserve_ord
         ]
     assert sorted(numbers) == list(range(256))
     assert (numbers == list(range(256))) == preserve_order
+
+
+def test_a_driver_that_joined_a_cluster_puts_the_training_data_in_the_object_store(
+    engine_projects: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An autoscaling cluster adds its workers after the stage asked for them: with only the driver's node
+    alive now, a driver that joined a cluster (RAY_ADDRESS, as every Ray job's does) must still put the
+    splits in the object store, or a worker that joins later opens the driver's data/processed path."""
+    import ray
+
+    from pipeline.data.processed import load_processed
+    from pipeline.training.trainer import put_training_data
+
+    local, _ = engine_projects
+    assert sum(node["Alive"] for node in ray.nodes()) == 1
+    with working_directory(local):
+        processed = load_processed()
+        alone = put_training_data(processed)
+        monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+        joined = put_training_data(processed, max_examples=10)
+    assert alone.train.ref is None, "a local Ray started for the stage has one node for good"
+    assert joined.train.ref is not None and joined.validation.ref is not None
+    replica = ray.get(joined.train.ref)
+    assert len(replica) == 10 and replica.src(3).tolist() == joined.train.open().src(3).tolist()
