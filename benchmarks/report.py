@@ -23,10 +23,12 @@ PAGE = REPO_ROOT / "docs" / "benchmarks.md"
 ORDER = (
     "pipeline",
     "pipeline_arch",
+    "cluster_box",
     "train_throughput",
     "data_scale",
     "ray_data",
     "quality",
+    "default_bleu",
     "decoding",
     "decoding_speed",
     "arch_throughput",
