@@ -57,7 +57,7 @@ def measure(label: str, revision: str, settings: list[str]) -> dict[str, Any]:
         metrics = json.loads((project / "reports/metrics.json").read_text())
         trained = json.loads((project / "reports/train_metrics.json").read_text())
     return {
-        "run": label,
+        "measurement": label,
         "code": commit[:7],
         "settings": " ".join(settings) or "defaults",
         "test BLEU": metrics["bleu"],
