@@ -85,3 +85,22 @@ def test_a_placeholder_counts_no_tokens_and_adds_no_gradient() -> None:
     assert all(parameter.grad is not None and not parameter.grad.any() for parameter in model.parameters())
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_every_rank_starts_from_the_same_weights_and_draws_its_own_dropout() -> None:
+    """What each Ray Train worker builds (`worker.seeded_model`): equal weights, different dropout masks."""
+    from types import SimpleNamespace
+
+    from pipeline.config import ModelConfig
+    from pipeline.training.worker import seeded_model
+    from tests.seq2seq_toys import VOCAB_SIZE
+
+    data = SimpleNamespace(src_vocab_size=VOCAB_SIZE, tgt_vocab_size=VOCAB_SIZE)
+    loop = SimpleNamespace(model=ModelConfig(arch=ARCH, dropout=0.5), train=TrainConfig(seed=3), data=data)
+    models, masks = [], []
+    for rank in range(2):
+        models.append(seeded_model(loop, rank))
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), p=0.5))
+    for name, tensor in models[0].state_dict().items():
+        assert torch.equal(tensor, models[1].state_dict()[name]), name
+    assert not torch.equal(masks[0], masks[1]), "both ranks drew the same dropout mask"

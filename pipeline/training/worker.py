@@ -52,6 +52,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
+def seeded_model(loop: TrainLoop, rank: int) -> Seq2Seq:
+    """The model built from `train.seed` (the same initial weights on every rank), then the torch RNG seeded
+    for this rank: dropout and scheduled sampling draw per rank (with one seed, every rank masks alike)."""
+    torch.manual_seed(loop.train.seed)
+    model = build_model(loop.model, loop.data.src_vocab_size, loop.data.tgt_vocab_size)
+    torch.manual_seed(rank_seed(loop.train.seed, rank))
+    return model
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -188,11 +197,8 @@ def set_up_worker(loop: TrainLoop) -> Worker:
     config, data = loop.train, loop.data
     # One intra-op thread per CPU the worker was given: more threads than cores only thrash.
     torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
     train_split, device = data.train.open(), ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(loop.model, data.src_vocab_size, data.tgt_vocab_size))
-    # Dropout and scheduled sampling draw per rank: with one seed, every rank would mask alike.
-    torch.manual_seed(rank_seed(config.seed, rank))
+    model = ray.train.torch.prepare_model(seeded_model(loop, rank))
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
     steps_per_epoch = len(epoch_batches(train_split, config, 0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
