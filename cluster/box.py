@@ -434,22 +434,28 @@ def _print_settings(box: Box) -> None:
     print(f'  PIPELINE_SET="runtime.storage_path=s3://{BUCKET}/ray" python -m pipeline submit')
 
 
-def rehearse(project: Path, workers: int, folder: Path) -> int:
+def _outputs_at_the_root(project: Path):
+    """copytree's ignore: the project's own outputs and environments, at its root only (`pipeline/data`
+    is code)."""
+    skipped = {".venv", "runs", "mlruns", "data", "models", "mlflow.db"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return skipped & set(names) if Path(folder).resolve() == project.resolve() else set()
+
+    return ignore
+
+
+def rehearse(project: Path, workers: int, folder: Path, subnet: str = "10.231.0") -> int:
     """The box up, the project's pipeline submitted to it as a job, its results pulled home, the box down."""
     if (why := can_make_namespaces()) is not None:
         print(f"error: cannot make the box here: {why}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch, Box(folder) as box:
+    with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch, Box(folder, subnet=subnet) as box:
         box.up(workers)
         print(f"box up: head {box.head.address}, {workers} worker host(s)")
         print(f"S3 {box.s3_url}, MLflow {box.tracking_uri}")
         rehearsal = Path(scratch) / "project"
-        shutil.copytree(
-            project,
-            rehearsal,
-            symlinks=True,
-            ignore=shutil.ignore_patterns(".venv", "runs", "mlruns", "data", "models", "mlflow.db"),
-        )
+        shutil.copytree(project, rehearsal, symlinks=True, ignore=_outputs_at_the_root(project))
         env = {**os.environ, **box.laptop_env(), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
         dvc = [sys.executable, "-m", "dvc"]
@@ -470,8 +476,13 @@ def rehearse(project: Path, workers: int, folder: Path) -> int:
             [*dvc, "repro", "--pull"], cwd=rehearsal, env=env, capture_output=True, text=True
         )
         print(home.stdout[-3000:], home.stderr[-3000:], sep="\n")
-        print("pulled home:" if home.returncode == 0 else "pulling home failed:", rehearsal)
-        return home.returncode
+        if home.returncode != 0 or "Running stage" in home.stdout:
+            print(
+                "rehearsal failed: `dvc repro --pull` could not restore every stage from the job's run-cache"
+            )
+            return 1
+        print("rehearsal passed: the job succeeded on the box, and every stage came home from its run-cache")
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="s2sbox-"))
     if args.command == "rehearse":
-        return rehearse(args.project, args.workers, folder)
+        return rehearse(args.project, args.workers, folder, args.subnet)
     if (why := can_make_namespaces()) is not None:
         print(f"error: cannot make the box here: {why}", file=sys.stderr)
         return 2
