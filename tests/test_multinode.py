@@ -58,7 +58,7 @@ def test_data_stages_and_batch_translation_run_blocks_on_both_nodes(
     from tests.two_node_data import OPERATORS
 
     run_data_stages(tmp_path / "local", "builtin", "local")
-    sources = [f"the {i} big dogs see a red cat ." for i in range(60)]
+    sources = [f"the {i} big dogs see a red cat ." for i in range(300)]  # 150 chunks: see two_node_data
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
     model = random_model_dir(tmp_path / "local/data/processed", tmp_path / "model")
     paths = [tmp_path / "ray", model, tmp_path / "in.txt", tmp_path / "out.txt"]

@@ -16,8 +16,10 @@ from pathlib import Path
 
 # Ray Data operators whose tasks or actors must work on blocks on both nodes: the data stages' cleaning
 # tasks and tokenizer actors, and the batch translation's model actors. 4 one-CPU actors cannot fit on a
-# 3-CPU node, the translation starts only once all of them are up, and its 30 chunks are more than the
-# reading node's actors queue (2 each), so some go to the other node's actors.
+# 3-CPU node, and the translation starts only once all of them are up. Ray Data gives a chunk to an actor
+# on the node that holds it while one there has room (2 chunks queued each), so the other node's actor
+# gets chunks only while the reading node's are full: 150 chunks keep them full (with 30, actors that
+# translate as fast as the chunks arrive sometimes took them all).
 OPERATORS = ("_clean_block", "TokenizerActor", "TranslatorActor")
 
 
