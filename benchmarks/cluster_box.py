@@ -53,7 +53,7 @@ def box_rows() -> list[dict]:
 
 
 def baseline_row() -> dict:
-    """The tests' pipeline (same params, corpus and tune) as `dvc repro` on a local Ray, no box."""
+    """The tests' pipeline (same params and corpus) as `dvc repro` on a local Ray, no box."""
     sys.path.insert(0, str(REPO_ROOT))
     from tests.box_project import BOX_PARAMS, write_corpus
     from tests.dvc_project import make_dvc_project, run

@@ -31,6 +31,7 @@ import psutil
 import yaml
 
 from benchmarks.results import write_result
+from tests.helpers import random_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.2
@@ -120,25 +121,6 @@ def data_engines(n_pairs: int, root: Path) -> dict[str, Any]:
         else "no"
     )
     return row
-
-
-def random_model_dir(processed: Path, folder: Path) -> Path:
-    """A randomly initialised small GRU with attention on `processed`'s tokenizers, as a model folder."""
-    import torch
-
-    from pipeline.config import ModelConfig
-    from pipeline.network.model import build_model
-    from pipeline.network.model_files import save_model_dir
-    from pipeline.network.tokenization import load_tokenizer
-
-    src = load_tokenizer(processed / "src_tokenizer.json")
-    tgt = load_tokenizer(processed / "tgt_tokenizer.json")
-    config = ModelConfig(arch="gru_attention", emb_dim=64, hidden_dim=96, n_layers=1)
-    torch.manual_seed(0)
-    model = build_model(config, src.get_vocab_size(), tgt.get_vocab_size()).eval()
-    decoding = {"beam_size": 1, "length_penalty": 1.0, "max_len_ratio": 1.5}
-    save_model_dir(folder, model, config, src, tgt, decoding)
-    return folder
 
 
 def source_sentences(count: int, path: Path) -> Path:

@@ -1,5 +1,6 @@
 """The small project the cluster-in-a-box tests (and their benchmark) run: tiny models, a corpus under
-corpus/ for DVC to track, the Ray Data engine and a tune of 2 trials of 2 workers each."""
+corpus/ for DVC to track, the Ray Data engine and a train stage of 2 workers. (Tune stays off: a search is
+tested in tests/test_tune_stage.py, and a train stage shows what late workers and a lost host do.)"""
 
 from __future__ import annotations
 
@@ -14,17 +15,6 @@ BOX_PARAMS = deep_merge(
         "data": {"source": "corpus/box", "src_lang": "en", "tgt_lang": "art", "engine": "ray"},
         # Small batches: enough updates that the tiny model learns, and epochs long enough to be killed in.
         "train": {"epochs": EPOCHS, "batch_size": 600, "lr": 0.01},
-        "tune": {
-            "num_samples": 2,
-            "max_epochs": 1,
-            "max_examples": 500,
-            # The default space, narrowed to tiny models (a merge cannot drop a key; n_layers draws 1).
-            "search_space": {
-                "model.emb_dim": {"choice": [32]},
-                "model.hidden_dim": {"choice": [48]},
-                "model.dropout": {"uniform": [0.0, 0.3]},
-            },
-        },
         "runtime": {"num_workers": 2},
     },
 )

@@ -1,16 +1,23 @@
 """Shared test helpers: where the project and the real Multi30k data are, small real projects on disk
-(params written, stages run), a working directory or a torch thread count for a while. The fixtures
-built on them are in conftest.py."""
+(params written, stages run, the data stages on either engine), a random model folder on a project's
+tokenizers, `translate` on stdin in-process, a working directory or a torch thread count for a while. The
+fixtures built on them are in conftest.py; the toy models in seq2seq_toys.py. Test modules import only
+these, never each other."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
@@ -77,3 +84,71 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# The data stages' outputs: what the two data engines must write byte for byte alike.
+DATA_OUTPUTS = (
+    "data/prepared",
+    "data/processed",
+    "reports/prepare_stats.json",
+    "reports/prepare_metrics.json",
+)
+
+
+def run_data_stages(project: Path, source: str, engine: str) -> None:
+    """prepare and preprocess of TINY_PARAMS on `source` with data.engine `engine`, in `project`."""
+    from pipeline.params_file import load_config
+    from pipeline.stages import prepare, preprocess
+
+    project.mkdir(exist_ok=True)
+    write_params(project, deep_merge(TINY_PARAMS, {"data": {"source": source, "engine": engine}}))
+    with working_directory(project):
+        config = load_config("params.yaml")
+        prepare.run(config)
+        preprocess.run(config)
+
+
+def different_files(a: Path, b: Path) -> list[str]:
+    """Paths under DATA_OUTPUTS whose bytes differ between projects a and b (or exist in one only)."""
+    names = {
+        path.relative_to(root)
+        for root in (a, b)
+        for output in DATA_OUTPUTS
+        for path in ([root / output] if (root / output).is_file() else (root / output).rglob("*"))
+        if path.is_file()
+    }
+    return sorted(
+        str(n) for n in names if not ((a / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes())
+    )
+
+
+def random_model_dir(processed: Path, folder: Path) -> Path:
+    """A randomly initialised small GRU with attention on `processed`'s tokenizers, as a model folder."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.network.model import build_model
+    from pipeline.network.model_files import save_model_dir
+    from pipeline.network.tokenization import load_tokenizer
+
+    src = load_tokenizer(processed / "src_tokenizer.json")
+    tgt = load_tokenizer(processed / "tgt_tokenizer.json")
+    config = ModelConfig(arch="gru_attention", emb_dim=64, hidden_dim=96, n_layers=1)
+    torch.manual_seed(0)
+    model = build_model(config, src.get_vocab_size(), tgt.get_vocab_size()).eval()
+    decoding = {"beam_size": 1, "length_penalty": 1.0, "max_len_ratio": 1.5}
+    save_model_dir(folder, model, config, src, tgt, decoding)
+    return folder
+
+
+def stdin_translation(
+    model: Path, text: bytes, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """`translate` of `text` on stdin, in this process (25 sentences a batch): what batch translation must
+    equal."""
+    from pipeline.__main__ import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
+    assert main(["-q", "translate", "--model", str(model), "--max-sentences", "25"]) == 0
+    return capsys.readouterr().out

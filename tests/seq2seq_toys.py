@@ -10,17 +10,19 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, PreprocessConfig
 from pipeline.network.batching import collate, source_tensor
 from pipeline.network.decoding import greedy_decode
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import Seq2Seq, build_model
-from pipeline.network.tokenization import PAD_ID
+from pipeline.network.model_files import save_model_dir
+from pipeline.network.tokenization import PAD_ID, encode_texts, train_tokenizer
 from tests.helpers import torch_threads
 
 Ids = Sequence[Sequence[int]]
@@ -116,3 +118,37 @@ def sgd(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     first step, about lr times the gradient's sign, would magnify rounding in near-zero gradients)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+# ------------------------------------------------------------ a word-level toy pair, saved as a model folder
+
+SRC_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+TGT_WORDS = ["uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho"]
+DECODING = {"beam_size": 2, "length_penalty": 1.0, "max_len_ratio": 2.0}
+
+
+def word_pairs(n: int = 14, seed: int = 3) -> list[tuple[str, str]]:
+    """A toy language pair: each word has one translation, and the word order is reversed."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(2, 5))]
+        pairs.append((" ".join(SRC_WORDS[w] for w in words), " ".join(TGT_WORDS[w] for w in reversed(words))))
+    return pairs
+
+
+def save_word_model(folder: Path, arch: str) -> tuple[Path, list[tuple[str, str]]]:
+    """A tiny `arch` model that has memorised the toy pairs, saved with real word tokenizers."""
+    pairs = word_pairs()
+    tokenizer_config = PreprocessConfig(tokenizer="word", vocab_size=100)
+    src_tokenizer = train_tokenizer([s for s, _ in pairs], tokenizer_config)
+    tgt_tokenizer = train_tokenizer([t for _, t in pairs], tokenizer_config)
+    sources = encode_texts(src_tokenizer, [s for s, _ in pairs])
+    targets = encode_texts(tgt_tokenizer, [t for _, t in pairs])
+    torch.manual_seed(0)
+    config = ModelConfig(arch=arch, **TINY)
+    model = build_model(config, src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size())
+    train_until_memorised(model, sources, targets)
+    path = folder / "models"
+    save_model_dir(path, model, config, src_tokenizer, tgt_tokenizer, DECODING)
+    return path, pairs

@@ -3,12 +3,12 @@
 laptop: it submits with `python -m pipeline submit` and pulls the results home.
 
 One job runs the whole pipeline (`dvc repro --pull` to register, corpus DVC-tracked under corpus/, the Ray
-Data engine, a tune of 2 trials) on a box that starts with the head alone, as the shipped autoscaling
-clusters start without workers:
-- two worker hosts join once the tune stage has started (the autoscaler's case): the trials' ranks run
-  there, from the object-store copy of the data, as the train stage's ranks away from the head do;
-- in the train stage, after the first epoch, a worker host that runs a rank is killed (every process of
-  it), and Ray Train resumes from the checkpoint in the object store on the hosts left.
+Data engine) on a box that starts with the head alone, as the shipped autoscaling clusters start without
+workers:
+- two worker hosts join once the train stage has started and put its data in the object store (the
+  autoscaler's case): its ranks away from the head read that copy;
+- after the first epoch, a worker host that runs a rank is killed (every process of it), and Ray Train
+  resumes from the checkpoint in the object store on the hosts left.
 Then, at home: `dvc repro --pull` restores every stage with none run, the model is in the tracking
 server's registry as champion and `mlflow models serve` of it answers; and `translate --input/--output`
 runs on the box, between a file in the project and the object store.
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def _s3(box: Box):
 def _wait_for_a_train_checkpoint(box: Box, process: subprocess.Popen, timeout_s: float) -> None:
     """Until Ray Train has registered the train stage's first checkpoint: its checkpoint manager's snapshot
     in the bucket lists one (an uploaded checkpoint that the controller has not taken yet would be lost
-    with the worker group, and the run would start over). Tune's runs are under ray/tune-*."""
+    with the worker group, and the run would start over)."""
     client, deadline = _s3(box), time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         listed = client.list_objects_v2(Bucket=BUCKET, Prefix="ray/train-").get("Contents", [])
@@ -161,9 +162,9 @@ def _wait_for_a_train_checkpoint(box: Box, process: subprocess.Popen, timeout_s:
 
 @pytest.fixture(scope="module")
 def job(box: Box, project: Path) -> Job:
-    """The whole pipeline as one job. Two worker hosts join once the tune stage has started (its trials
-    need them: each takes 0.5 CPU on the head and a CPU for each of its 2 ranks); in the train stage, after
-    the first epoch, a worker host that runs a rank is killed, and the group restarts on the hosts left."""
+    """The whole pipeline as one job. Two worker hosts join once the train stage has started (its 2 ranks
+    of one CPU each cannot start on the head's one CPU alone); after the first epoch, a worker host that
+    runs a rank is killed, and the group restarts on the hosts left."""
     env = _laptop_env(box, PIPELINE_SET=f"runtime.storage_path=s3://{BUCKET}/ray")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -175,20 +176,13 @@ def job(box: Box, project: Path) -> Job:
         text=True,
         start_new_session=True,
     )
-    follower = _Follower(
-        process.stdout,
-        {
-            "tune": r"Running stage 'tune'",
-            "train": r"Running stage 'train'",
-        },
-    )
+    follower = _Follower(process.stdout, {"train": r"Running stage 'train'"})
     events: dict[str, float | str] = {}
     try:
-        follower.wait("tune", process, 300)
-        box.add_worker()  # both join after the tune stage put (or failed to put) its data
+        follower.wait("train", process, 600)
+        box.add_worker()  # both join after the stage started: its data is put while the head is alone
         box.add_worker()
         events["workers joined"] = time.monotonic() - started
-        follower.wait("train", process, 600)
         _wait_for_a_train_checkpoint(box, process, 300)  # epoch 1's, in the object store
         victim = box.hosts[_training_host(box)]
         box.kill_host(victim)
@@ -219,9 +213,9 @@ def test_the_whole_pipeline_job_succeeds_on_hosts_that_share_only_the_network(jo
 def test_workers_that_join_late_train_from_the_object_store_and_a_killed_one_resumes(
     box: Box, project: Path, job: Job, home: str
 ) -> None:
-    """The DDP ranks ran on two hosts; those away from the head (all joined after the stages started) read
-    the object-store copy of the data; after the kill, the group restarted without the lost host, from the
-    last checkpoint, and trained each epoch once."""
+    """The DDP ranks ran on two hosts with identical replicas; those away from the head (all joined after the
+    stages started) read the object-store copy of the data; after the kill, the group restarted without the
+    lost host, from the last checkpoint, and trained each epoch once."""
     import csv
 
     groups = json.loads((project / "reports/train_run.json").read_text())["worker_addresses"]
@@ -238,6 +232,7 @@ def test_workers_that_join_late_train_from_the_object_store_and_a_killed_one_res
         group = groups[0] if int(row["resumed_from_epoch"]) == -1 else groups[1]
         away_from_head = sum(address != box.head.address for address in group)
         assert int(row["n_nodes"]) == 2 and int(row["object_store_readers"]) == away_from_head, (row, group)
+        assert int(row["replica_divergence"]) == 0, "the ranks on two hosts hold bit-identical replicas"
 
 
 def test_checkpoints_are_in_the_object_store(box: Box, project: Path, home: str) -> None:
@@ -309,12 +304,16 @@ def test_batch_translation_on_the_box_reads_the_project_or_the_object_store_and_
     env = _laptop_env(box)
     model = f"models:/{MODEL_NAME}@champion"
     translate = ["python", "-m", "pipeline", "translate", "--model", model]
-    for source, target in (
-        ("to_translate.txt", "translate/from-project.txt"),
-        (f"s3://{BUCKET}/translate/in.txt", "translate/from-bucket.txt"),
-    ):
-        command = [*translate, "--input", source, "--output", f"s3://{BUCKET}/{target}"]
-        _run([sys.executable, "-m", "pipeline", "submit", "--", *command], project, env, timeout=600)
+    commands = [
+        shlex.join([*translate, "--input", source, "--output", f"s3://{BUCKET}/{target}"])
+        for source, target in (
+            ("to_translate.txt", "translate/from-project.txt"),
+            (f"s3://{BUCKET}/translate/in.txt", "translate/from-bucket.txt"),
+        )
+    ]
+    # One job runs both (an entrypoint given as one argument is a shell command line): a job's start costs
+    # more than a translation of 40 lines.
+    _run([sys.executable, "-m", "pipeline", "submit", "--", " && ".join(commands)], project, env, timeout=600)
     lines = (project / "to_translate.txt").read_text(encoding="utf-8")
     at_home = subprocess.run(
         [sys.executable, "-m", "pipeline", "translate", "--model", model],

@@ -12,14 +12,14 @@ from benchmarks.decoding_speed import code_at, timed_child
 from benchmarks.results import git_state
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.translator import Translator
-from tests.test_model_io import _save_word_model
+from tests.seq2seq_toys import save_word_model
 
 pytestmark = pytest.mark.slow  # a child process
 
 
 @pytest.mark.skipif(git_state()[0] == "unknown", reason="needs the project as a git checkout (git archive)")
 def test_the_child_translates_with_the_unpacked_commit_as_this_checkout_does(tmp_path: Path) -> None:
-    models, pairs = _save_word_model(tmp_path, "transformer")
+    models, pairs = save_word_model(tmp_path, "transformer")
     code = code_at("HEAD", tmp_path / "code")
     assert (code / "pipeline" / "network" / "decoding.py").is_file()
     sources = [source for source, _ in pairs]

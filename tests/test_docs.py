@@ -4,6 +4,7 @@ words about how the project was made (issue numbers, targets, which machines wer
 
 from __future__ import annotations
 
+import ast
 import re
 import types
 import typing
@@ -227,3 +228,36 @@ def test_the_history_patterns_catch_history(text: str) -> None:
 )
 def test_the_history_patterns_leave_reference_text_alone(text: str) -> None:
     assert not any(pattern.search(text) for pattern in HISTORY)
+
+
+def _marked_slow(decorators: list[ast.expr]) -> bool:
+    return any(ast.unparse(decorator).endswith("mark.slow") for decorator in decorators)
+
+
+def slow_tests() -> set[str]:
+    """`file::test` for every slow test, read from the sources: a test marked slow itself or by its
+    module's `pytestmark`."""
+    found = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_slow = any(
+            isinstance(node, ast.Assign)
+            and any(isinstance(target, ast.Name) and target.id == "pytestmark" for target in node.targets)
+            and "mark.slow" in ast.unparse(node.value)
+            for node in tree.body
+        )
+        for node in tree.body:
+            is_test = isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+            if is_test and (module_slow or _marked_slow(node.decorator_list)):
+                found.add(f"{path.name}::{node.name}")
+    return found
+
+
+def test_development_page_says_what_each_slow_test_proves() -> None:
+    """Slow tests are the ones merged or dropped to keep the suite fast: the list on development.md is
+    what keeps a behaviour from losing its test unnoticed."""
+    page = (DOCS / "development.md").read_text(encoding="utf-8")
+    section = page.split("### What each slow test proves", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(test_\w+\.py::test_\w+)`", section))
+    assert slow_tests() - listed == set(), "slow tests missing from docs/development.md"
+    assert listed - slow_tests() == set(), "docs/development.md lists tests that are gone or not slow"

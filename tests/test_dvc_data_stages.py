@@ -1,4 +1,7 @@
-"""Real `dvc repro` of the data stages in a temporary git repo: runs, no-op re-run, params re-run, exp run."""
+"""Real `dvc repro` of the data stages in a temporary git repo whose corpus is a folder under corpus/: an
+untouched corpus re-runs nothing, a failed stage and `dvc checkout`, a one-line corpus edit re-runs prepare.
+(The full `dvc repro`, its no-op re-run and `dvc exp run` are in test_pipeline_end_to_end.py; which
+parameter re-runs which stage in test_dvc_deps.py.)"""
 
 from __future__ import annotations
 
@@ -16,62 +19,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    directory = make_dvc_project(tmp_path_factory.mktemp("dvc-data"), TINY_PARAMS)
+    """A project whose corpus is a local folder inside corpus/, as the README's own-corpus workflow has it."""
+    from pipeline.data.builtin_corpus import iter_corpus
+
+    directory = make_dvc_project(
+        tmp_path_factory.mktemp("dvc-corpus"),
+        {**TINY_PARAMS, "data": {"source": "corpus/tiny", "src_lang": "en", "tgt_lang": "art"}},
+    )
+    folder = directory / "corpus" / "tiny"
+    folder.mkdir()
+    pairs = list(iter_corpus(600, 5, 1))
+    (folder / "train.en").write_text("".join(f"{src}\n" for src, _ in pairs))
+    (folder / "train.art").write_text("".join(f"{tgt}\n" for _, tgt in pairs))
     run(["dvc", "repro", "preprocess"], directory)
     return directory
-
-
-def test_repro_writes_prepared_and_processed_data_and_stats(project: Path) -> None:
-    assert (project / "data/prepared/train.arrow").is_file()
-    assert (project / "data/prepared/corpus.json").is_file()
-    assert (project / "data/processed/meta.json").is_file()
-    stats = json.loads((project / "reports/prepare_stats.json").read_text())
-    assert stats["pairs"]["train"] > 0
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert {"prepare", "preprocess"} <= set(lock["stages"])
-
-
-def test_second_repro_does_nothing(project: Path) -> None:
-    result = run(["dvc", "repro", "preprocess"], project)
-    assert "Running stage" not in result.stdout
-    assert "didn't change, skipping" in result.stdout
-
-
-def test_changed_preprocess_param_reruns_only_preprocess(project: Path) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["preprocess"]["vocab_size"] = 300
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["dvc", "repro", "preprocess"], project)
-    assert "Running stage 'preprocess'" in result.stdout
-    assert "Running stage 'prepare'" not in result.stdout
-
-
-def test_exp_run_with_set_param(project: Path) -> None:
-    run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "commit", "-qam", "vocab"],
-        project,
-        check=False,
-    )
-    run(["dvc", "repro", "preprocess"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@e.invalid", "add", "-A"], project)
-    run(
-        [
-            "git",
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@e.invalid",
-            "commit",
-            "-qm",
-            "lock",
-            "--allow-empty",
-        ],
-        project,
-    )
-    result = run(["dvc", "exp", "run", "preprocess", "-S", "data.max_examples=500"], project)
-    assert "Running stage 'prepare'" in result.stdout
-    shown = run(["dvc", "exp", "show", "--json"], project)
-    assert "500" in shown.stdout
 
 
 def _snapshot(project: Path) -> dict[str, bytes]:
@@ -116,41 +77,23 @@ def status(project: Path) -> dict:
     return json.loads(run(["dvc", "status", "--json", "--with-deps", "preprocess"], project).stdout or "{}")
 
 
-@pytest.fixture(scope="module")
-def corpus_project(tmp_path_factory) -> Path:
-    """A project whose corpus is a local folder inside corpus/, as the README's own-corpus workflow has it."""
-    from pipeline.data.builtin_corpus import iter_corpus
-
-    directory = make_dvc_project(
-        tmp_path_factory.mktemp("dvc-corpus"),
-        {**TINY_PARAMS, "data": {"source": "corpus/tiny", "src_lang": "en", "tgt_lang": "art"}},
-    )
-    folder = directory / "corpus" / "tiny"
-    folder.mkdir()
-    pairs = list(iter_corpus(600, 5, 1))
-    (folder / "train.en").write_text("".join(f"{src}\n" for src, _ in pairs))
-    (folder / "train.art").write_text("".join(f"{tgt}\n" for _, tgt in pairs))
-    run(["dvc", "repro", "preprocess"], directory)
-    return directory
-
-
-def test_an_untouched_corpus_reruns_nothing(corpus_project: Path) -> None:
-    assert status(corpus_project) == {}
-    result = run(["dvc", "repro", "preprocess"], corpus_project)
+def test_an_untouched_corpus_reruns_nothing(project: Path) -> None:
+    assert status(project) == {}
+    result = run(["dvc", "repro", "preprocess"], project)
     assert "Running stage" not in result.stdout, result.stdout
 
 
-def test_editing_one_line_of_a_local_corpus_reruns_prepare_and_what_follows(corpus_project: Path) -> None:
-    train = corpus_project / "corpus/tiny/train.art"
+def test_editing_one_line_of_a_local_corpus_reruns_prepare_and_what_follows(project: Path) -> None:
+    train = project / "corpus/tiny/train.art"
     lines = train.read_text().splitlines(keepends=True)
     lines[7] = "an edited line .\n"
     train.write_text("".join(lines))
 
-    changed = status(corpus_project)
+    changed = status(project)
     assert list(changed) == ["prepare"], changed
     assert changed["prepare"] == [{"changed deps": {"corpus": "modified"}}], changed
 
-    result = run(["dvc", "repro", "preprocess"], corpus_project)
+    result = run(["dvc", "repro", "preprocess"], project)
     assert "Running stage 'prepare'" in result.stdout and "Running stage 'preprocess'" in result.stdout
-    assert b"an edited line" in (corpus_project / "data/prepared/train.arrow").read_bytes()
-    assert status(corpus_project) == {}
+    assert b"an edited line" in (project / "data/prepared/train.arrow").read_bytes()
+    assert status(project) == {}

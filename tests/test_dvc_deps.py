@@ -182,6 +182,8 @@ def test_runtime_and_tracking_settings_rerun_nothing_but_train_keys_do(project: 
 
     set_param(project, "train", "epochs", 3)
     assert set(status(project)) == {"train"}
+    set_param(project, "preprocess", "vocab_size", 300)
+    assert set(status(project)) == {"train", "preprocess"}, "a stage's own keys re-run it, not its inputs'"
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ at its worst moment, then a rerun that finishes with nothing lost and nothing du
 - a Train worker SIGKILLed mid-epoch: resumes at the reported batch, ends bit for bit as the run that was
   not interrupted;
 - the train driver SIGKILLed: the rerun resumes the same Ray run and the same MLflow run;
-- register SIGKILLed between the new version and its aliases: the rerun adds no version and sets the aliases;
 - `dvc repro` stopped (SIGTERM) in prepare: no temporaries; the rerun completes.
 Plus what the reference run shows on its own: DDP replicas stay identical and the loss falls.
 """
@@ -14,11 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +26,6 @@ import pytest
 
 from tests.dvc_project import make_dvc_project, project_env, run
 from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, prepare_project, working_directory
-from tests.test_registry import MODEL_NAME, Project, project, workspace  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -242,13 +238,13 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
         command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     runs_root = tmp_path / "runs/ray"
-    deadline = time.time() + 180
-    while time.time() < deadline and driver.poll() is None:
+    deadline, checkpointed = time.time() + 300, False  # generous: the machine may be busy with other tests
+    while time.time() < deadline and driver.poll() is None and not checkpointed:
         run_dirs = list(runs_root.glob("train-*")) if runs_root.is_dir() else []
-        if run_dirs and latest_registered_checkpoint(run_dirs[0]) is not None:
-            break
+        checkpointed = bool(run_dirs) and latest_registered_checkpoint(run_dirs[0]) is not None
         time.sleep(0.1)
     assert driver.poll() is None, "the driver ended before it could be killed"
+    assert checkpointed, "Ray Train registered no checkpoint before the deadline"
     driver.kill()
     driver.wait(timeout=30)
     assert not (tmp_path / "models").exists()
@@ -267,47 +263,6 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
     experiment = client.get_experiment_by_name("seq2seq-pipeline")
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.run_id for run in runs] == [run_info["mlflow_run_id"]], "one MLflow run, not two"
-
-
-KILL_BEFORE_ALIASES = textwrap.dedent(
-    """
-    import os, signal
-    from pipeline.params_file import load_config
-    from pipeline.stages import register
-
-    def die(*args, **kwargs):  # the version is registered and tagged; its aliases are not set yet
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    register._apply = die
-    register.run(load_config("params.yaml"))
-    """
-)
-
-
-def test_register_killed_before_its_aliases_registers_once_on_rerun(project: Project) -> None:  # noqa: F811
-    from pipeline.stages import evaluate
-    from pipeline.stages import register as register_stage
-
-    shutil.copytree(project.workspace.models["good"], project.root / "models")
-    evaluate.run(project.config())
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_BEFORE_ALIASES],
-        cwd=project.root,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert len(project.client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
-    assert project.aliases() == {}, "killed before the aliases"
-
-    register_stage.run(project.config())
-
-    report = json.loads((project.root / "reports" / "registry.json").read_text())
-    assert (report["version"], report["decision"], report["new_version"]) == (1, "promoted", False)
-    assert len(project.client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
-    assert project.aliases() == {"challenger": 1, "champion": 1}
 
 
 @pytest.mark.slow

@@ -138,3 +138,20 @@ def test_torch_only_gpu_benchmark_trains_and_scores_without_ray_mlflow_dvc_or_da
     # On a CPU-only box the comparison is the CPU against itself: its plumbing, not a GPU's numerics.
     assert (measured["cpu_identical_greedy"], measured["cpu_identical_beam"]) == (1.0, 1.0)
     assert measured["cpu_bleu"] == measured["bleu"]
+
+
+def test_no_test_module_or_benchmark_imports_a_test_module() -> None:
+    """Helpers live in modules that hold no tests (tests/helpers.py, tests/seq2seq_toys.py, ...): importing
+    a test module runs its module-level fixtures and marks in another module's session."""
+    offenders = []
+    for path in sorted([*(REPO_ROOT / "tests").glob("*.py"), *(REPO_ROOT / "benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{path.name}: {name}" for name in names if name.startswith("tests.test_")]
+    assert offenders == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import stat
 import subprocess
@@ -22,56 +21,26 @@ from pipeline.network.batching import source_tensor
 from pipeline.network.decoding import beam_search, greedy_decode
 from pipeline.network.model import build_model
 from pipeline.network.model_files import MODEL_FILES, WEIGHTS_FILE, load_model_dir, save_model_dir, tied_names
-from pipeline.network.tokenization import encode_texts, train_tokenizer
+from pipeline.network.tokenization import train_tokenizer
 from pipeline.network.translator import Translator
-from tests.seq2seq_toys import TINY, train_until_memorised
+from tests.seq2seq_toys import DECODING, TINY, save_word_model, word_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SRC_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
-TGT_WORDS = ["uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho"]
-DECODING = {"beam_size": 2, "length_penalty": 1.0, "max_len_ratio": 2.0}
-
-
-def _word_pairs(n: int = 14, seed: int = 3) -> list[tuple[str, str]]:
-    """A toy language pair: each word has one translation, and the word order is reversed."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        words = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(2, 5))]
-        pairs.append((" ".join(SRC_WORDS[w] for w in words), " ".join(TGT_WORDS[w] for w in reversed(words))))
-    return pairs
-
-
-def _save_word_model(folder: Path, arch: str) -> tuple[Path, list[tuple[str, str]]]:
-    """A tiny `arch` model that has memorised the toy pairs, saved with real word tokenizers."""
-    pairs = _word_pairs()
-    tokenizer_config = PreprocessConfig(tokenizer="word", vocab_size=100)
-    src_tokenizer = train_tokenizer([s for s, _ in pairs], tokenizer_config)
-    tgt_tokenizer = train_tokenizer([t for _, t in pairs], tokenizer_config)
-    sources = encode_texts(src_tokenizer, [s for s, _ in pairs])
-    targets = encode_texts(tgt_tokenizer, [t for _, t in pairs])
-    torch.manual_seed(0)
-    config = ModelConfig(arch=arch, **TINY)
-    model = build_model(config, src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size())
-    train_until_memorised(model, sources, targets)
-    path = folder / "models"
-    save_model_dir(path, model, config, src_tokenizer, tgt_tokenizer, DECODING)
-    return path, pairs
 
 
 @pytest.fixture(scope="module")
 def word_model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
-    return _save_word_model(tmp_path_factory.mktemp("word_model"), "gru_attention")
+    return save_word_model(tmp_path_factory.mktemp("word_model"), "gru_attention")
 
 
 def _random_model_dir(
     tmp_path: Path, arch: str, n_layers: int = 1, **settings: object
 ) -> tuple[Path, torch.nn.Module]:
     config = ModelConfig(arch=arch, **{**TINY, "n_layers": n_layers, **settings})
-    texts = [s for s, _ in _word_pairs()]
+    texts = [s for s, _ in word_pairs()]
     tokenizer = train_tokenizer(texts, PreprocessConfig(tokenizer="word", vocab_size=100))
     torch.manual_seed(1)
     # Unequal vocabularies catch a swapped side, unless the embeddings are shared (one vocabulary).
@@ -472,7 +441,7 @@ def test_token_batches_keep_each_padded_batch_within_the_budget() -> None:
 def test_translations_cut_by_tokens_equal_those_cut_by_count(tmp_path: Path, arch: str) -> None:
     """What a GPU does differently (batches cut by tokens) changes no translation; checked on the CPU."""
     path, _ = _random_model_dir(tmp_path, arch)
-    sentences = [s for s, _ in _word_pairs(n=20, seed=9)]
+    sentences = [s for s, _ in word_pairs(n=20, seed=9)]
     by_count = Translator.from_dir(path).translate(sentences, beam_size=2, batch_size=3)
     loaded = load_model_dir(path)
     by_tokens = Translator(loaded, device="cpu", batch_tokens=40).translate(sentences, beam_size=2)
@@ -518,8 +487,8 @@ def test_decoding_turns_tf32_off_on_a_gpu_and_restores_it() -> None:
 @pytest.mark.parametrize("arch", ["gru_attention", "transformer"])
 def test_a_gpu_translates_as_the_cpu_does(tmp_path: Path, arch: str) -> None:
     """evaluate, `translate` and the served model on CUDA (batches cut by tokens) give the CPU's output."""
-    path, _ = _save_word_model(tmp_path, arch)
-    sentences = [s for s, _ in _word_pairs(n=40, seed=11)]  # the memorised pairs and new word orders
+    path, _ = save_word_model(tmp_path, arch)
+    sentences = [s for s, _ in word_pairs(n=40, seed=11)]  # the memorised pairs and new word orders
     for beam_size in (1, 2):
         on_cpu = Translator.from_dir(path, device="cpu").translate(sentences, beam_size=beam_size)
         on_gpu = Translator.from_dir(path, device="cuda").translate(sentences, beam_size=beam_size)

@@ -1,12 +1,10 @@
-"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): one DDP worker on each, the data stages'
-Ray Data tasks and actors on both, and a batch translation on the two-node cluster.
-
-The data reaches the second node's worker through the object store, not the driver's disk.
+"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): the data stages' Ray Data tasks and actors
+work on both, and a batch translation on the two-node cluster. (Training across hosts, its ranks reading
+the object store's copy of the data, is tested on the cluster in a box: tests/test_cluster_box.py.)
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,36 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, prepare_project, torch_threads, working_directory
+from tests.helpers import (
+    REPO_ROOT,
+    different_files,
+    random_model_dir,
+    run_data_stages,
+    stdin_translation,
+    torch_threads,
+)
+from tests.two_node_data import OPERATORS
 
 pytestmark = pytest.mark.slow
-
-
-def test_train_stage_spans_two_nodes_one_worker_each(tmp_path: Path) -> None:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from pipeline.params_file import load_config
-    from pipeline.stages import train
-
-    prepare_project(tmp_path, {"train": {"epochs": 1}})
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-        with working_directory(tmp_path):
-            train.run(load_config("params.yaml"))
-            history = list(csv.DictReader(Path("reports/train_history.csv").read_text().splitlines()))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-    assert int(history[0]["n_nodes"]) == 2
-    assert int(history[0]["n_workers"]) == 2
-    assert int(history[0]["replica_divergence"]) == 0
-    # The worker on the second node reads the object-store replica; the one beside the driver maps files.
-    assert int(history[0]["object_store_readers"]) == 1
 
 
 def test_data_stages_and_batch_translation_run_blocks_on_both_nodes(
@@ -53,10 +32,6 @@ def test_data_stages_and_batch_translation_run_blocks_on_both_nodes(
     """The data stages' map tasks and tokenizer actors, and the batch translation's model actors, work on
     blocks on both nodes; the files are those of the local engine, and the translation equals one
     process's."""
-    from benchmarks.ray_data import random_model_dir
-    from tests.test_ray_data import different_files, run_data_stages, stdin_translation
-    from tests.two_node_data import OPERATORS
-
     run_data_stages(tmp_path / "local", "builtin", "local")
     sources = [f"the {i} big dogs see a red cat ." for i in range(300)]  # 150 chunks: see two_node_data
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")

@@ -7,7 +7,6 @@ take part, as they do at scale.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -17,11 +16,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, working_directory, write_params
+from tests.helpers import (
+    REPO_ROOT,
+    different_files,
+    random_model_dir,
+    run_data_stages,
+    stdin_translation,
+    working_directory,
+    write_params,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance", "one_torch_thread", "small_blocks")]
-
-OUTPUTS = ("data/prepared", "data/processed", "reports/prepare_stats.json", "reports/prepare_metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -55,32 +60,6 @@ def messy_corpus(folder: Path) -> Path:
     columns = {"art": [tgt for _, tgt in test], "en": [src for src, _ in test]}
     pq.write_table(pa.table(columns), folder / "test.parquet", row_group_size=8)
     return folder
-
-
-def run_data_stages(project: Path, source: str, engine: str) -> None:
-    from pipeline.params_file import load_config
-    from pipeline.stages import prepare, preprocess
-
-    project.mkdir(exist_ok=True)
-    write_params(project, deep_merge(TINY_PARAMS, {"data": {"source": source, "engine": engine}}))
-    with working_directory(project):
-        config = load_config("params.yaml")
-        prepare.run(config)
-        preprocess.run(config)
-
-
-def different_files(a: Path, b: Path) -> list[str]:
-    """Paths under OUTPUTS whose bytes differ between projects a and b (or exist in one only)."""
-    names = {
-        path.relative_to(root)
-        for root in (a, b)
-        for output in OUTPUTS
-        for path in ([root / output] if (root / output).is_file() else (root / output).rglob("*"))
-        if path.is_file()
-    }
-    return sorted(
-        str(n) for n in names if not ((a / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes())
-    )
 
 
 @pytest.fixture(scope="module")
@@ -186,20 +165,9 @@ def test_cpu_actors_run_one_tokenizer_thread_and_no_more_actors_than_cpus() -> N
 
 @pytest.fixture(scope="module")
 def model_dir(engine_projects: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from benchmarks.ray_data import random_model_dir
-
     return random_model_dir(
         engine_projects[1] / "data/processed", tmp_path_factory.mktemp("model") / "models"
     )
-
-
-def stdin_translation(model: Path, text: bytes, capsys: pytest.CaptureFixture, monkeypatch) -> str:
-    from pipeline.__main__ import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
-    assert main(["-q", "translate", "--model", str(model), "--max-sentences", "25"]) == 0
-    return capsys.readouterr().out
 
 
 def test_batch_translation_keeps_order_and_equals_stdin(

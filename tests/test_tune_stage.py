@@ -1,10 +1,14 @@
-"""The tune stage: a real Optuna + ASHA search over real Ray Train runs, tracked in a real MLflow store."""
+"""The tune stage: a real Optuna + ASHA search over real Ray Train runs, tracked in a real MLflow store, run
+beside a second search as two pipelines on one machine would."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
 from pipeline.training.resources import plan_tune
-from tests.helpers import prepare_project, working_directory
+from tests.helpers import REPO_ROOT, prepare_project, working_directory
 
 SEARCH = {
     "num_samples": 3,
@@ -29,20 +33,79 @@ SEARCH = {
 }
 
 
+# A second search, run beside SEARCH's: the smallest one that still runs two trials.
+SMALL_SEARCH = {
+    "num_samples": 2,
+    "max_epochs": 1,
+    "max_examples": 300,
+    "search_space": {
+        "model.emb_dim": {"choice": [16]},
+        "model.hidden_dim": {"choice": [24, 32]},
+        "model.n_layers": {"randint": [1, 2]},
+        "model.dropout": {"uniform": [0.0, 0.1]},
+    },
+}
+# Far above the couple of minutes two searches take side by side on 2 cores; far below "forever".
+BOTH_DONE_WITHIN_S = 900
+
+
+def _tune_side_by_side(projects: list[Path]) -> None:
+    """`python -m pipeline tune` in each project at once, each starting its own local Ray; both must end.
+    Before each Ray process knew its own instance, Train's placement-group cleaner found two and failed, and
+    the next trial's worker group waited forever (`Error count: N (max allowed: inf)` every 60 s, at 0 %
+    CPU)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"):  # local Ray, local store
+        env.pop(name, None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "tune"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(project / "tune.log").open("w"),
+        )
+        for project in projects
+    ]
+    deadline = time.monotonic() + BOTH_DONE_WITHIN_S
+    try:
+        for process in processes:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            "two tune stages side by side did not finish: " + (projects[0] / "tune.log").read_text()[-3000:]
+        )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for project, process in zip(projects, processes, strict=True):
+        assert process.returncode == 0, (project / "tune.log").read_text()[-3000:]
+
+
 @pytest.mark.slow
-def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(tmp_path: Path) -> None:
-    """The stage starts its own Ray with its own resource plan: it must not hang on this 2-core machine."""
+def test_two_searches_side_by_side_on_two_cores_track_trials_under_one_parent_and_pick_the_best(
+    tmp_path: Path,
+) -> None:
+    """Two tune stages started together on this 2-core machine, each with its own Ray and resource plan:
+    both finish (neither hangs on the other's Ray), and the first one's search is checked in full."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.params_file import load_config
-    from pipeline.stages import tune
+    projects = [tmp_path / "search", tmp_path / "beside"]
+    for project, search in zip(projects, (SEARCH, SMALL_SEARCH), strict=True):
+        project.mkdir()
+        prepare_project(
+            project,
+            {"tune": search, "train": {"val_bleu_sentences": 0}, "runtime": {"worker_start_timeout_s": 240}},
+        )
+    _tune_side_by_side(projects)
 
-    prepare_project(tmp_path, {"tune": SEARCH})
-    with working_directory(tmp_path):
-        tune.run(load_config("params.yaml"))
+    assert json.loads((projects[1] / "reports" / "best_params.json").read_text())["n_trials"] == 2
+    with working_directory(projects[0]):
         best = json.loads(Path("reports/best_params.json").read_text())
         trials = list(csv.DictReader(Path("reports/tune_trials.csv").read_text().splitlines()))
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client = MlflowClient(tracking_uri=f"sqlite:///{projects[0] / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("seq2seq-pipeline")
         children = client.search_runs(
             [experiment.experiment_id],
@@ -59,6 +122,7 @@ def test_search_on_two_cores_tracks_trials_under_one_parent_and_picks_the_best(t
             run.data.tags["tune_trial_id"]: run.data.tags["mlflow.note.content"] for run in children
         }
 
+    assert best["n_trials"] == 3
     assert len(trials) == 3 and len(children) == 3, "one MLflow child run per trial, no duplicates"
     assert all(run.info.status in ("FINISHED", "KILLED") for run in children), "no trial run left RUNNING"
     assert {row["trial_id"] for row in trials} == set(best_per_child)

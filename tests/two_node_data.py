@@ -45,7 +45,7 @@ def main(project: Path, model: Path, source: Path, output: Path) -> dict[str, li
 
     from pipeline.__main__ import main as pipeline_main
     from pipeline.data import ray_encode, ray_prepare
-    from tests.test_ray_data import run_data_stages
+    from tests.helpers import run_data_stages
 
     # 3 CPUs a node: the tokenizer pool (one actor per CPU, a CPU per node left to the readers) cannot fit
     # on one node, so both run some. Ray Data spreads actors only as far as free CPUs allow.
