@@ -34,6 +34,7 @@ ORDER = (
     "arch_throughput",
     "gpu_torch",
     "gpu_check",
+    "suite_lanes",
 )
 # Benchmarks that are commands rather than modules of benchmarks/ (their description has no docstring).
 DESCRIPTIONS = {

@@ -1,0 +1,94 @@
+"""The README's test command, timed step by step in a fresh clone of this checkout's HEAD: the installs, the
+fast lane, and the slow lane twice in the same run: one pytest process (the baseline) and pytest-xdist's two
+workers, each taking whole modules (`-n 2 --dist loadfile`), so each module keeps its one Ray instance.
+
+    python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--slow-runs RUNS]
+
+Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
+tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.results import REPO_ROOT, write_result
+
+INSTALL = (
+    "python3 -m venv .venv && .venv/bin/pip install -q --no-compile torch==2.13.0"
+    ' && .venv/bin/pip install -q --no-compile -c constraints.txt -e ".[dev]"'
+)
+FAST = '.venv/bin/python -m pytest -q --durations=20 -m "not slow"'
+SLOW = {
+    "serial": ".venv/bin/python -m pytest -q --durations=10 -m slow",
+    "xdist": ".venv/bin/python -m pytest -q --durations=10 -m slow -n 2 --dist loadfile",
+}
+DURATION_LINE = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)$")
+
+
+def timed(command: str, cwd: Path, log: Path) -> tuple[float, int, str]:
+    """(seconds, exit code, output) of a shell command run in `cwd`, its output also kept in `log`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    started = time.perf_counter()
+    done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    log.write_text(done.stdout + done.stderr)
+    return seconds, done.returncode, done.stdout + done.stderr
+
+
+def summary(output: str) -> str:
+    """pytest's last line (`N passed, ... in Xs`), or the output's last line."""
+    lines = [line.strip("= ") for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def slowest(output: str, run: str, count: int) -> list[dict]:
+    rows = []
+    for line in output.splitlines():
+        matched = DURATION_LINE.match(line.strip())
+        if matched and len(rows) < count:
+            seconds, phase, test = matched.groups()
+            rows.append({"step": f"{run}: {phase} {test}", "seconds": float(seconds)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--slow-runs", default="serial,xdist", help="which slow-lane runs, in order")
+    parser.add_argument("--logs", type=Path, default=None, help="keep each step's output here")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lanes") as scratch:
+        clone = Path(scratch) / "clone"
+        logs = args.logs or Path(scratch)
+        logs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+        steps = [("install", INSTALL), ("fast lane", FAST)]
+        steps += [(f"slow lane, {run}", SLOW[run]) for run in args.slow_runs.split(",")]
+        for name, command in steps:
+            seconds, code, output = timed(command, clone, logs / f"{name.replace(' ', '_')}.log")
+            rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": summary(output)})
+            print(rows[-1], flush=True)
+            if name.startswith("slow lane"):
+                rows += slowest(output, name.removeprefix("slow lane, "), 10)
+    for row in rows:
+        print(row)
+    if args.out is not None:
+        notes = [
+            "a fresh clone of HEAD; install, fast lane and each slow-lane run one after another, alone on"
+            " the machine; the slow lane as one pytest process (baseline) and as pytest-xdist's 2 workers",
+            f"python {sys.version.split()[0]}",
+        ]
+        write_result(args.out, "suite_lanes", rows, notes)
+
+
+if __name__ == "__main__":
+    main()
