@@ -9,19 +9,21 @@
 # committed .dvc/config stays as it is and this copy alone runs without git.
 set -euo pipefail
 
+# Parameter overrides for this run, e.g. PIPELINE_SET="runtime.use_gpu=true runtime.num_workers=4": the
+# cluster's counterpart of `dvc exp run -S`, which needs git. Applied first, before DVC is touched. After
+# `--` every word is an assignment: an option-looking one (`--help` would print help and exit 0) is refused
+# with exit 2, and `set -e` stops the job there, before `dvc repro` could run without the overrides.
+if [ -n "${PIPELINE_SET:-}" ]; then
+    # shellcheck disable=SC2086  # one word per assignment, by design
+    python -m pipeline set-params -- $PIPELINE_SET
+fi
+
 dvc() { python -m dvc "$@"; }  # the job's Python, whatever is first on PATH
 
 if [ ! -d .dvc ]; then
     dvc init --no-scm --quiet
 fi
 dvc config --local core.no_scm true
-
-# Parameter overrides for this run, e.g. PIPELINE_SET="runtime.use_gpu=true runtime.num_workers=4": the
-# cluster's counterpart of `dvc exp run -S`, which needs git. Validated before anything runs.
-if [ -n "${PIPELINE_SET:-}" ]; then
-    # shellcheck disable=SC2086  # one word per assignment, by design
-    python -m pipeline set-params $PIPELINE_SET
-fi
 
 if dvc remote default >/dev/null 2>&1; then
     # With a remote, a stage whose inputs already ran anywhere (this cluster, a laptop) is restored from

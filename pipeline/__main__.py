@@ -116,21 +116,41 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Stopped(BaseException):
+class Stopped(KeyboardInterrupt):
     """A stop signal, raised where the stage is so every `with` block unwinds (temporaries removed,
-    previous outputs kept). A BaseException: no `except Exception` on the way may swallow it."""
+    previous outputs kept). No `except Exception` on the way may swallow it; and a KeyboardInterrupt, the
+    one exception Ray's waits (`ray.get` of a Train run) give way to at once: any other is held until the
+    awaited work ends, then raised as a SystemError. Ray re-raises it as a plain KeyboardInterrupt, so the
+    signal is told by `_RECEIVED`."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
+# The stop signals received during this run. Raised inside a library's C code (Ray Data's executor, for
+# one), Stopped can come out as that library's own error, its cause dropped: what follows a stop signal
+# is still the stop.
+_RECEIVED: list[int] = []
+
+
 def _raise_stopped(signum: int, _frame: object) -> None:
+    _RECEIVED.append(signum)
     raise Stopped(signum)
+
+
+def _stop_signal(error: BaseException) -> int | None:
+    """The signal that ended the run in `error`, or None when it was not stopped."""
+    if isinstance(error, Stopped):
+        return error.signum
+    if _RECEIVED:
+        return _RECEIVED[0]
+    return signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    _RECEIVED.clear()
     if args.quiet:
         from pipeline.progress import QUIET_ENV
 
@@ -189,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                 metadata_json=args.metadata_json,
             )
         )
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (Stopped, KeyboardInterrupt) as stop:
-        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-        name = signal.Signals(signum).name
-        print(f"stopped by {name}: outputs of the interrupted step were not replaced", file=sys.stderr)
-        return 128 + signum
+    except BaseException as error:
+        signum = _stop_signal(error)
+        if signum is not None:  # first: an error raised while stopping is the stop's
+            name = signal.Signals(signum).name
+            print(f"stopped by {name}: outputs of the interrupted step were not replaced", file=sys.stderr)
+            return 128 + signum
+        if isinstance(error, PipelineError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 def run_translate(
@@ -210,11 +232,14 @@ def run_translate(
     """Sentences from arguments or stdin, one translation per line on stdout. `model` is a model folder or
     an MLflow registry URI (models:/name/version or models:/name@alias). `device` None: $PIPELINE_DEVICE,
     else auto; the bounds: see `InputBounds.resolve`."""
-    from pipeline.network.translator import InputBounds  # torch is imported here, not for `--help`
+    # torch is imported here, not for `--help`
+    from pipeline.network.translator import InputBounds, check_beam_size
 
-    if beam_size is not None and beam_size < 1:
-        raise PipelineError(f"--beam-size must be at least 1, got {beam_size}")
+    if beam_size is not None:
+        check_beam_size(beam_size, "--beam-size")
     bounds = InputBounds.resolve(max_input_tokens, max_sentences)
+    if not sentences and sys.stdin is None:  # started with stdin closed (`<&-`), not an empty one
+        raise PipelineError("no sentences: give them as arguments, or one a line on stdin (it is closed)")
     if sentences:  # arguments are one request: too many is refused before the model loads
         bounds.check_count(len(sentences), "argument")
         requests: Iterator[list[str]] = iter([list(sentences)])
@@ -248,20 +273,18 @@ def run_batch_translate(args: argparse.Namespace) -> int:
         raise PipelineError("give sentences as arguments or --input FILE_OR_DIR, not both")
     if args.output is None:
         raise PipelineError("--input needs --output PATH, the file the translations go to")
-    if args.beam_size is not None and args.beam_size < 1:
-        raise PipelineError(f"--beam-size must be at least 1, got {args.beam_size}")
     if args.actors is not None and args.actors < 1:
         raise PipelineError(f"--actors must be at least 1, got {args.actors}")
     if args.device not in (None, "auto", "cpu", "cuda"):
         raise PipelineError(f"--device with --input: auto, cpu or cuda, got {args.device!r}")
-    from pipeline.jobs import object_store
-    from pipeline.jobs.batch_translate import input_files, translate_file
-    from pipeline.network.translator import InputBounds
+    from pipeline.jobs.batch_translate import check_locations, translate_file
+    from pipeline.network.translator import InputBounds, check_beam_size
     from pipeline.training.ray_session import ray_session
 
+    if args.beam_size is not None:
+        check_beam_size(args.beam_size, "--beam-size")
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
-    if not object_store.is_uri(args.input):
-        input_files(Path(args.input))  # a missing input is reported before Ray starts
+    check_locations(args.input, args.output)  # before Ray starts and the model loads
     with ray_session():
         translate_file(
             args.input, args.output, args.model, args.beam_size, args.actors, bounds, args.device or "auto"

@@ -8,6 +8,7 @@ depends on. Unknown keys are refused (a typo must not silently fall back to a de
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,17 +30,35 @@ DEFAULT_PARAMS_PATH = Path("params.yaml")
 SPLITS = ("train", "validation", "test")
 # The evaluate keys that say how a model is decoded: a model folder's decoding.json holds exactly these.
 DECODING_KEYS = ("beam_size", "length_penalty", "max_len_ratio")
+# Their bounds, one definition for evaluate's settings, a model folder's decoding.json and `translate
+# --beam-size`: a beam's memory and time grow with its width, and a sentence's decoding steps with the ratio
+# (a beam of 100,000 or a ratio of 1e300 ran until killed).
+MAX_BEAM_SIZE = 64
+MAX_LEN_RATIO = 10.0
+# Seeds go to numpy's and Optuna's generators, which take 0 to 2**32 - 1 only.
+SEED_MAX = 2**32 - 1
+# The suffixes that name a whole split's file in a corpus folder (`train.tsv` holds both sides), besides the
+# two languages' own suffixes (`train.en`, `train.de`); `.gz` may follow a language's suffix.
+FOLDER_FILE_KINDS = ("tsv", "jsonl", "parquet")
+# The fewest target tokens an optimizer update may give each of its micro-batches (one short sentence): the
+# smallest train.batch_size, and per micro-batch of a global batch cut over workers and accumulation.
+MIN_MICRO_BATCH_TOKENS = 16
+
+
+def _seed(default: int) -> Any:
+    return Field(default, ge=0, le=SEED_MAX)
 
 
 class _Section(BaseModel):
     # strict: a value is taken as the type YAML gives it, never converted ("64" is a string, 1 is not true,
-    # true is not 1); a float key still takes a whole number.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # true is not 1); a float key still takes a whole number. No float key takes .inf or .nan: an infinite
+    # penalty or ratio would be written into reports and model folders that later refuse to load.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class BuiltinCorpusConfig(_Section):
     n_pairs: int = Field(20_000, ge=10, le=5_000_000)
-    seed: int = 13
+    seed: int = _seed(13)
     # Sentences joined into one pair: 3 gives news-like lengths (mean ~36 tokens) for scale tests.
     sentences_per_pair: int = Field(1, ge=1, le=8)
 
@@ -66,7 +85,7 @@ class DataConfig(_Section):
     max_chars: int = Field(1000, ge=1, description="drop pairs with a side longer than this (characters)")
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    seed: int = 42
+    seed: int = _seed(42)
     # Who runs prepare and preprocess: "local" (one process, streaming) or "ray" (Ray Data pipelines over
     # every core of every node). Both write the same files; local starts faster, so it stays the default.
     engine: Literal["local", "ray"] = "local"
@@ -74,6 +93,11 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                f"{value!r} names no folder, and would read the project folder itself as a corpus: give"
+                " 'builtin', 'hf:<dataset>[:<config>]' or a corpus folder such as corpus/de-en"
+            )
         if value == "builtin" or value.startswith("hf:"):
             if value.startswith("hf:") and not value[3:].split(":")[0]:
                 raise ValueError("'hf:' needs a dataset name, e.g. 'hf:bentrevett/multi30k'")
@@ -93,11 +117,43 @@ class DataConfig(_Section):
             raise ValueError("applies to hf: sources only (a local corpus is versioned by DVC)")
         return value
 
+    @field_validator("src_lang", "tgt_lang")
+    @classmethod
+    def _not_a_file_kind(cls, value: str, info: ValidationInfo) -> str:
+        """In a corpus folder `train.tsv` is a whole split's file, so a language named tsv cannot be told from
+        it: the folder would seem to hold the split twice."""
+        source = info.data.get("source", "")  # validated before the languages: fields go in order
+        if value in FOLDER_FILE_KINDS and is_folder_source(source):
+            raise ValueError(
+                f"{value!r} is also the suffix of a whole split's file in a corpus folder (train.{value}"
+                " holds both sides), so the folder's files cannot name that language: rename its files and"
+                " this key (e.g. train.xx)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _distinct_languages(self) -> DataConfig:
         if self.src_lang == self.tgt_lang:
             raise ValueError("src_lang and tgt_lang must differ")
         return self
+
+
+def is_folder_source(source: str) -> bool:
+    """Whether `data.source` names a local corpus folder (not the built-in corpus, not a Hub dataset)."""
+    return source != "builtin" and not source.startswith("hf:")
+
+
+def source_path(source: str) -> Path:
+    """A folder `data.source` as a path, `~` and `~user` expanded; a PipelineError when the user is unknown
+    here (Python raises a bare RuntimeError)."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:
+        user = source[1:].split("/")[0]
+        raise PipelineError(
+            f"data.source {source!r}: there is no user {user!r} on this machine, so ~{user} names no home"
+            " folder: give the corpus folder's path"
+        ) from None
 
 
 class PreprocessConfig(_Section):
@@ -142,7 +198,9 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     # The global batch: target tokens per optimizer update, across all workers (each takes its share), so
     # the number of workers changes no update; `accumulate` splits each worker's share further.
-    batch_size: int = Field(8000, ge=16, description="target tokens per optimizer update, all workers")
+    batch_size: int = Field(
+        8000, ge=MIN_MICRO_BATCH_TOKENS, description="target tokens per optimizer update, all workers"
+    )
     accumulate: int = Field(1, ge=1, le=256, description="micro-batches per worker and update")
     # Each update joins this many length-sorted sub-batches of batch_size / N tokens drawn at random, so one
     # update mixes N ranges of sentence length (one range alone made updates noisier: see the docs).
@@ -167,7 +225,16 @@ class TrainConfig(_Section):
     teacher_forcing: float = Field(1.0, ge=0.0, le=1.0)
     early_stopping_patience: int = Field(3, ge=1)
     val_bleu_sentences: int = Field(200, ge=0, description="validation sentences decoded for BLEU each epoch")
-    seed: int = 0
+    seed: int = _seed(0)
+
+    @model_validator(mode="after")
+    def _average_within_the_epochs(self) -> TrainConfig:
+        if self.average_last > self.epochs:
+            raise ValueError(
+                f"train.average_last must be at most train.epochs ({self.average_last} > {self.epochs}):"
+                " it averages the weights of the last N epochs"
+            )
+        return self
 
 
 class CheckpointInterval(NamedTuple):
@@ -188,7 +255,7 @@ def parse_checkpoint_every(value: Any) -> CheckpointInterval | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return CheckpointInterval(steps=value)
     minutes = _MINUTES.fullmatch(value) if isinstance(value, str) else None
-    if minutes and float(minutes[1]) > 0:
+    if minutes and 0 < float(minutes[1]) < math.inf:
         return CheckpointInterval(seconds=float(minutes[1]) * 60)
     raise ValueError(
         "expected null (epoch ends only), a positive whole number of optimizer steps, "
@@ -217,6 +284,16 @@ class RuntimeConfig(_Section):
     @classmethod
     def _checkpoint_interval(cls, value: Any) -> Any:
         parse_checkpoint_every(value)  # raises with the accepted forms
+        return value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_path_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "empty: give a folder (runs/ray by default) or a URI such as s3://bucket/runs (an empty path"
+                " would put Ray's checkpoints in the project folder itself)"
+            )
         return value
 
     def checkpoint_interval(self) -> CheckpointInterval | None:
@@ -296,13 +373,15 @@ class TuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    beam_size: int = Field(4, ge=1, le=64)
+    beam_size: int = Field(4, ge=1, le=MAX_BEAM_SIZE)
     length_penalty: float = Field(1.0, ge=0.0)
     # Choose the length penalty among these by BLEU on the validation split (then used for test and
     # recorded); empty: length_penalty as it is.
     length_penalty_search: list[float] = Field(default_factory=list, max_length=16)
     search_sentences: int = Field(500, ge=1, description="validation sentences the search decodes")
-    max_len_ratio: float = Field(2.0, gt=0.0, description="decode at most ratio * source length + 5 tokens")
+    max_len_ratio: float = Field(
+        2.0, gt=0.0, le=MAX_LEN_RATIO, description="decode at most ratio * source length + 5 tokens"
+    )
     batch_size: int = Field(128, ge=1)
     n_samples: int = Field(20, ge=0)
     # auto: a CUDA GPU when there is one (batches cut by tokens there), else the CPU; cpu forces the CPU.
@@ -323,6 +402,19 @@ class EvaluateConfig(_Section):
 class RegisterConfig(_Section):
     model_name: str = Field("seq2seq-translator", min_length=1)
     min_improvement: float = Field(0.0, ge=0.0, description="BLEU points a challenger must gain")
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_model_name(cls, value: str) -> str:
+        """MLflow's rules for a registered model's name, checked here rather than after the register stage
+        has logged the model: not blank, no '/' or ':', and not a path that resolves to another name."""
+        if not value.strip():
+            raise ValueError("is blank: give the registered model's name, e.g. seq2seq-translator")
+        if "/" in value or ":" in value:
+            raise ValueError("MLflow's registered model names cannot contain '/' or ':'")
+        if value in (".", "..") or value.startswith(".."):
+            raise ValueError("MLflow's registered model names cannot be '.' or start with '..'")
+        return value
 
 
 class TrackingConfig(_Section):
@@ -349,6 +441,23 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _every_micro_batch_gets_tokens(self) -> PipelineConfig:
+        """Each update's global batch is cut into num_workers x accumulate micro-batches by sentence count;
+        a batch of fewer sentences leaves the rest empty, and each empty one still runs a full forward and
+        backward pass (a placeholder, so that DDP's all-reduce goes on): train.batch_size 16 with
+        train.accumulate 256 made an epoch hundreds of times slower and reached none."""
+        parts = self.runtime.num_workers * self.train.accumulate
+        needed = MIN_MICRO_BATCH_TOKENS * parts
+        if self.train.batch_size < needed:
+            raise ValueError(
+                f"train.batch_size must give each of the runtime.num_workers x train.accumulate ="
+                f" {self.runtime.num_workers} x {self.train.accumulate} micro-batches of an update at least"
+                f" {MIN_MICRO_BATCH_TOKENS} target tokens: raise it from {self.train.batch_size} to {needed}"
+                " or more, or lower train.accumulate (an empty micro-batch still costs a full pass)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _search_draws_valid_models(self) -> PipelineConfig:
         """Refuse a search space that can draw an invalid model or training setting now, before Ray starts,
         not in a trial hours into a search."""
@@ -358,7 +467,7 @@ class PipelineConfig(_Section):
         # Only choices list every value; of a range, only the ends are checked below.
         ranged = [key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice]
         base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
-        for drawn in _draws(space):
+        for drawn in _draws_to_check(space):
             sections = {name: dict(values) for name, values in base.items()}
             for key, value in drawn.items():
                 section, _, name = key.partition(".")
@@ -386,15 +495,36 @@ def _check_shared_embeddings(model: ModelConfig, preprocess: PreprocessConfig) -
         )
 
 
-def _draws(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
-    """Every combination of the values a search can draw: all choices, and the ends of ranges."""
-    dimensions = dict(space)
-    options = [
-        dim.choice if dim.choice is not None else list(dim.uniform or dim.loguniform or dim.randint or ())
-        for dim in dimensions.values()
-    ]
-    for values in itertools.product(*options):
-        yield dict(zip(dimensions, values, strict=True))
+# The tunable keys that one rule ties together (a transformer's model.emb_dim must be divisible by its
+# model.n_heads): their values are checked in every combination. Any other key's values are valid or not on
+# their own, so each is checked once, next to the base values: the check costs the sum of the dimensions'
+# sizes, not their product (a space of 12.8 million combinations held every stage at params load).
+_COUPLED_KEYS = ("model.arch", "model.emb_dim", "model.n_heads")
+MAX_COUPLED_DRAWS = 10_000
+
+
+def _drawn_values(dim: SearchDimension) -> list[Any]:
+    """All of a choice, the two ends of a range."""
+    return dim.choice if dim.choice is not None else list(dim.uniform or dim.loguniform or dim.randint or ())
+
+
+def _draws_to_check(space: dict[str, SearchDimension]) -> Iterator[dict[str, Any]]:
+    """The draws that show whether a search can draw an invalid setting: every combination of the coupled
+    keys' values, then each other value alone (all choices, and the ends of ranges)."""
+    options = {key: _drawn_values(dim) for key, dim in space.items()}
+    coupled = [key for key in space if key in _COUPLED_KEYS]
+    combinations = math.prod(len(options[key]) for key in coupled)
+    if combinations > MAX_COUPLED_DRAWS:
+        raise ValueError(
+            f"tune.search_space gives {combinations:,} combinations of {' x '.join(coupled)} to check, over"
+            f" {MAX_COUPLED_DRAWS:,}: give fewer choices of these keys"
+        )
+    for values in itertools.product(*(options[key] for key in coupled)):
+        yield dict(zip(coupled, values, strict=True))
+    for key, values in options.items():
+        if key not in coupled:
+            for value in values:
+                yield {key: value}
 
 
 # Where each key of a config was written: key path -> (location shown before the key, and whether the value
@@ -448,9 +578,11 @@ def _format_validation_error(error: ValidationError, source: str, sources: list[
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-        # A cross-section rule names its key first ("tune.search_space can draw ..."): show it as the key.
+        # A rule over several keys names its key first ("tune.search_space can draw ...", "train.average_last
+        # must be ..."): show it as the key, so that its own line is found.
         named, _, rest = message.partition(" ")
-        if not problem["loc"] and "." in named and rest:
+        under_loc = named.startswith(key + ".") and not rest.startswith("(")
+        if "." in named and rest and (not loc or under_loc):
             key, message = named, rest
             loc = tuple(named.split("."))
         value = problem.get("input")
@@ -460,7 +592,8 @@ def _format_validation_error(error: ValidationError, source: str, sources: list[
                 shown += " (quote the value to keep it as text)"
             message = f"expected {_EXPECTED[problem['type']]}"
         elif problem["type"] != "extra_forbidden" and not isinstance(value, dict):
-            shown = f" (got {value!r})"
+            quoted = isinstance(value, str) and repr(value) in message  # the message quotes it itself
+            shown = "" if quoted else f" (got {value!r})"
         else:
             shown = ""
         where = _located(loc, sources)
@@ -478,12 +611,15 @@ def config_from_dict(
         raise PipelineError(_format_validation_error(error, source, sources or [])) from None
 
 
-def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
-    """Apply dotted-key overrides (e.g. the best Tune trial's {"model.hidden_dim": 256}) and re-validate."""
+def with_overrides(
+    config: PipelineConfig, overrides: dict[str, Any], source: str = "overrides"
+) -> PipelineConfig:
+    """Apply dotted-key overrides (e.g. the best Tune trial's {"model.hidden_dim": 256}) and re-validate;
+    `source` names where they come from (a file) in messages."""
     raw = config.model_dump(mode="python", by_alias=True)
     for dotted_key, value in overrides.items():
         section, _, key = dotted_key.partition(".")
         if section not in raw or not key:
-            raise PipelineError(f"override {dotted_key!r} does not name a section key")
+            raise PipelineError(f"{source}: override {dotted_key!r} does not name a section key")
         raw[section][key] = value
-    return config_from_dict(raw, "overrides")
+    return config_from_dict(raw, source)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,9 +93,7 @@ class _OutputGroup:
         """Move every old target aside, every temporary into place, then drop the old ones; if a rename
         fails, undo the ones done, so the targets stay all old."""
         for tmp, target in self.pending:
-            if target.exists() and target.is_dir() != tmp.is_dir():
-                found, wanted = ("folder", "file") if target.is_dir() else ("file", "folder")
-                raise PipelineError(f"{target} is a {found} where the stage writes a {wanted}: move it away")
+            check_output_place(target, folder=tmp.is_dir())
         aside: list[tuple[Path, Path]] = []
         placed: list[tuple[Path, Path]] = []
         try:
@@ -164,11 +164,27 @@ def _make_parent(target: Path) -> None:
         raise PipelineError(f"cannot create {target.parent}: {error.strerror}") from None
 
 
+def check_output_place(target: Path, folder: bool) -> None:
+    """Refuse an output that could not be put in place, before the work that makes it: a file where the
+    stage writes a folder or the reverse, or a mount point (the new output is renamed into place, and a
+    mount point cannot be renamed)."""
+    target = Path(target)
+    writes, other = ("folder", "file") if folder else ("file", "folder")
+    if target.exists() and target.is_dir() != folder:
+        raise PipelineError(f"{target} is a {other} where the stage writes a {writes}: move it away")
+    if os.path.ismount(target):
+        raise PipelineError(
+            f"{target} is a mount point, which the stage cannot replace (it renames a complete new {writes}"
+            " into place): mount the folder above it instead"
+        )
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
     target = Path(target)
     _make_parent(target)
+    check_output_place(target, folder=True)
     remove_stale_temporaries(target)
     tmp = Path(_temporary(target, tempfile.mkdtemp))
     tmp.chmod(_default_mode(is_dir=True))
@@ -187,11 +203,34 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     if deferred:
         group.pending.append((tmp, target))
         return
-    old = target.with_name(f".{target.name}.old-{_owner_tag()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    alone = _OutputGroup()  # a group of one: the same checks, and the same undo when a rename fails
+    alone.pending.append((tmp, target))
+    try:
+        alone.commit()
+    except BaseException:
+        alone.discard()
+        raise
+
+
+def check_file_target(target: Path, name: str) -> None:
+    """Refuse, before any work, a file output (`name`: how the user gave it) that could not be put in place:
+    something other than a file there, a file where a folder of its path should be, a folder that cannot
+    be written. Nothing is created."""
+    target = Path(target)
+    if os.path.lexists(target):
+        kind = not_a_regular_file(target)
+        if kind is not None and kind != "a broken symlink":  # a broken link is replaced like a missing file
+            raise PipelineError(f"{name} {target} is {kind}: give the path of a file to write")
+    existing = next(folder for folder in target.parents if os.path.lexists(folder))
+    if not existing.is_dir():
+        what = not_a_regular_file(existing) or "a file"
+        raise PipelineError(f"{name}: {existing} is {what}, but {target} goes inside it: move it away")
+    try:
+        handle, probe = _temporary(existing / target.name, tempfile.mkstemp)
+    except PipelineError as error:
+        raise PipelineError(f"{name} {target}: {error}") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
@@ -199,6 +238,7 @@ def atomic_file(target: Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling of `target` for writing; rename it over `target` on success."""
     target = Path(target)
     _make_parent(target)
+    check_output_place(target, folder=False)
     remove_stale_temporaries(target)
     fd, tmp_name = _temporary(target, tempfile.mkstemp)
     tmp = Path(tmp_name)
@@ -234,9 +274,30 @@ def read_json_object(path: Path, hint: str = "") -> dict[str, Any]:
         raise PipelineError(f"cannot read {path}: {error.strerror}") from None
     except ValueError as error:
         raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per level: thousands of [ or { exhaust the stack
+        raise PipelineError(f"{path} is not usable JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise PipelineError(f"{path}: expected a JSON object")
     return payload
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (following symlinks); None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symlink"
+    except OSError as error:
+        return "a symlink loop" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
 
 
 def update_with_file(digest: Any, path: Path) -> None:

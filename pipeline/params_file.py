@@ -5,9 +5,13 @@ round-trip by `set-params` (comments and key order stay). The schema they are va
 
 from __future__ import annotations
 
+import codecs
 import copy
+import functools
 import io
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,7 @@ def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[
     import yaml  # here, not at the top: the network layer imports this module on boxes without PyYAML
 
     path = Path(path)
-    if path.is_dir():
-        raise PipelineError(f"{what} is a folder, not a YAML file: {path}")
-    if path.exists() and not path.is_file():
-        raise PipelineError(f"{what} is not a regular file (a FIFO, a device?): {path}")
-    if not path.is_file():
-        raise PipelineError(f"{what} not found: {path}")
+    _check_readable(path, what)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:
@@ -43,7 +42,7 @@ def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[
     try:
         raw, key_lines = _parse_yaml(text)
     except yaml.YAMLError as error:
-        line, problem = _yaml_problem(error)
+        line, problem = _yaml_problem(error, text)
         where = f"{path}:{line}: " if line else f"{path} is not valid YAML: "
         raise PipelineError(where + problem) from None
     if raw is None and allow_empty:
@@ -56,6 +55,22 @@ def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[
         kind = type(raw).__name__
         raise PipelineError(f"{path}:1: expected a mapping of sections at the top level, got a {kind}")
     return raw, {key: (f"{path}:{line}", leaf) for key, (line, leaf) in key_lines.items()}
+
+
+def _check_readable(path: Path, what: str) -> None:
+    """A PipelineError saying what `path` is when it is not a file to read: missing (and whether its folder
+    is), a broken symlink, a symlink loop, a folder, a FIFO or a device."""
+    from pipeline.files import not_a_regular_file
+
+    if not os.path.lexists(path):
+        folder = path.parent
+        missing_folder = f" (there is no folder {folder})" if not folder.is_dir() else ""
+        raise PipelineError(f"{what} not found: {path}{missing_folder}")
+    kind = not_a_regular_file(path)
+    if kind == "a broken symlink":
+        kind += f" (to {os.readlink(path)}, which does not exist)"
+    if kind is not None:
+        raise PipelineError(f"{what} is {kind}, not a YAML file: {path}")
 
 
 def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], tuple[int, bool]]]:
@@ -90,20 +105,42 @@ def _collect_key_lines(
         _collect_key_lines(value, path, into)
 
 
-def _yaml_problem(error: Exception) -> tuple[int | None, str]:
-    """A PyYAML error as (1-based line or None, what is wrong)."""
+def _yaml_problem(error: Exception, text: str = "") -> tuple[int | None, str]:
+    """A PyYAML error as (1-based line or None, what is wrong, on one line)."""
     import yaml
 
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark
         return (mark.line + 1 if mark else None), str(error.problem or error.context)
-    return None, str(error)
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow (NUL, a control code)
+        character = chr(error.character) if isinstance(error.character, int) else str(error.character)
+        line = text[: error.position].count("\n") + 1 if text else None
+        return line, f"{error.reason}: {character!r} at character {error.position + 1}"
+    return None, " ".join(str(error).split())
+
+
+# YAML 1.2 numbers that PyYAML's YAML 1.1 rules read as text: an exponent without a dot or without a sign
+# (1e-4, 1.0e5). DVC and ruamel (YAML 1.2) read them as numbers; so does this project, one reading for all.
+_YAML_12_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+@functools.cache
+def _resolving(base: type) -> type:
+    """`base` (a PyYAML loader or resolver class) that also reads YAML 1.2's exponent floats as numbers."""
+    import re
+
+    class Resolving(base):
+        pass
+
+    float_tag, first_characters = "tag:yaml.org,2002:float", list("-+0123456789.")
+    Resolving.add_implicit_resolver(float_tag, re.compile(_YAML_12_FLOAT), first_characters)
+    return Resolving
 
 
 def _strict_loader() -> type:
     import yaml
 
-    class StrictLoader(yaml.SafeLoader):
+    class StrictLoader(_resolving(yaml.SafeLoader)):
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             first_line: dict[Any, int] = {}
             for key_node, _ in node.value:
@@ -154,6 +191,11 @@ def _parse_assignment(assignment: str) -> tuple[tuple[str, ...], Any]:
 
     dotted, separator, text = assignment.partition("=")
     keys = tuple(dotted.strip().split("."))
+    if assignment.startswith("-"):
+        raise PipelineError(
+            f"expected section.key=value, got {assignment!r}, an option: set-params and PIPELINE_SET take"
+            " assignments only"
+        )
     if not separator or not all(keys):
         raise PipelineError(f"expected section.key=value, got {assignment!r}")
     try:
@@ -191,22 +233,26 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     A symlinked params.yaml is edited where it points, so the link stays a link.
     """
     path = Path(path)
-    sources: list[KeySources] = []
-    if path.exists():
-        sources.append(
-            _read_yaml(path, "parameters file")[1]
-        )  # strict first: a bad file is named with its line
+    # Strict first: a bad file is named with its line. A missing one is refused, not created: it would
+    # hold the assigned keys alone, and a typo in --params would go unnoticed.
+    sources: list[KeySources] = [_read_yaml(path, "parameters file")[1]]
     overrides: dict[str, Any] = {}
     if recipe is not None:
         overrides, recipe_sources = _read_recipe(recipe)
+        if emptied := next(_emptied_sections(overrides), None):
+            raise _emptied_section_error(recipe_sources[emptied][0], emptied)
         sources.append(recipe_sources)
     for assignment in assignments:
         keys, value = _parse_assignment(assignment)
+        if emptied := next(_emptied_sections(_nested(keys, value)), None):
+            raise _emptied_section_error(repr(assignment), emptied)
         overrides = merge_params(overrides, _nested(keys, value), assignment)
         sources.append({keys: ("", True)})
     # Replacing the link would leave its target, the file that is versioned or shared, as it was.
     target = Path(os.path.realpath(path))
-    document = _round_trip_load(target)
+    raw = target.read_bytes()
+    layout = _TextLayout.of(raw)
+    document = _round_trip_load(layout.text(raw))
     _merge_into(document, _quoted_where_ambiguous(overrides))
     text = _round_trip_text(document)
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
@@ -214,14 +260,71 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     config = config_from_dict(_parse_yaml(text)[0] or {}, f"{path} with {described}", sources)
     from pipeline.files import atomic_file
 
-    with atomic_file(target) as handle:
-        handle.write(text)
+    with atomic_file(target, "wb") as handle:
+        handle.write(layout.encode(text))
     return config
 
 
+@dataclass(frozen=True)
+class _TextLayout:
+    """How a file's text is laid out in bytes: a leading byte-order mark, CRLF line ends. `set-params`
+    writes the file back the way it was (an editor on Windows wrote it so), not as ruamel writes."""
+
+    bom: bool
+    crlf: bool
+
+    @classmethod
+    def of(cls, raw: bytes) -> _TextLayout:
+        first_end = raw.find(b"\n")
+        return cls(raw.startswith(codecs.BOM_UTF8), first_end > 0 and raw[first_end - 1 : first_end] == b"\r")
+
+    def text(self, raw: bytes) -> str:
+        """The text with LF line ends and no mark, as the YAML libraries take it."""
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+        return text.replace("\r\n", "\n") if self.crlf else text
+
+    def encode(self, text: str) -> bytes:
+        return (("\ufeff" if self.bom else "") + (text.replace("\n", "\r\n") if self.crlf else text)).encode()
+
+
+def _emptied_sections(overrides: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The key paths in `overrides` that give an empty mapping for a section of the schema (`train: {}`,
+    `data.builtin={}`): merged, it would replace the section's keys, and its comments, with nothing. An
+    empty free-form mapping (`data.split_names: {}`) is a value like any other."""
+    for key, value in overrides.items():
+        keys = (*prefix, str(key))
+        if isinstance(value, dict) and not value and _names_a_section(keys):
+            yield keys
+        elif isinstance(value, dict):
+            yield from _emptied_sections(value, keys)
+
+
+def _names_a_section(keys: tuple[str, ...]) -> bool:
+    """Whether `keys` name a section of the schema, or a group of keys inside one (data.builtin)."""
+    from pydantic import BaseModel
+
+    model: type[BaseModel] = PipelineConfig
+    for key in keys:
+        field = next((f for name, f in model.model_fields.items() if (f.alias or name) == key), None)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return True
+
+
+def _emptied_section_error(where: str, keys: tuple[str, ...]) -> PipelineError:
+    dotted = ".".join(keys)
+    return PipelineError(
+        f"{where}: an empty mapping for {dotted} would erase the whole section, its keys and comments: give"
+        f" the keys to change ({dotted}.KEY=VALUE), or leave {dotted} out"
+    )
+
+
 def _quoted_where_ambiguous(value: Any) -> Any:
-    """`value` with every string that PyYAML (YAML 1.1, which reads params.yaml) would read back as another
-    type if written plain (`no`, `on`, `2:30`) marked to be quoted: ruamel (YAML 1.2) writes those plain."""
+    """`value` with every string that this module's loader (PyYAML's YAML 1.1, with YAML 1.2's exponents)
+    would read back as another type if written plain (`no`, `on`, `2:30`) marked to be quoted: ruamel
+    (YAML 1.2) writes those plain."""
     import yaml
     from ruamel.yaml.scalarstring import SingleQuotedScalarString
 
@@ -230,21 +333,19 @@ def _quoted_where_ambiguous(value: Any) -> Any:
     if isinstance(value, list):
         return [_quoted_where_ambiguous(item) for item in value]
     if isinstance(value, str):
-        tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, value, (True, False))
+        tag = _resolving(yaml.resolver.Resolver)().resolve(yaml.ScalarNode, value, (True, False))
         if tag != "tag:yaml.org,2002:str":
             return SingleQuotedScalarString(value)
     return value
 
 
-def _round_trip_load(path: Path) -> Any:
+def _round_trip_load(text: str) -> Any:
     from ruamel.yaml import YAML
 
-    if not path.exists():
-        return {}
     # Quotes kept: a value quoted by hand (`src_lang: "no"`) must not come back plain, which reads as false.
     reader = YAML(typ="rt")
     reader.preserve_quotes = True
-    return reader.load(path.read_text(encoding="utf-8")) or {}
+    return reader.load(text) or {}
 
 
 def _round_trip_text(document: Any) -> str:
@@ -256,9 +357,19 @@ def _round_trip_text(document: Any) -> str:
     writer.representer.add_representer(  # `null`, as written by hand, not an empty value
         type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
     )
+    writer.representer.add_representer(float, _represent_float)
     text = io.StringIO()
     writer.dump(document, text)
     return text.getvalue()
+
+
+def _represent_float(representer: Any, value: float) -> Any:
+    """A float as PyYAML writes it (`1.0e-05`, not ruamel's `1e-05`), so that a YAML 1.1 reader of the file
+    (PyYAML, as in many scripts) reads a number back too. A float already in the file keeps its spelling."""
+    import yaml
+
+    node = yaml.SafeDumper(io.StringIO()).represent_float(value)
+    return representer.represent_scalar("tag:yaml.org,2002:float", node.value)
 
 
 def _merge_into(node: Any, overrides: dict[str, Any]) -> None:

@@ -240,7 +240,7 @@ def test_set_params_writes_a_string_so_that_it_reads_back_as_a_string(tmp_path: 
     """PyYAML (which reads params.yaml) takes a plain `no`, `on` or `2:30` for a bool or a number."""
     params = tmp_path / "params.yaml"
     params.write_text(SHIPPED.replace("  src_lang: en", '  src_lang: "no"'))
-    config = set_params(params, ["data.tgt_lang='on'", "register.model_name='2:30'"])
-    assert (config.data.src_lang, config.data.tgt_lang, config.registry.model_name) == ("no", "on", "2:30")
+    config = set_params(params, ["data.tgt_lang='on'", "tracking.experiment='2:30'"])
+    assert (config.data.src_lang, config.data.tgt_lang, config.tracking.experiment) == ("no", "on", "2:30")
     reread = load_config(params)
-    assert (reread.data.src_lang, reread.data.tgt_lang, reread.registry.model_name) == ("no", "on", "2:30")
+    assert (reread.data.src_lang, reread.data.tgt_lang, reread.tracking.experiment) == ("no", "on", "2:30")

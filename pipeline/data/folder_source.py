@@ -8,10 +8,8 @@ Each split is `{split}.{lang}` plain-text pairs (Moses / Multi30k convention, op
 
 from __future__ import annotations
 
-import errno
 import gzip
 import json
-import stat
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,9 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, source_path
 from pipeline.data.sources import Pair, RawSplit, resolve_split_names, split_cap, split_listing
 from pipeline.errors import PipelineError
+from pipeline.files import not_a_regular_file
 
 PARQUET_BATCH_ROWS = 20_000  # rows in memory at a time: a few MB of text
 
@@ -41,7 +40,7 @@ class _SplitFiles:
 
 
 def load_folder_splits(config: DataConfig) -> dict[str, RawSplit]:
-    folder = Path(config.source).expanduser()
+    folder = source_path(config.source)
     if not folder.exists():
         raise PipelineError(
             f"data.source {config.source!r}: no such folder "
@@ -107,7 +106,7 @@ def _scan_folder(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, _Split
         if parsed is not None:
             # Named like a split file but not one: say what it is, rather than leave it out and then
             # blame its partner ("has no parallel file") or the folder ("no training split").
-            kind = _not_a_regular_file(path)
+            kind = not_a_regular_file(path)
             if kind:
                 raise PipelineError(f"{path} is {kind}, not a regular file: replace it with the split's file")
             stem, suffix = parsed
@@ -116,25 +115,6 @@ def _scan_folder(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, _Split
     for stem, files in by_stem.items():
         found[stem] = _split_files(folder, stem, files, src_lang, tgt_lang)
     return found
-
-
-def _not_a_regular_file(path: Path) -> str | None:
-    """What `path` is when it is not a regular file (following symlinks); None when it is one."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "a broken symlink"
-    except OSError as error:
-        return "a symlink loop" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device"
 
 
 def _split_files(
@@ -309,14 +289,24 @@ def _parquet_layout(path: Path, schema: pa.Schema, src_lang: str, tgt_lang: str)
     they are top-level columns; a missing language or a column that is not text names the file."""
     struct = src_lang not in schema.names and tgt_lang not in schema.names and "translation" in schema.names
     if struct:
+        copies = schema.names.count("translation")
+        if copies > 1:
+            raise PipelineError(f"{path}: column translation appears {copies} times; keep one")
         kind = schema.field("translation").type
         if not pa.types.is_struct(kind):
             raise PipelineError(f"{path}: column 'translation' holds {kind}, expected a struct of languages")
-        fields = {field.name: field.type for field in kind}
+        columns = list(kind)
     else:
-        fields = {field.name: field.type for field in schema}
+        columns = list(schema)
+    fields = {field.name: field.type for field in columns}
     prefix = "translation." if struct else ""
     for lang in (src_lang, tgt_lang):
+        # Arrow keeps both of two same-named columns, and then cannot say which one a name means.
+        copies = sum(field.name == lang for field in columns)
+        if copies > 1:
+            raise PipelineError(
+                f"{path}: column {prefix}{lang} appears {copies} times; keep one column per language"
+            )
         if lang not in fields:
             raise PipelineError(
                 f"{path}: no column {prefix}{lang} (columns: {', '.join(fields) or 'none'});"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, source_path
 from pipeline.data.arrow_text import BATCH_ROWS, iter_batches
 from pipeline.data.sources import HubVersion, Pair, RawSplit, resolve_split_names, split_cap
 from pipeline.errors import PipelineError
@@ -56,7 +56,7 @@ def load_hf_splits(config: DataConfig) -> tuple[dict[str, RawSplit], HubVersion]
 
 
 def _is_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+    return name.startswith(("/", "./", "../", "~")) or source_path(name).exists()
 
 
 def resolve_revision(name: str, revision: str | None) -> str | None:
@@ -93,7 +93,7 @@ def _open_hf_dataset(name: str, subset: str | None, revision: str | None = None)
     """A DatasetDict-like mapping of split name -> Dataset; a lone Dataset counts as the train split."""
     import datasets
 
-    path = Path(name).expanduser()
+    path = source_path(name)
     if _is_local(name) and not path.exists():
         # Without this, datasets would ask the Hub about a path and retry for ~30 s before failing.
         raise PipelineError(f"data.source {name!r}: no such folder")

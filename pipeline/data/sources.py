@@ -25,11 +25,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import SPLITS, DataConfig
+from pipeline.config import SPLITS, DataConfig, source_path
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def load_corpus(config: DataConfig) -> RawCorpus:
 
 def _warn_if_unversioned(source: str) -> None:
     """dvc.yaml lists corpus/ as prepare's dependency: a folder elsewhere is read, but DVC never hashes it."""
-    if not Path(source).expanduser().resolve().is_relative_to(paths.CORPUS_DIR.resolve()):
+    if not source_path(source).resolve().is_relative_to(paths.CORPUS_DIR.resolve()):
         logger.warning(
             "data.source %s is outside %s/, which dvc.yaml lists as prepare's dependency: "
             "dvc status and dvc repro will not see edits to it (see %s/README.md)",

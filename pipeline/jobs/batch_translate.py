@@ -33,6 +33,7 @@ from pipeline.data.ray_blocks import (
     task_errors_as_pipeline_errors,
 )
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_file, check_file_target, not_a_regular_file
 from pipeline.jobs import object_store
 from pipeline.network.translator import InputBounds
 from pipeline.training.ray_session import cluster_address
@@ -45,14 +46,56 @@ ACTOR_START_TIMEOUT_S = 600
 
 def input_files(path: Path) -> list[Path]:
     """The file itself, or a folder's visible regular files in name order."""
-    if path.is_file():
-        return [path]
+    if not os.path.lexists(path):
+        raise PipelineError(f"--input {path}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if files:
             return files
         raise PipelineError(f"--input {path}: the folder holds no files to translate")
-    raise PipelineError(f"--input {path}: no such file or folder")
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO is read once, and Ray may read its input twice: stdin is for streams
+        raise PipelineError(
+            f"--input {path} is {kind}, not a regular file: give a file or a folder of files (send a stream"
+            " to `translate` on stdin)"
+        )
+    return [path]
+
+
+def check_locations(source: str | Path, output: str | Path) -> None:
+    """What can be known before Ray starts: the input is there, the output can be written, and writing it
+    would not replace the input (its translations would take the place of the text)."""
+    # Path("") is the current folder: the project's every file would be the input.
+    if str(source) == "":
+        raise PipelineError("--input is empty: give the file, or the folder of files, to translate")
+    if str(output) == "":
+        raise PipelineError("--output is empty: give the path of the file to write")
+    if object_store.is_uri(output) and str(source).rstrip("/") == str(output).rstrip("/"):
+        raise PipelineError(f"--output {output} is the --input: write the translations elsewhere")
+    if not object_store.is_uri(source):
+        input_files(Path(source))
+    if not object_store.is_uri(output):
+        if not object_store.is_uri(source):
+            _check_apart(Path(source), Path(output))
+        check_file_target(Path(output), "--output")
+
+
+def _check_apart(source: Path, output: Path) -> None:
+    """Refuse an `output` that is the input file, or a file of the input folder, under any spelling: through
+    symlinks, `..`, a hard link."""
+    target = output.resolve()
+    if source.is_dir():
+        # Also a file not written yet: the next run would translate it as input.
+        if target.parent == source.resolve() and not target.name.startswith("."):
+            raise PipelineError(
+                f"--output {output} is in the --input folder {source}, whose every file is translated:"
+                " write it elsewhere"
+            )
+    elif target == source.resolve() or (output.exists() and output.samefile(source)):
+        raise PipelineError(
+            f"--output {output} is the --input {source}: writing it would replace the text with its"
+            " translations; write them elsewhere"
+        )
 
 
 def _read_chunks(files: list[Path], chunk: int) -> Callable[[], Iterator[pa.Table]]:
@@ -129,6 +172,7 @@ def translate_file(
     an object-store URI (s3://...; see object_store.py), else a path on the driver's machine. `device`
     auto: GPU actors when the cluster has GPUs now, else CPU actors; cuda: GPU actors whether or not the
     cluster has GPUs yet (the request is what makes an autoscaler add GPU nodes); cpu: CPU actors."""
+    check_locations(source, output)
     with tempfile.TemporaryDirectory(prefix="translate-") as staging:
         local_source = (
             object_store.fetch(str(source), Path(staging)) if object_store.is_uri(source) else source
@@ -213,18 +257,13 @@ def _actor_start_errors(pool: int) -> Iterator[None]:
 
 
 def _write_in_order(translated: ray.data.Dataset, output: Path) -> int:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    """Into a temporary beside `output` (with the umask's permissions), renamed over it once complete: a
+    failed or stopped job leaves the previous file, and no partial one."""
     written = 0
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as sink:
-            for batch in translated.iter_batches(batch_format="pyarrow", batch_size=None):
-                for text in batch.column("translation").to_pylist():
-                    sink.write(text + "\n")
-                written += batch.num_rows
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    with atomic_file(output) as sink:
+        for batch in translated.iter_batches(batch_format="pyarrow", batch_size=None):
+            for text in batch.column("translation").to_pylist():
+                sink.write(text + "\n")
+            written += batch.num_rows
     logger.info("%d lines -> %s", written, output)
     return written

@@ -79,6 +79,8 @@ def _json_object(text: str | None, flag: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as error:
         raise PipelineError(f"{flag} is not valid JSON: {error}") from None
+    except RecursionError:  # the parser recurses once per level: thousands of [ or { exhaust the stack
+        raise PipelineError(f"{flag} is not usable JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise PipelineError(f"{flag} must be a JSON object")
     return value

@@ -13,6 +13,7 @@ The folder is written to a temporary sibling and renamed into place, so a reader
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from pipeline.config import DECODING_KEYS, ModelConfig
+from pipeline.config import DECODING_KEYS, MAX_BEAM_SIZE, MAX_LEN_RATIO, ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, read_json_object, usual_permissions, write_json
+from pipeline.files import atomic_dir, not_a_regular_file, read_json_object, usual_permissions, write_json
 from pipeline.network.model import Seq2Seq, build_model
 from pipeline.network.tokenization import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -85,14 +86,18 @@ def _check_decoding(decoding: dict[str, Any], source: str) -> dict[str, Any]:
             f" (missing {missing}, unknown {unknown})"
         )
     beam_size, length_penalty, ratio = (decoding[key] for key in DECODING_KEYS)
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise PipelineError(f"{source}: beam_size must be a positive integer, got {beam_size!r}")
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or not 1 <= beam_size <= MAX_BEAM_SIZE:
+        raise PipelineError(
+            f"{source}: beam_size must be a whole number from 1 to {MAX_BEAM_SIZE}, got {beam_size!r}"
+        )
     for name, value in (("length_penalty", length_penalty), ("max_len_ratio", ratio)):
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or not math.isfinite(value) or value < 0:
             raise PipelineError(f"{source}: {name} must be a non-negative number, got {value!r}")
-    if ratio <= 0:
-        raise PipelineError(f"{source}: max_len_ratio must be positive, got {ratio!r}")
+    if not 0 < ratio <= MAX_LEN_RATIO:
+        raise PipelineError(
+            f"{source}: max_len_ratio must be above 0 and at most {MAX_LEN_RATIO:g}, got {ratio!r}"
+        )
     return {"beam_size": beam_size, "length_penalty": float(length_penalty), "max_len_ratio": float(ratio)}
 
 
@@ -139,9 +144,13 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
     path = Path(path)
     if not path.is_dir():
         raise PipelineError(f"model folder not found: {path}")
-    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    missing = [name for name in MODEL_FILES if not os.path.lexists(path / name)]
     if missing:
         raise PipelineError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+    for name in MODEL_FILES:  # there, but not a file: say what it is rather than call it missing
+        kind = not_a_regular_file(path / name)
+        if kind:
+            raise PipelineError(f"{path / name} is {kind}, not a regular file: put the model's file there")
 
     config_path = path / CONFIG_FILE
     config = read_json_object(config_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import EvaluateConfig
+from pipeline.config import MAX_BEAM_SIZE, EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.network.batching import source_tensor
 from pipeline.network.decoding import decode_batch
@@ -36,6 +37,11 @@ MAX_INPUT_TOKENS_ENV = "PIPELINE_MAX_INPUT_TOKENS"
 MAX_SENTENCES_ENV = "PIPELINE_MAX_SENTENCES"
 DEFAULT_MAX_INPUT_TOKENS = 256  # subword tokens per sentence: well above what training kept (data.max_tokens)
 DEFAULT_MAX_SENTENCES = 1000  # sentences per request: a standard test set (Multi30k's 1,000) in one go
+# A sentence is cut to max_tokens x this many characters before it is tokenized: the tokenizer's memory
+# grows with the text it is given (one 50 MB line took 9.5 GB), not with the tokens kept. A subword token
+# spans a few characters, so a sentence cut here is one the token cut shortens anyway, unless its words
+# average over this many characters (a base64 blob); the warning names it either way.
+CHARS_PER_INPUT_TOKEN = 64
 _LISTED = 10  # sentence numbers a truncation warning lists before "and N more"
 # On a GPU, batches are cut by padded source tokens (count x longest, times the beam), not by count:
 # short sentences then fill the device, long ones cannot run it out of memory.
@@ -43,21 +49,36 @@ GPU_BATCH_TOKENS = 16384
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """ "auto" (the default, or $PIPELINE_DEVICE): CUDA when there is a GPU, else the CPU; "cpu" forces it."""
+    """ "auto" (the default, or $PIPELINE_DEVICE): CUDA when there is a GPU, else the CPU; "cpu" forces it,
+    "cuda" (or "cuda:N") asks for a GPU. A torch.device is taken as it is (already resolved)."""
+    if isinstance(name, torch.device):
+        return name
     # A bad value from the environment names the variable: the user may not know it is set.
     source = f" (from ${DEVICE_ENV})" if not name and os.environ.get(DEVICE_ENV) else ""
     name = str(name or os.environ.get(DEVICE_ENV) or "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PipelineError(f"unknown device {name!r}{source}: use auto, cpu or cuda") from None
+    # Only what the model can run on: torch also knows mps, meta, cpu:0 and more, which failed later with a
+    # traceback or an error blaming the weights file.
+    kind, colon, index = name.partition(":")
+    if name != "cpu" and not (kind == "cuda" and (not colon or index.isdigit())):
+        raise PipelineError(f"unknown device {name!r}{source}: use auto, cpu or cuda")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(
             f"device {name!r}{source} asked for, but torch sees no CUDA GPU here (use auto or cpu)"
         )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise PipelineError(
+            f"device {name!r}{source} asked for, but torch sees {torch.cuda.device_count()} GPU(s) here"
+        )
     return device
+
+
+def check_beam_size(beam_size: int, name: str = "beam size") -> None:
+    """Within the bounds evaluate.beam_size has: a beam's memory and time grow with its width."""
+    if not 1 <= beam_size <= MAX_BEAM_SIZE:
+        raise PipelineError(f"{name} must be from 1 to {MAX_BEAM_SIZE}, got {beam_size}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +104,29 @@ class InputBounds:
                 f" (translate --max-sentences, ${MAX_SENTENCES_ENV} for a served model) or split the input"
             )
 
-    def cut(self, source_ids: list[list[int]], unit: str, first_number: int = 1) -> list[list[int]]:
+    @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_INPUT_TOKEN
+
+    def cut_texts(self, sentences: Sequence[str]) -> list[str]:
+        """Each sentence's first max_chars characters: what the tokenizer is given, so that its memory stays
+        bounded whatever the length of a line."""
+        return [sentence[: self.max_chars] for sentence in sentences]
+
+    def cut(
+        self,
+        source_ids: list[list[int]],
+        unit: str,
+        first_number: int = 1,
+        text_lengths: Sequence[int] = (),
+    ) -> list[list[int]]:
         """Each sentence's first max_tokens ids; a warning names the sentences cut (numbered from
-        `first_number`)."""
+        `first_number`), also those `cut_texts` shortened (`text_lengths`: their lengths before)."""
+        lengths = list(text_lengths) or [0] * len(source_ids)
         long = [
-            number for number, ids in enumerate(source_ids, start=first_number) if len(ids) > self.max_tokens
+            number
+            for number, (ids, chars) in enumerate(zip(source_ids, lengths, strict=True), start=first_number)
+            if len(ids) > self.max_tokens or chars > self.max_chars
         ]
         if not long:
             return source_ids
@@ -118,6 +157,8 @@ def _bound(given: int | None, option: str, env: str, default: int) -> int:
             raise PipelineError(f"{option} must be a positive integer, got {text!r}") from None
     if given < 1:
         raise PipelineError(f"{option} must be a positive integer, got {given}")
+    if given > sys.maxsize:  # Python's slicing and counting of lines take no larger number
+        raise PipelineError(f"{option} must be at most {sys.maxsize}, got {given}")
     return given
 
 
@@ -195,12 +236,13 @@ class Translator:
         `unit` is what messages call an input ("stdin line", "argument"), numbered from `first_number`
         (a later chunk of a stream goes on counting)."""
         beam_size = self.beam_size if beam_size is None else beam_size
-        if beam_size < 1:
-            raise PipelineError(f"beam size must be at least 1, got {beam_size}")
+        check_beam_size(beam_size)
         if batch_size < 1:
             raise PipelineError(f"batch size must be at least 1, got {batch_size}")
+        text_lengths = [len(sentence) for sentence in sentences]
         if self.bounds is not None:
             self.bounds.check_count(len(sentences), unit)
+            sentences = self.bounds.cut_texts(sentences)
         for number, sentence in enumerate(sentences, start=first_number):
             try:
                 sentence.encode("utf-8")
@@ -212,7 +254,7 @@ class Translator:
         cleaned = [clean_text(sentence) for sentence in sentences]
         source_ids = encode_texts(self.loaded.src_tokenizer, cleaned)
         if self.bounds is not None:
-            source_ids = self.bounds.cut(source_ids, unit, first_number)
+            source_ids = self.bounds.cut(source_ids, unit, first_number, text_lengths)
         translations = [""] * len(cleaned)
         # Longest first: the first batch shows the worst-case memory at once, not at the end.
         order = sorted((i for i, ids in enumerate(source_ids) if ids), key=lambda i: -len(source_ids[i]))

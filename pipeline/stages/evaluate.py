@@ -19,12 +19,18 @@ from pipeline.network.batching import token_budget_batches
 from pipeline.network.model_files import LoadedModel, load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
-from pipeline.tracking.train_run import read_train_run
+from pipeline.tracking import store
+from pipeline.tracking.train_run import TrainRun, read_train_run
 
 logger = logging.getLogger(__name__)
 
 
 def run(config: PipelineConfig) -> None:
+    # The run the scores are logged to, read before any work: a broken record must not cost a decoded test
+    # set, nor leave new metrics.json and samples.jsonl behind an error.
+    train_run = read_train_run()
+    if train_run is not None:
+        store.check_tracking_store()
     loaded = load_model_dir(paths.MODELS_DIR)
     processed = load_processed(splits=("validation", "test"))
     sources, references = processed.texts("test")
@@ -53,7 +59,8 @@ def run(config: PipelineConfig) -> None:
     with outputs_together():
         write_json(paths.METRICS, metrics)
         _write_samples(list(zip(sources, hypotheses, references, strict=True))[: settings.n_samples])
-    _log_to_train_run(metrics)
+    if train_run is not None:
+        _log_to_train_run(train_run, metrics)
     logger.info(
         "test BLEU %.2f, chrF %.2f over %d sentences", metrics["bleu"], metrics["chrf"], metrics["n_test"]
     )
@@ -88,16 +95,13 @@ def _write_samples(samples: list[tuple[str, str, str]]) -> None:
             )
 
 
-def _log_to_train_run(metrics: dict[str, float | int | str]) -> None:
+def _log_to_train_run(train_run: TrainRun, metrics: dict[str, float | int | str]) -> None:
     """The evaluate metrics belong to the run that trained the model (reports/train_run.json): the numbers
     as metrics, the sacreBLEU signatures as tags, named as the registered version's tags are."""
-    train_run = read_train_run()
-    if train_run is not None:
-        from pipeline.tracking import store
-        from pipeline.tracking.lineage import metric_tag
+    from pipeline.tracking.lineage import metric_tag
 
-        run_id = train_run.mlflow_run_id
-        named = {metric_tag(key): value for key, value in metrics.items()}
-        store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
-        store.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
-        store.log_artifact(run_id, paths.SAMPLES)
+    run_id = train_run.mlflow_run_id
+    named = {metric_tag(key): value for key, value in metrics.items()}
+    store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
+    store.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
+    store.log_artifact(run_id, paths.SAMPLES)

@@ -19,6 +19,7 @@ from pipeline import paths
 from pipeline.config import PipelineConfig, PreprocessConfig
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.data.processed import SplitEncoder, write_processed
+from pipeline.files import check_output_place
 from pipeline.network.tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ SAMPLE_SEED = 0  # the tokenizer sample is a property of the data, not of any ot
 
 
 def run(config: PipelineConfig) -> None:
+    check_output_place(paths.PROCESSED_DIR, folder=True)  # before the tokenizers are trained
     prepared = load_prepared(paths.PREPARED_DIR, config.data)
     src_tokenizer, tgt_tokenizer = train_tokenizers(prepared, config.preprocess)
     with _encoder(config, prepared, src_tokenizer, tgt_tokenizer) as encoder:

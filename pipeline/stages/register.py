@@ -41,6 +41,7 @@ REGISTERED_MODEL_DESCRIPTION = "Encoder-decoder translation models from the seq2
 
 
 def run(config: PipelineConfig) -> None:
+    store.check_tracking_store()
     with tempfile.TemporaryDirectory() as staging:
         model_dir = candidates.stage_model_dir(paths.MODELS_DIR, _as_evaluated(config), Path(staging))
         report = register(config, candidates.load_candidate(model_dir))

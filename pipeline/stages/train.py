@@ -41,15 +41,22 @@ class TrainedRun:
 
 
 def run(config: PipelineConfig) -> None:
+    from pipeline.training.resources import check_local_cores
+
     config = effective_config(config)
+    check_local_cores(config.runtime)
     processed = load_processed()
     if processed.pairs("train") == 0 or processed.pairs("validation") == 0:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the train and validation splits must not be empty")
+    from pipeline.tracking import store
+    from pipeline.training.ray_session import check_storage_path
+
+    # Where the run goes, checked before Ray starts: bounded waits instead of minutes of retries.
+    check_storage_path(config.runtime.storage_path)
+    store.check_tracking_store()
     run_name = "train-" + fingerprint(
         config.model, config.train, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
-    from pipeline.tracking import store
-
     trained, mlflow_run = _fit(config, processed, run_name)
     with outputs_together():  # the model and its reports: all new, or all as they were
         _write_outputs(config, processed, trained, mlflow_run.run_id, run_name)

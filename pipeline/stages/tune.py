@@ -30,7 +30,16 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(
             "tune.search_space is empty: add dimensions, or set tune.num_samples: 0 to skip tuning"
         )
+    from pipeline.training.resources import check_local_cores
+
+    check_local_cores(config.runtime)
     processed = load_processed()
+    from pipeline.tracking import store
+    from pipeline.training.ray_session import check_storage_path
+
+    # Where the search goes, checked before Ray starts: bounded waits instead of minutes of retries.
+    check_storage_path(config.runtime.storage_path)
+    store.check_tracking_store()
     experiment_name = "tune-" + fingerprint(
         config.model,
         config.train,
@@ -39,7 +48,7 @@ def run(config: PipelineConfig) -> None:
         code_fingerprint(),
     )
 
-    from pipeline.tracking import lineage, store
+    from pipeline.tracking import lineage
     from pipeline.training import tune_results
 
     results, parent_run_id = _search(config, processed, experiment_name)

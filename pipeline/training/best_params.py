@@ -56,4 +56,4 @@ def effective_config(config: PipelineConfig) -> PipelineConfig:
         return config
     if best.overrides:
         logger.info("applying the tuned values %s", best.overrides)
-    return with_overrides(config, best.overrides)
+    return with_overrides(config, best.overrides, str(paths.BEST_PARAMS))

@@ -10,7 +10,11 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,15 +94,38 @@ def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
     if address:
         logger.info("joining the Ray cluster at %s", address)
         try:
-            ray.init(address=address, **common)
+            with _program_stop_handler_kept():
+                ray.init(address=address, **common)
         except ConnectionError as error:
             raise PipelineError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {error}") from None
         return True
     num_cpus = max(os.cpu_count() or 1, math.ceil(logical_cpus))
     logger.info("starting a local Ray instance with %d logical CPUs", num_cpus)
     # The dashboard (127.0.0.1 only) serves the state API that Train V2's placement-group cleaner uses.
-    ray.init(num_cpus=num_cpus, **common)
+    with _program_stop_handler_kept():
+        ray.init(num_cpus=num_cpus, **common)
     return True
+
+
+@contextlib.contextmanager
+def _program_stop_handler_kept() -> Iterator[None]:
+    """`ray.init` replaces the SIGTERM handler twice: in Python with one that calls sys.exit, then natively
+    in its core worker with one that prints a native stack dump and aborts (exit 134). A handler the
+    program set (the CLI's, which stops the stage with one line and its temporaries removed) is put back.
+    A SIGTERM while `ray.init` runs meets Ray's handler, whose SystemExit (status 15, or 1) is handed to the
+    program's handler, as the signal would have been."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    try:
+        yield
+    except SystemExit:
+        if not callable(previous):
+            raise
+        previous(signal.SIGTERM, None)
+        raise
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def worker_group_start_failure(error: BaseException, asked: str) -> PipelineError | None:
@@ -132,6 +159,42 @@ def cluster_resources() -> dict[str, float]:
 def joined_cluster_resources() -> dict[str, float] | None:
     """The resources of a cluster this process joined; None for a local Ray it started (sized to plan)."""
     return cluster_resources() if cluster_address() else None
+
+
+# How long the check before Ray starts waits for a storage_path in an object store to answer. pyarrow's
+# clients retry for minutes (against an unreachable gs:// bucket, the stage waited over 7 minutes silently).
+STORAGE_CHECK_TIMEOUT_S = 30.0
+# Opens the storage path as Ray Train does (pyarrow.fs.FileSystem.from_uri) and reads its entry. In a child
+# process: a client stuck in its retries would otherwise hold this one's exit for as long as they last.
+_STORAGE_PROBE = """
+import sys
+import pyarrow.fs
+try:
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1])
+    filesystem.get_file_info(path)
+except Exception as error:
+    print(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    sys.exit(1)
+"""
+
+
+def check_storage_path(value: str, timeout_s: float = STORAGE_CHECK_TIMEOUT_S) -> None:
+    """A runtime.storage_path that is a URI (s3://, gs://, ...), opened and read once before Ray starts: an
+    unknown scheme, missing credentials or an unreachable endpoint is one line, within `timeout_s`."""
+    if "://" not in value:
+        return  # a local folder: created by Ray Train
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _STORAGE_PROBE, value], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        raise PipelineError(
+            f"runtime.storage_path {value}: no answer within {timeout_s:g} s: check the address, the network"
+            " and the credentials"
+        ) from None
+    if probe.returncode != 0:
+        reason = probe.stdout.strip() or (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise PipelineError(f"runtime.storage_path {value} cannot be used: {reason}")
 
 
 def resolve_storage_path(value: str) -> str:

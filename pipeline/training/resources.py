@@ -52,6 +52,26 @@ def _shortfall(runtime: RuntimeConfig, extra_cpus: float, cluster: dict[str, flo
     return problems
 
 
+def check_local_cores(runtime: RuntimeConfig) -> None:
+    """Refuse, before Ray starts, workers that need more CPUs than this machine has, when the stage would
+    start a local Ray: that instance advertises what the plan asks (its CPUs are scheduling tokens), so 50
+    workers on 2 cores would all start and crawl. A cluster ($RAY_ADDRESS) may grow through its autoscaler
+    (`check_training_fits` warns and waits there); a Ray already running in this process is checked by
+    what it has."""
+    import ray
+
+    from pipeline.training.ray_session import cluster_address
+
+    cores = os.cpu_count() or 1
+    if cluster_address() is not None or ray.is_initialized() or training_cpus(runtime) <= cores + 1e-9:
+        return
+    raise PipelineError(
+        f"runtime.num_workers x runtime.cpus_per_worker = {runtime.num_workers} x {runtime.cpus_per_worker:g}"
+        f" = {training_cpus(runtime):g} CPUs, but this machine has {cores} and no Ray cluster is set"
+        " (RAY_ADDRESS): lower them, or set RAY_ADDRESS to run on a cluster"
+    )
+
+
 def check_training_fits(runtime: RuntimeConfig, cluster: dict[str, float], joined: bool) -> None:
     """Refuse a train run the cluster can never place, instead of letting Ray wait forever.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import ray
 import ray.train
@@ -113,6 +113,17 @@ class TrainLoop:
     cpus_per_worker: float = 1.0  # the worker's torch threads follow its CPUs
 
 
+class _TorchTrainer(ray.train.torch.TorchTrainer):
+    """Ray's TorchTrainer without its Ctrl-C handler. In the main thread `fit()` replaces SIGINT's handler
+    with one that aborts the run and ends the process (exit status 1, no message) and leaves it installed
+    after `fit()`. Without it Ctrl-C raises KeyboardInterrupt where the driver waits, and the stage stops
+    as every stage does: one line, exit 130, previous outputs kept; the controller and its workers end
+    with the driver's Ray session."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
+
+
 def build_trainer(
     loop: TrainLoop,
     runtime: RuntimeConfig,
@@ -120,7 +131,7 @@ def build_trainer(
     storage_path: str,
     callbacks: list | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    return ray.train.torch.TorchTrainer(
+    return _TorchTrainer(
         train_worker,
         train_loop_config={LOOP_KEY: loop},  # Ray Train hands the worker a dict: one key, the typed loop
         scaling_config=ray.train.ScalingConfig(
