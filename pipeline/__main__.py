@@ -285,6 +285,10 @@ def run_batch_translate(args: argparse.Namespace) -> int:
         check_beam_size(args.beam_size, "--beam-size")
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
     check_locations(args.input, args.output)  # before Ray starts and the model loads
+    if not args.model.startswith("models:/"):  # a registry model is checked where it is downloaded
+        from pipeline.network.model_files import check_model_dir
+
+        check_model_dir(args.model)
     with ray_session():
         translate_file(
             args.input, args.output, args.model, args.beam_size, args.actors, bounds, args.device or "auto"

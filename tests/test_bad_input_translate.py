@@ -7,12 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,30 @@ def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(
     before = sorted(path.name for path in workdir.iterdir())
     assert refused(capsys, "--model", str(model_dir), *args) == message
     assert sorted(path.name for path in workdir.iterdir()) == before  # nothing created or changed
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / DECODING_FILE).unlink(), "is incomplete: missing decoding.json"),
+        (lambda folder: (folder / CONFIG_FILE).write_text("{}"), "model_config.json: format_version None"),
+    ],
+    ids=["missing-file", "bad-config"],
+)
+def test_a_bad_model_folder_for_a_batch_translation_is_refused_before_ray_starts(
+    workdir: Path,
+    model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: Callable[[Path], object],
+    message: str,
+) -> None:
+    """The model actors load the folder on the cluster: a folder they cannot load is named before Ray and
+    the pool start."""
+    folder = workdir / "broken-model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    assert message in refused(capsys, "--model", str(folder), "--input", "in.txt", "--output", "out.txt")
+    assert not (workdir / "out.txt").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")

@@ -139,9 +139,53 @@ def save_model_dir(
         write_json(tmp / DECODING_FILE, decoding)
 
 
+@dataclass(frozen=True)
+class _CheckedFolder:
+    model_config: ModelConfig
+    vocab_sizes: tuple[int, int]  # source, target
+    tokenizers: tuple[Tokenizer, Tokenizer]
+    decoding: dict[str, Any]
+
+
+def check_model_dir(path: Path | str) -> None:
+    """Everything `load_model_dir` checks but the weights (files, settings, decoding, tokenizers), without
+    reading them: for a caller that must refuse a bad folder before starting work that loads it elsewhere
+    (a batch translation's model actors)."""
+    _checked_folder(Path(path))
+
+
 def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model from the folder's files alone; every failure names the file at fault."""
     path = Path(path)
+    checked = _checked_folder(path)
+    model_config, (src_vocab_size, tgt_vocab_size) = checked.model_config, checked.vocab_sizes
+    config_path = path / CONFIG_FILE
+    weights_path = path / WEIGHTS_FILE
+    try:
+        weights = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PipelineError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    try:
+        # Built without memory first: weights of other shapes (or sizes no machine could allocate) are
+        # refused before anything is allocated.
+        with torch.device("meta"):
+            shapes = build_model(model_config, src_vocab_size, tgt_vocab_size)
+    except PipelineError as error:
+        raise PipelineError(f"{config_path}: {error}") from None
+    weights = {_plain_key(key): value for key, value in weights.items()}
+    for alias, stored in tied_names(shapes).items():
+        if stored in weights:  # the file holds a tied weight under its first name only
+            weights.setdefault(alias, weights[stored])
+    mismatch = _weights_mismatch(shapes.state_dict(), weights)
+    if mismatch:
+        raise PipelineError(f"{weights_path} does not match {config_path}: {mismatch}")
+    model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
+    model.load_state_dict(weights)
+    model.eval()
+    return LoadedModel(model, model_config, *checked.tokenizers, checked.decoding, path)
+
+
+def _checked_folder(path: Path) -> _CheckedFolder:
     if not path.is_dir():
         raise PipelineError(f"model folder not found: {path}")
     missing = [name for name in MODEL_FILES if not os.path.lexists(path / name)]
@@ -180,30 +224,9 @@ def load_model_dir(path: Path | str, device: str | torch.device = "cpu") -> Load
         (src_vocab_size, tgt_vocab_size),
         (str(path / SRC_TOKENIZER_FILE), str(path / TGT_TOKENIZER_FILE)),
     )
-
-    weights_path = path / WEIGHTS_FILE
-    try:
-        weights = load_file(str(weights_path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise PipelineError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    try:
-        # Built without memory first: weights of other shapes (or sizes no machine could allocate) are
-        # refused before anything is allocated.
-        with torch.device("meta"):
-            shapes = build_model(model_config, src_vocab_size, tgt_vocab_size)
-    except PipelineError as error:
-        raise PipelineError(f"{config_path}: {error}") from None
-    weights = {_plain_key(key): value for key, value in weights.items()}
-    for alias, stored in tied_names(shapes).items():
-        if stored in weights:  # the file holds a tied weight under its first name only
-            weights.setdefault(alias, weights[stored])
-    mismatch = _weights_mismatch(shapes.state_dict(), weights)
-    if mismatch:
-        raise PipelineError(f"{weights_path} does not match {config_path}: {mismatch}")
-    model = build_model(model_config, src_vocab_size, tgt_vocab_size).to(device)
-    model.load_state_dict(weights)
-    model.eval()
-    return LoadedModel(model, model_config, tokenizers[0], tokenizers[1], decoding, path)
+    return _CheckedFolder(
+        model_config, (src_vocab_size, tgt_vocab_size), (tokenizers[0], tokenizers[1]), decoding
+    )
 
 
 def _first_problem(error: ValidationError) -> str:
