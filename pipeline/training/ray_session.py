@@ -103,7 +103,9 @@ def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
     logger.info("starting a local Ray instance with %d logical CPUs", num_cpus)
     # The dashboard (127.0.0.1 only) serves the state API that Train V2's placement-group cleaner uses.
     with _program_stop_handler_kept():
-        ray.init(num_cpus=num_cpus, **common)
+        # "local": a new instance even when `ray start` ran on this machine. Without it ray.init joins the
+        # cluster named in /tmp/ray/ray_current_cluster (and refuses num_cpus there with a ValueError).
+        ray.init(address="local", num_cpus=num_cpus, **common)
     return True
 
 
