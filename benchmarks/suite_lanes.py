@@ -1,8 +1,8 @@
-"""The README's test command, timed step by step in a fresh clone of this checkout's HEAD: the installs, the
-fast lane, and the slow lane twice in the same run: one pytest process (the baseline) and pytest-xdist's two
-workers, each taking whole modules (`-n 2 --dist loadfile`), so each module keeps its one Ray instance.
+"""The README's test command, timed step by step in a fresh clone of this checkout's HEAD: the installs, then
+each lane twice in the same run: in one pytest process (the baseline) and on pytest-xdist's two workers,
+each taking whole modules (`-n 2 --dist loadfile`, the README's), so each module keeps its one Ray instance.
 
-    python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--slow-runs RUNS]
+    python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--runs serial,xdist]
 
 Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
 tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
@@ -25,11 +25,11 @@ INSTALL = (
     "python3 -m venv .venv && .venv/bin/pip install -q --no-compile torch==2.13.0"
     ' && .venv/bin/pip install -q --no-compile -c constraints.txt -e ".[dev]"'
 )
-FAST = '.venv/bin/python -m pytest -q --durations=20 -m "not slow"'
-SLOW = {
-    "serial": ".venv/bin/python -m pytest -q --durations=10 -m slow",
-    "xdist": ".venv/bin/python -m pytest -q --durations=10 -m slow -n 2 --dist loadfile",
-}
+PYTEST = ".venv/bin/python -m pytest -q --durations=10"
+LANES = {"fast lane": '-m "not slow"', "slow lane": "-m slow"}
+# The README's command runs each lane on pytest-xdist's 2 workers, each taking whole modules, so a module
+# keeps its one Ray instance; one pytest process is the baseline.
+RUNS = {"serial": "", "xdist": "-n 2 --dist loadfile"}
 DURATION_LINE = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)$")
 
 
@@ -62,7 +62,7 @@ def slowest(output: str, run: str, count: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--slow-runs", default="serial,xdist", help="which slow-lane runs, in order")
+    parser.add_argument("--runs", default="serial,xdist", help="how each lane runs, in order")
     parser.add_argument("--logs", type=Path, default=None, help="keep each step's output here")
     args = parser.parse_args()
     rows: list[dict] = []
@@ -71,8 +71,12 @@ def main() -> None:
         logs = args.logs or Path(scratch)
         logs.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-        steps = [("install", INSTALL), ("fast lane", FAST)]
-        steps += [(f"slow lane, {run}", SLOW[run]) for run in args.slow_runs.split(",")]
+        steps = [("install", INSTALL)]
+        steps += [
+            (f"{lane}, {run}", f"{PYTEST} {RUNS[run]} {LANES[lane]}")
+            for lane in LANES
+            for run in args.runs.split(",")
+        ]
         for name, command in steps:
             seconds, code, output = timed(command, clone, logs / f"{name.replace(' ', '_')}.log")
             rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": summary(output)})
@@ -83,8 +87,8 @@ def main() -> None:
         print(row)
     if args.out is not None:
         notes = [
-            "a fresh clone of HEAD; install, fast lane and each slow-lane run one after another, alone on"
-            " the machine; the slow lane as one pytest process (baseline) and as pytest-xdist's 2 workers",
+            "a fresh clone of HEAD; the install, then each lane in one pytest process (baseline) and on"
+            " pytest-xdist's 2 workers, one after another, alone on the machine",
             f"python {sys.version.split()[0]}",
         ]
         write_result(args.out, "suite_lanes", rows, notes)
