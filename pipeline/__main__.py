@@ -247,14 +247,12 @@ def run_translate(
     else:  # stdin is a stream of requests of at most max_sentences lines: any length, bounded memory
         requests = _stdin_chunks(bounds.max_sentences)
         unit = "stdin line"
-    if model.startswith("models:/"):
-        from pipeline.tracking.registered_model import load_translator  # MLflow only when asked for
+    from pipeline.network.translator import Translator
+    from pipeline.tracking.registry import local_model_dir  # MLflow is imported only for a models:/ URI
 
-        translator = load_translator(model, device, bounds)
-    else:
-        from pipeline.network.translator import Translator
-
-        translator = Translator.from_dir(Path(model), device=device, bounds=bounds)
+    with local_model_dir(model) as folder:
+        # load_model_dir reads every file into memory, so a downloaded folder can go once it returns.
+        translator = Translator.from_dir(folder, device=device, bounds=bounds)
     done = 0
     for request in requests:
         for translation in translator.translate(
@@ -285,7 +283,9 @@ def run_batch_translate(args: argparse.Namespace) -> int:
         check_beam_size(args.beam_size, "--beam-size")
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
     check_locations(args.input, args.output)  # before Ray starts and the model loads
-    if not args.model.startswith("models:/"):  # a registry model is checked where it is downloaded
+    from pipeline.tracking.registry import is_registry_uri
+
+    if not is_registry_uri(args.model):  # a registry model is checked where it is downloaded
         from pipeline.network.model_files import check_model_dir
 
         check_model_dir(args.model)

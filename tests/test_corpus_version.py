@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import config_from_dict
 from pipeline.data.hf_source import _cached_revision, resolve_revision
 from pipeline.errors import PipelineError
-from pipeline.tracking import store
+from pipeline.tracking import runs, store
 from tests.helpers import prepare_project
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -73,11 +73,11 @@ def test_the_training_runs_dataset_inputs_name_the_hub_version(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(store.ensure_experiment("translation", uri)).info.run_id
+    run_id = client.create_run(runs.ensure_experiment("translation", uri)).info.run_id
     hub = {"path": "bentrevett/multi30k", "config_name": None, "revision": COMMIT, "fingerprint": {}}
 
-    store.log_split_inputs(
-        store.EpochMetricsLogger(uri, run_id), "hf:bentrevett/multi30k", {"train": ("d" * 32, 29000)}, hub
+    runs.log_split_inputs(
+        runs.EpochMetricsLogger(uri, run_id), "hf:bentrevett/multi30k", {"train": ("d" * 32, 29000)}, hub
     )
 
     (logged,) = client.get_run(run_id).inputs.dataset_inputs

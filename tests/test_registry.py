@@ -196,9 +196,9 @@ def _sentences(processed: Path, n: int = 6) -> list[str]:
 def test_first_version_becomes_champion_and_registering_it_again_adds_no_version(project: Project) -> None:
     from mlflow.artifacts import download_artifacts
 
-    from pipeline.tracking import lineage, store
+    from pipeline.tracking import lineage, runs
 
-    run_id = store.get_or_create_run("seq2seq-pipeline", "train-test", "train-test", tags={}, params={})
+    run_id = runs.get_or_create_run("seq2seq-pipeline", "train-test", "train-test", tags={}, params={})
     (project.root / "reports").mkdir(exist_ok=True)
     (project.root / "reports" / "train_run.json").write_text(
         json.dumps({"mlflow_run_id": run_id, "ray_run_name": "train-test", "best_epoch": 2})
@@ -341,20 +341,23 @@ def test_registry_translator_and_translate_command_match_the_local_translator(
     from pipeline.__main__ import main
     from pipeline.errors import PipelineError
     from pipeline.network.translator import Translator
-    from pipeline.tracking.registered_model import load_translator
+    from pipeline.tracking.registry import local_model_dir
 
     project.register("good")
     sentences = _sentences(project.workspace.processed)
     local = Translator.from_dir(project.workspace.models["good"]).translate(sentences)
 
     for uri in (f"models:/{MODEL_NAME}@champion", f"models:/{MODEL_NAME}/1"):
-        assert load_translator(uri).translate(sentences) == local
+        with local_model_dir(uri) as folder:
+            assert Translator.from_dir(folder).translate(sentences) == local
+        assert not folder.exists(), "the downloaded copy goes with the block"
 
     capsys.readouterr()
     assert main(["translate", "--model", f"models:/{MODEL_NAME}@champion", *sentences[:3]]) == 0
     assert capsys.readouterr().out.splitlines() == local[:3]
-    with pytest.raises(PipelineError, match="cannot fetch"):
-        load_translator(f"models:/{MODEL_NAME}@no-such-alias")
+    for uri, message in ((f"models:/{MODEL_NAME}@no-such-alias", "cannot fetch"), ("models:/", "expected")):
+        with pytest.raises(PipelineError, match=message), local_model_dir(uri):
+            pass
 
 
 # Run with `python -S`: site-packages joins sys.path without its .pth files, so an editable install of this

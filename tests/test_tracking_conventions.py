@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.tracking import lineage, store
+from pipeline.tracking import lineage, runs
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_a_new_experiment_is_a_model_training_one_with_a_description(tracking_uri: str) -> None:
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(tracking_uri).get_experiment(store.ensure_experiment("translation"))
-    assert experiment.tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    experiment = MlflowClient(tracking_uri).get_experiment(runs.ensure_experiment("translation"))
+    assert experiment.tags[runs.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert "Ray Tune" in experiment.tags[lineage.TAG_DESCRIPTION]
 
 
@@ -32,11 +32,11 @@ def test_an_existing_experiment_gets_the_kind_only_when_it_has_none(tracking_uri
 
     client = MlflowClient(tracking_uri)
     plain = client.create_experiment("made-by-hand")
-    chosen = client.create_experiment("kind-chosen", tags={store.EXPERIMENT_KIND_TAG: "forecasting"})
-    assert store.ensure_experiment("made-by-hand") == plain
-    assert store.ensure_experiment("kind-chosen") == chosen
-    assert client.get_experiment(plain).tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert client.get_experiment(chosen).tags[store.EXPERIMENT_KIND_TAG] == "forecasting"
+    chosen = client.create_experiment("kind-chosen", tags={runs.EXPERIMENT_KIND_TAG: "forecasting"})
+    assert runs.ensure_experiment("made-by-hand") == plain
+    assert runs.ensure_experiment("kind-chosen") == chosen
+    assert client.get_experiment(plain).tags[runs.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[runs.EXPERIMENT_KIND_TAG] == "forecasting"
 
 
 def test_runs_describe_their_stage_model_and_data(tracking_uri: str) -> None:
@@ -50,8 +50,8 @@ def test_runs_describe_their_stage_model_and_data(tracking_uri: str) -> None:
         }
     )
     train_tags, tune_tags = lineage.lineage_tags("train", config), lineage.lineage_tags("tune", config)
-    train = store.get_or_create_run("e", "k1", "train-1", tags=train_tags, params={})
-    tune = store.get_or_create_run("e", "k2", "tune-1", tags=tune_tags, params={})
+    train = runs.get_or_create_run("e", "k1", "train-1", tags=train_tags, params={})
+    tune = runs.get_or_create_run("e", "k2", "tune-1", tags=tune_tags, params={})
     client = MlflowClient(tracking_uri)
     described = client.get_run(train).data.tags[lineage.TAG_DESCRIPTION]
     assert "Transformer" in described and "width 256, 4 heads, feed-forward 1024" in described

@@ -146,15 +146,9 @@ class TranslatorActor:
 def model_files(model: str) -> dict[str, bytes]:
     """The model folder's files, from a folder or an MLflow models:/ URI, checked by loading it once."""
     from pipeline.network.model_files import load_model_dir
+    from pipeline.tracking.registry import local_model_dir
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if model.startswith("models:/"):
-            from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
-            from pipeline.tracking.store import download_model_dir
-
-            folder = download_model_dir(model, Path(tmp), MODEL_DIR_ARTIFACT)
-        else:
-            folder = Path(model)
+    with local_model_dir(model) as folder:
         load_model_dir(folder)  # a bad folder fails here, with the file at fault, not in every actor
         return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 

@@ -19,7 +19,7 @@ from pipeline.network.batching import token_budget_batches
 from pipeline.network.model_files import LoadedModel, load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
-from pipeline.tracking import store
+from pipeline.tracking import runs, store
 from pipeline.tracking.train_run import TrainRun, read_train_run
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,6 @@ def _log_to_train_run(train_run: TrainRun, metrics: dict[str, float | int | str]
 
     run_id = train_run.mlflow_run_id
     named = {metric_tag(key): value for key, value in metrics.items()}
-    store.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
-    store.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
-    store.log_artifact(run_id, paths.SAMPLES)
+    runs.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})
+    runs.set_tags(run_id, {key: value for key, value in named.items() if isinstance(value, str)})
+    runs.log_artifact(run_id, paths.SAMPLES)

@@ -22,7 +22,7 @@ from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.files import read_json_object, write_json
 from pipeline.tracking import candidate as candidates
-from pipeline.tracking import gate, lineage, store
+from pipeline.tracking import gate, lineage, registry, runs, store
 from pipeline.tracking.candidate import Candidate
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def _as_evaluated(config: PipelineConfig) -> EvaluateConfig:
 def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
     """Register the candidate (at most once), run the gate; returns the report."""
     name = config.registry.model_name
-    existing = store.find_model_version(name, candidates.TAG_CONTENT_HASH, candidate.content_hash)
+    existing = registry.find_model_version(name, candidates.TAG_CONTENT_HASH, candidate.content_hash)
     if existing is not None and TAG_DECISION in existing.tags:
         reason = (
             f"version {existing.version} already holds these model files (content hash "
@@ -94,22 +94,22 @@ def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersio
     from pipeline.tracking.pyfunc_model import BEAM_SIZE_PARAM
 
     with tempfile.TemporaryDirectory() as code_dir:
-        info = store.log_pyfunc_model(
+        info = registry.log_pyfunc_model(
             run_id,
             candidates.LOGGED_MODEL_NAME,
-            signature=store.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
+            signature=registry.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
             **candidates.pyfunc_parts(candidate, Path(code_dir)),
         )
     name = config.registry.model_name
-    store.ensure_registered_model(name, REGISTERED_MODEL_DESCRIPTION)
-    version = store.create_model_version(
+    registry.ensure_registered_model(name, REGISTERED_MODEL_DESCRIPTION)
+    version = registry.create_model_version(
         name,
         info,
         run_id,
         tags=candidates.version_tags(config, candidate),
         description=candidates.version_description(config, candidate),
     )
-    store.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
+    runs.set_tags(run_id, {"registered_model_version": f"{name}/{version.version}"})
     return version
 
 
@@ -117,11 +117,11 @@ def _run_for_model(config: PipelineConfig, candidate: Candidate) -> str:
     """The train run from reports/train_run.json if this store has it, else a register run of its own."""
     if candidate.train_run is not None:
         run_id = candidate.train_run.mlflow_run_id
-        if store.existing_run(run_id):
+        if runs.existing_run(run_id):
             return run_id
         logger.warning("train run %s is not in this MLflow store: logging into a register run", run_id)
     run_key = f"register-{candidate.content_hash[:16]}"
-    return store.get_or_create_run(
+    return runs.get_or_create_run(
         lineage.experiment_name(config),
         run_key=run_key,
         run_name=run_key,
@@ -135,12 +135,12 @@ def _champion_score(
 ) -> gate.ChampionScore | None:
     """The champion's score on the candidate's test split, in the metric the gate compares (lowercase BLEU
     when either model writes lowercase only): its own tag if scored there, else a re-score."""
-    number = store.model_aliases(name).get(CHAMPION)
+    number = registry.model_aliases(name).get(CHAMPION)
     if number is None:
         return None
     if number == version:  # an interrupted gate had already moved the alias: nothing to compare
         return gate.ChampionScore(number, candidate.bleu, rescored=False)
-    champion = store.get_model_version(name, number)
+    champion = registry.get_model_version(name, number)
     metric = gate.gate_metric(candidate.lowercases, champion.tags.get(candidates.TAG_LOWERCASE) == "true")
     own_tag = lineage.metric_tag(metric)
     if champion.tags.get(candidates.TAG_TEST_HASH) == candidate.test_hash and own_tag in champion.tags:
@@ -148,7 +148,7 @@ def _champion_score(
     cache_tag = f"{RESCORED_TAG_PREFIX}{candidate.test_hash[:16]}" + ("_lc" if metric == "bleu_lc" else "")
     if cache_tag not in champion.tags:
         score = _rescore(config, name, number, candidate)[metric]
-        store.set_version_tags(name, number, {cache_tag: str(score)})
+        registry.set_version_tags(name, number, {cache_tag: str(score)})
         return gate.ChampionScore(number, score, rescored=True, metric=metric)
     return gate.ChampionScore(number, float(champion.tags[cache_tag]), rescored=True, metric=metric)
 
@@ -161,7 +161,7 @@ def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candida
     n_test = len(candidate.test_sources)
     logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, n_test)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = store.download_model_dir(
+        folder = registry.download_model_dir(
             f"models:/{name}/{version}", Path(tmp), candidates.MODEL_DIR_ARTIFACT
         )
         loaded = load_model_dir(folder)
@@ -171,15 +171,15 @@ def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candida
 
 def _apply(name: str, version: str, decision: gate.Decision) -> None:
     """Aliases first, decision tags last: a version without a decision tag is one the gate never finished."""
-    store.set_alias(name, CHALLENGER, version)
+    registry.set_alias(name, CHALLENGER, version)
     if decision.promote:
-        store.set_alias(name, CHAMPION, version)
+        registry.set_alias(name, CHAMPION, version)
     tags = {TAG_DECISION: "promoted" if decision.promote else "rejected", TAG_REASON: decision.reason}
     if decision.champion_version is not None:
         tags[TAG_GATE_CHAMPION] = decision.champion_version
         tags[TAG_GATE_CHAMPION_BLEU] = str(decision.champion_bleu)
         tags[TAG_GATE_METRIC] = decision.metric
-    store.set_version_tags(name, version, tags)
+    registry.set_version_tags(name, version, tags)
 
 
 def _report(
@@ -190,7 +190,7 @@ def _report(
     decision: gate.Decision,
     new_version: bool,
 ) -> dict[str, Any]:
-    aliases = store.model_aliases(name)
+    aliases = registry.model_aliases(name)
     compared_with = decision.champion_version
     return {
         "model_name": name,

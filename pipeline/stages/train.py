@@ -24,7 +24,7 @@ from pipeline.fingerprint import code_fingerprint, directory_fingerprint, finger
 from pipeline.training.best_params import effective_config
 
 if TYPE_CHECKING:
-    from pipeline.tracking.store import EpochMetricsLogger
+    from pipeline.tracking.runs import EpochMetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run(config: PipelineConfig) -> None:
     processed = load_processed()
     if processed.pairs("train") == 0 or processed.pairs("validation") == 0:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the train and validation splits must not be empty")
-    from pipeline.tracking import store
+    from pipeline.tracking import runs, store
     from pipeline.training.ray_session import check_storage_path
 
     # Where the run goes, checked before Ray starts: bounded waits instead of minutes of retries.
@@ -57,10 +57,10 @@ def run(config: PipelineConfig) -> None:
     run_name = "train-" + fingerprint(
         config.model, config.train, directory_fingerprint(paths.PROCESSED_DIR), code_fingerprint()
     )
-    trained, mlflow_run = _fit(config, processed, run_name)
+    trained, run_logger = _fit(config, processed, run_name)
     with outputs_together():  # the model and its reports: all new, or all as they were
-        _write_outputs(config, processed, trained, mlflow_run.run_id, run_name)
-    store.finish_train_run(mlflow_run, trained.best_epoch, paths.TRAIN_HISTORY)
+        _write_outputs(config, processed, trained, run_logger.run_id, run_name)
+    runs.finish_train_run(run_logger, trained.best_epoch, paths.TRAIN_HISTORY)
     logger.info(
         "best epoch %d (val_loss %.4f) -> %s", trained.best_epoch, trained.best_val_loss, paths.MODELS_DIR
     )
@@ -70,7 +70,7 @@ def _fit(
     config: PipelineConfig, processed: ProcessedData, run_name: str
 ) -> tuple[TrainedRun, EpochMetricsLogger]:
     """The Ray Train run (resumed when `run_name` ran before in `runtime.storage_path`), in MLflow."""
-    from pipeline.tracking import store
+    from pipeline.tracking import runs
     from pipeline.training.ray_session import (
         cluster_address,
         cluster_resources,
@@ -84,33 +84,33 @@ def _fit(
         check_training_fits(config.runtime, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         data = put_training_data(processed)
-        mlflow_run = store.start_train_run(config, run_name)
-        _log_data_inputs(mlflow_run, config, processed)
+        run_logger = runs.start_train_run(config, run_name)
+        _log_data_inputs(run_logger, config, processed)
         loop = TrainLoop(
             config.model,
             config.train,
             data,
             config.train.epochs,
-            mlflow_run,
+            run_logger,
             checkpoint_every=config.runtime.checkpoint_interval(),
             cpus_per_worker=config.runtime.cpus_per_worker,
         )
         logger.info(
             "Ray Train run %s (storage %s), %d workers", run_name, storage_path, config.runtime.num_workers
         )
-        with store.failed_on_error(mlflow_run.run_id, mlflow_run.tracking_uri):
+        with runs.failed_on_error(run_logger.run_id, run_logger.tracking_uri):
             trainer = build_trainer(loop, config.runtime, run_name, storage_path)
-            with store.system_metrics(mlflow_run), _start_failure_named(config):
+            with runs.system_metrics(run_logger), _start_failure_named(config):
                 result = trainer.fit()
-    return _trained_run(result, run_name, config.train.average_last), mlflow_run
+    return _trained_run(result, run_name, config.train.average_last), run_logger
 
 
 def _log_data_inputs(
-    mlflow_run: EpochMetricsLogger, config: PipelineConfig, processed: ProcessedData
+    run_logger: EpochMetricsLogger, config: PipelineConfig, processed: ProcessedData
 ) -> None:
     """The splits as the run's MLflow dataset inputs, digested by DVC's md5 of data/processed when dvc.lock
     has it (else by their own content)."""
-    from pipeline.tracking import lineage, store
+    from pipeline.tracking import lineage, runs
 
     data_md5 = lineage.processed_data_hash()
     splits = {
@@ -120,7 +120,7 @@ def _log_data_inputs(
         )
         for split in ("train", "validation", "test")
     }
-    store.log_split_inputs(mlflow_run, config.data.source, splits, hub=processed.meta.get("hub"))
+    runs.log_split_inputs(run_logger, config.data.source, splits, hub=processed.meta.get("hub"))
 
 
 @contextlib.contextmanager

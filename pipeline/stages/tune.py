@@ -34,7 +34,7 @@ def run(config: PipelineConfig) -> None:
 
     check_local_cores(config.runtime)
     processed = load_processed()
-    from pipeline.tracking import store
+    from pipeline.tracking import runs, store
     from pipeline.training.ray_session import check_storage_path
 
     # Where the search goes, checked before Ray starts: bounded waits instead of minutes of retries.
@@ -58,11 +58,11 @@ def run(config: PipelineConfig) -> None:
         raise _worker_group_failure(config, error) or tune_results.every_trial_failed(error)
     best = tune_results.best_params(results, rows, config, parent_run_id)
     statuses = {row["trial_id"]: tune_results.mlflow_status(row) for row in rows}
-    store.finish_trial_runs(lineage.experiment_name(config), parent_run_id, statuses)
+    runs.finish_trial_runs(lineage.experiment_name(config), parent_run_id, statuses)
     with outputs_together():
         tune_results.write_trials(rows)
         write_best_params(best)
-    store.finish_search_run(parent_run_id, best.metric, best.best_value, best.overrides, paths.TUNE_TRIALS)
+    runs.finish_search_run(parent_run_id, best.metric, best.best_value, best.overrides, paths.TUNE_TRIALS)
     logger.info(
         "best trial %s: %s=%.4f with %s", best.best_trial_id, best.metric, best.best_value, best.overrides
     )
@@ -70,7 +70,7 @@ def run(config: PipelineConfig) -> None:
 
 def _search(config: PipelineConfig, processed: ProcessedData, experiment_name: str) -> tuple[Any, str]:
     """The Ray Tune search, each trial a Ray Train run; returns Tune's results and the MLflow parent run."""
-    from pipeline.tracking import store
+    from pipeline.tracking import runs, store
     from pipeline.training.ray_session import joined_cluster_resources, ray_session, resolve_storage_path
     from pipeline.training.resources import SPARE_LOCAL_CPUS, plan_tune
     from pipeline.training.trainer import put_training_data
@@ -90,10 +90,10 @@ def _search(config: PipelineConfig, processed: ProcessedData, experiment_name: s
             settings.max_epochs,
         )
         data = put_training_data(processed, settings.max_examples)
-        parent_run_id, trial_runs = store.start_search_run(config, experiment_name)
+        parent_run_id, trial_runs = runs.start_search_run(config, experiment_name)
         storage_path = resolve_storage_path(config.runtime.storage_path)
         tuner = build_tuner(config, data, plan, experiment_name, storage_path, trial_runs)
-        with store.failed_on_error(parent_run_id, store.tracking_uri()):
+        with runs.failed_on_error(parent_run_id, store.tracking_uri()):
             return tuner.fit(), parent_run_id
 
 

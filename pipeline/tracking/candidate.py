@@ -7,7 +7,7 @@
 - What its models-from-code pyfunc is made of: the code file, the model folder, a copy of the package and
   pinned requirements (`pyfunc_parts`).
 
-`pipeline.stages.register` registers it through `pipeline.tracking.store` and asks `gate` about the alias.
+`pipeline.stages.register` registers it through `pipeline.tracking.registry` and asks `gate` about the alias.
 """
 
 from __future__ import annotations

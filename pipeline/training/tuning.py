@@ -28,7 +28,7 @@ class TrialLogger(EpochLogger, Protocol):
     def finish(self) -> None: ...
 
 
-class TrialRuns(Protocol):
+class TrialRunOpener(Protocol):
     """Opens one tracked run per trial (the tracking layer's MLflow child runs; this layer knows only
     the shape). It must pickle: Tune ships it to every trial."""
 
@@ -71,7 +71,7 @@ class SearchBase:
     data: TrainingData
     experiment_name: str
     storage_path: str
-    trial_runs: TrialRuns | None
+    trial_runs: TrialRunOpener | None
 
 
 def run_trial(trial_config: dict[str, Any], base: SearchBase) -> None:
@@ -108,7 +108,7 @@ def build_tuner(
     plan: TunePlan,
     experiment_name: str,
     storage_path: str,
-    trial_runs: TrialRuns | None,
+    trial_runs: TrialRunOpener | None,
 ) -> tune.Tuner:
     settings: TuneConfig = config.tune
     from ray.tune.schedulers import ASHAScheduler
