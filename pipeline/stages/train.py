@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
@@ -21,10 +21,28 @@ from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, outputs_together, write_json
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
+from pipeline.network.model import build_model, count_parameters
+from pipeline.network.model_files import save_model_dir
+from pipeline.tracking import lineage, runs, store
+from pipeline.tracking.runs import EpochMetricsLogger
+from pipeline.tracking.train_run import TrainRun, write_train_run
 from pipeline.training.best_params import effective_config
-
-if TYPE_CHECKING:
-    from pipeline.tracking.runs import EpochMetricsLogger
+from pipeline.training.checkpoint import averaged_best_weights, read_checkpoint
+from pipeline.training.ray_session import (
+    check_storage_path,
+    cluster_address,
+    cluster_resources,
+    ray_session,
+    resolve_storage_path,
+    worker_group_start_failure,
+)
+from pipeline.training.resources import (
+    check_local_cores,
+    check_training_fits,
+    training_cpus,
+    worker_resources,
+)
+from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +59,11 @@ class TrainedRun:
 
 
 def run(config: PipelineConfig) -> None:
-    from pipeline.training.resources import check_local_cores
-
     config = effective_config(config)
     check_local_cores(config.runtime)
     processed = load_processed()
     if processed.pairs("train") == 0 or processed.pairs("validation") == 0:
         raise PipelineError(f"{paths.PROCESSED_DIR}: the train and validation splits must not be empty")
-    from pipeline.tracking import runs, store
-    from pipeline.training.ray_session import check_storage_path
 
     # Where the run goes, checked before Ray starts: bounded waits instead of minutes of retries.
     check_storage_path(config.runtime.storage_path)
@@ -70,16 +84,6 @@ def _fit(
     config: PipelineConfig, processed: ProcessedData, run_name: str
 ) -> tuple[TrainedRun, EpochMetricsLogger]:
     """The Ray Train run (resumed when `run_name` ran before in `runtime.storage_path`), in MLflow."""
-    from pipeline.tracking import runs
-    from pipeline.training.ray_session import (
-        cluster_address,
-        cluster_resources,
-        ray_session,
-        resolve_storage_path,
-    )
-    from pipeline.training.resources import check_training_fits, training_cpus
-    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
-
     with ray_session(training_cpus(config.runtime), config.runtime.worker_start_timeout_s):
         check_training_fits(config.runtime, cluster_resources(), joined=cluster_address() is not None)
         storage_path = resolve_storage_path(config.runtime.storage_path)
@@ -110,8 +114,6 @@ def _log_data_inputs(
 ) -> None:
     """The splits as the run's MLflow dataset inputs, digested by DVC's md5 of data/processed when dvc.lock
     has it (else by their own content)."""
-    from pipeline.tracking import lineage, runs
-
     data_md5 = lineage.processed_data_hash()
     splits = {
         split: (
@@ -129,9 +131,6 @@ def _start_failure_named(config: PipelineConfig) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        from pipeline.training.ray_session import worker_group_start_failure
-        from pipeline.training.resources import worker_resources
-
         asked = f"{config.runtime.num_workers} workers x {worker_resources(config.runtime)}"
         failure = worker_group_start_failure(error, asked)
         if failure is None:
@@ -142,8 +141,6 @@ def _start_failure_named(config: PipelineConfig) -> Iterator[None]:
 def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
     """The best checkpoint's weights by validation loss; with `train.average_last` N over 1, the mean of
     the N epoch-end weights ending at the best epoch (kept in the latest checkpoint, which holds the run)."""
-    from pipeline.training.checkpoint import averaged_best_weights, read_checkpoint
-
     best_checkpoint = result.get_best_checkpoint(metric="val_loss", mode="min")
     if best_checkpoint is None:
         raise PipelineError(f"Ray Train run {run_name} reported no checkpoint")
@@ -164,10 +161,6 @@ def _trained_run(result: Any, run_name: str, average_last: int) -> TrainedRun:
 def _write_outputs(
     config: PipelineConfig, processed: ProcessedData, trained: TrainedRun, mlflow_run_id: str, run_name: str
 ) -> None:
-    from pipeline.network.model import build_model, count_parameters
-    from pipeline.network.model_files import save_model_dir
-    from pipeline.tracking.train_run import TrainRun, write_train_run
-
     model = build_model(config.model, processed.src_vocab_size, processed.tgt_vocab_size)
     model.load_state_dict(trained.weights)
     # Defaults for `translate`; evaluate and register apply params.yaml's evaluate section themselves, so

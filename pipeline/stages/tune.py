@@ -17,7 +17,19 @@ from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import outputs_together
 from pipeline.fingerprint import code_fingerprint, directory_fingerprint, fingerprint
+from pipeline.tracking import lineage, runs, store
+from pipeline.training import tune_results
 from pipeline.training.best_params import BestParams, write_best_params
+from pipeline.training.ray_session import (
+    check_storage_path,
+    joined_cluster_resources,
+    ray_session,
+    resolve_storage_path,
+    worker_group_start_failure,
+)
+from pipeline.training.resources import SPARE_LOCAL_CPUS, check_local_cores, plan_tune, worker_resources
+from pipeline.training.trainer import put_training_data
+from pipeline.training.tuning import build_tuner
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +42,9 @@ def run(config: PipelineConfig) -> None:
         raise PipelineError(
             "tune.search_space is empty: add dimensions, or set tune.num_samples: 0 to skip tuning"
         )
-    from pipeline.training.resources import check_local_cores
 
     check_local_cores(config.runtime)
     processed = load_processed()
-    from pipeline.tracking import runs, store
-    from pipeline.training.ray_session import check_storage_path
-
     # Where the search goes, checked before Ray starts: bounded waits instead of minutes of retries.
     check_storage_path(config.runtime.storage_path)
     store.check_tracking_store()
@@ -47,9 +55,6 @@ def run(config: PipelineConfig) -> None:
         directory_fingerprint(paths.PROCESSED_DIR),
         code_fingerprint(),
     )
-
-    from pipeline.tracking import lineage
-    from pipeline.training import tune_results
 
     results, parent_run_id = _search(config, processed, experiment_name)
     rows = tune_results.trial_rows(results, config)
@@ -70,12 +75,6 @@ def run(config: PipelineConfig) -> None:
 
 def _search(config: PipelineConfig, processed: ProcessedData, experiment_name: str) -> tuple[Any, str]:
     """The Ray Tune search, each trial a Ray Train run; returns Tune's results and the MLflow parent run."""
-    from pipeline.tracking import runs, store
-    from pipeline.training.ray_session import joined_cluster_resources, ray_session, resolve_storage_path
-    from pipeline.training.resources import SPARE_LOCAL_CPUS, plan_tune
-    from pipeline.training.trainer import put_training_data
-    from pipeline.training.tuning import build_tuner
-
     plan = plan_tune(config, None)
     cpus = math.ceil(plan.logical_cpus_needed) + SPARE_LOCAL_CPUS
     with ray_session(cpus, config.runtime.worker_start_timeout_s):
@@ -99,9 +98,6 @@ def _search(config: PipelineConfig, processed: ProcessedData, experiment_name: s
 
 def _worker_group_failure(config: PipelineConfig, error: BaseException | str) -> PipelineError | None:
     """A trial whose workers never started: the message that names the resources asked for and free."""
-    from pipeline.training.ray_session import worker_group_start_failure
-    from pipeline.training.resources import worker_resources
-
     if isinstance(error, str):
         return None
     asked = f"{config.runtime.num_workers} workers x {worker_resources(config.runtime)} per trial"
@@ -110,9 +106,7 @@ def _worker_group_failure(config: PipelineConfig, error: BaseException | str) ->
 
 def _write_passthrough(config: PipelineConfig) -> None:
     """Search off: train uses params.yaml's model section as it is; the trials table is empty."""
-    from pipeline.training.tune_results import write_trials
-
     logger.info("tune.num_samples is 0: no search, params.yaml's model section passes through")
     with outputs_together():
         write_best_params(BestParams(search="off", model=config.model.model_dump()))
-        write_trials([])
+        tune_results.write_trials([])
