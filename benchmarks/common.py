@@ -12,11 +12,12 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.config import ModelConfig, TrainConfig, config_from_dict
+from pipeline.config import ModelConfig, TrainConfig
 from pipeline.network.batching import micro_batches, target_tokens
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import build_model
 from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, epoch_batches
+from pipeline.params_file import config_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -115,7 +115,7 @@ def bare_loop_baseline(project: Path, config: Any, max_batches: int) -> float:
 
 
 def measure(n_pairs: int, args: argparse.Namespace, root: Path) -> dict[str, float]:
-    from pipeline.config import config_from_dict
+    from pipeline.params_file import config_from_dict
 
     project = root / f"pairs-{n_pairs}"
     project.mkdir()

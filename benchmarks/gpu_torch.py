@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from benchmarks.results import write_result
-from pipeline.config import PipelineConfig, config_from_dict
+from pipeline.config import PipelineConfig
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.network.batching import collate, micro_batches, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
@@ -48,7 +48,7 @@ from pipeline.network.model_files import LoadedModel
 from pipeline.network.scoring import corpus_scores
 from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, sequence_loss
 from pipeline.network.translator import Translator, translate_and_score
-from pipeline.params_file import assignment_overrides, merge_params, read_recipe
+from pipeline.params_file import assignment_overrides, config_from_dict, merge_params, read_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), in FLOP/s, by a name's distinctive part.

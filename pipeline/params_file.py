@@ -15,8 +15,107 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_PARAMS_PATH, KeySources, PipelineConfig, config_from_dict
+from pydantic import ValidationError
+
+from pipeline.config import DEFAULT_PARAMS_PATH, PipelineConfig
 from pipeline.errors import PipelineError
+
+# Where each key of a config was written: key path -> (location shown before the key, and whether the value
+# there is a leaf, i.e. not a mapping another source may merge into). The location is "params.yaml:14", or ""
+# for a KEY=VALUE assignment (the message's first line names the assignments).
+KeySources = dict[tuple[str, ...], tuple[str, bool]]
+
+# The type a key takes, as YAML writes it, for pydantic's strict type errors.
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+}
+
+
+def _yaml_kind(value: Any) -> str:
+    """A value as YAML gave it: `the string '64'`, `true`, `null`, `a list`."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"  # a date, bytes from !!binary
+
+
+def _located(key: tuple[str, ...], sources: list[KeySources]) -> str:
+    """Where the value at `key` was written: the last source that set it or a leaf above it."""
+    for source in reversed(sources):
+        for end in range(len(key), 0, -1):
+            found = source.get(key[:end])
+            if found is not None and (found[1] or end == len(key)):
+                return found[0]
+    return ""
+
+
+def _format_validation_error(error: ValidationError, source: str, sources: list[KeySources]) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for problem in error.errors():
+        loc = tuple(str(part) for part in problem["loc"])
+        key = ".".join(loc) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        # A rule over several keys names its key first ("tune.search_space can draw ...", "train.average_last
+        # must be ..."): show it as the key, so that its own line is found.
+        named, _, rest = message.partition(" ")
+        under_loc = named.startswith(key + ".") and not rest.startswith("(")
+        if "." in named and rest and (not loc or under_loc):
+            key, message = named, rest
+            loc = tuple(named.split("."))
+        value = problem.get("input")
+        if problem["type"] in _EXPECTED:
+            shown = f", got {_yaml_kind(value)}"
+            if problem["type"] == "string_type" and isinstance(value, bool | int | float):
+                shown += " (quote the value to keep it as text)"
+            message = f"expected {_EXPECTED[problem['type']]}"
+        elif problem["type"] != "extra_forbidden" and not isinstance(value, dict):
+            quoted = isinstance(value, str) and repr(value) in message  # the message quotes it itself
+            shown = "" if quoted else f" (got {value!r})"
+        else:
+            shown = ""
+        where = _located(loc, sources)
+        lines.append(f"  {where + ': ' if where else ''}{key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str = "params", sources: list[KeySources] | None = None
+) -> PipelineConfig:
+    """`raw` validated strictly; `sources` (first to last applied) give each key's file and line."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise PipelineError(_format_validation_error(error, source, sources or [])) from None
+
+
+def with_overrides(
+    config: PipelineConfig, overrides: dict[str, Any], source: str = "overrides"
+) -> PipelineConfig:
+    """Apply dotted-key overrides (e.g. the best Tune trial's {"model.hidden_dim": 256}) and re-validate;
+    `source` names where they come from (a file) in messages."""
+    raw = config.model_dump(mode="python", by_alias=True)
+    for dotted_key, value in overrides.items():
+        section, _, key = dotted_key.partition(".")
+        if section not in raw or not key:
+            raise PipelineError(f"{source}: override {dotted_key!r} does not name a section key")
+        raw[section][key] = value
+    return config_from_dict(raw, source)
 
 
 def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.__main__ import main
-from pipeline.config import PipelineConfig, config_from_dict
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.params_file import load_config, set_params
+from pipeline.params_file import config_from_dict, load_config, set_params
 from tests.helpers import REPO_ROOT, write_params
 
 SHIPPED = (REPO_ROOT / "params.yaml").read_text(encoding="utf-8")

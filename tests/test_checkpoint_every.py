@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from pipeline.config import CheckpointInterval, config_from_dict
+from pipeline.config import CheckpointInterval
 from pipeline.errors import PipelineError
+from pipeline.params_file import config_from_dict
 from pipeline.training.worker import MidEpochSchedule
 
 

@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.__main__ import main
-from pipeline.config import PipelineConfig, config_from_dict, with_overrides
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.params_file import load_config, set_params
+from pipeline.params_file import config_from_dict, load_config, set_params, with_overrides
 from tests.helpers import REPO_ROOT
 
 SHIPPED = (REPO_ROOT / "params.yaml").read_text()

@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipeline.config import config_from_dict
 from pipeline.data.hf_source import _cached_revision, resolve_revision
 from pipeline.errors import PipelineError
+from pipeline.params_file import config_from_dict
 from pipeline.tracking import runs, store
 from tests.helpers import prepare_project
 

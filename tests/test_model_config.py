@@ -7,9 +7,9 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import ModelConfig, config_from_dict
+from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.params_file import load_config
+from pipeline.params_file import config_from_dict, load_config
 from tests.helpers import REPO_ROOT
 
 TRANSFORMER_SEARCH = {

@@ -12,10 +12,11 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pipeline.config import PipelineConfig, config_from_dict
+from pipeline.config import PipelineConfig
 from pipeline.data.arrow_text import read_texts
 from pipeline.data.cleaning import DROP_REASONS
 from pipeline.errors import PipelineError
+from pipeline.params_file import config_from_dict
 from pipeline.paths import PREPARE_STATS, PREPARED_DIR
 from pipeline.stages import prepare
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import PipelineConfig, PreprocessConfig, config_from_dict
+from pipeline.config import PipelineConfig, PreprocessConfig
 from pipeline.data import arrow_text
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
@@ -25,6 +25,7 @@ from pipeline.network.tokenization import (
     encode_texts,
     train_tokenizer,
 )
+from pipeline.params_file import config_from_dict
 from pipeline.paths import PREPARED_DIR, PROCESSED_DIR
 from pipeline.stages import prepare, preprocess
 

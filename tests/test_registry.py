@@ -145,8 +145,7 @@ class Project:
         self.workspace = workspace
 
     def config(self, **register: Any):
-        from pipeline.config import with_overrides
-        from pipeline.params_file import load_config
+        from pipeline.params_file import load_config, with_overrides
 
         overrides = {f"register.{key}": value for key, value in register.items()}
         return with_overrides(load_config(self.root / "params.yaml"), overrides)

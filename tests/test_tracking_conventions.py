@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict
+from pipeline.params_file import config_from_dict
 from pipeline.tracking import lineage, runs
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict
 from pipeline.errors import PipelineError
+from pipeline.params_file import config_from_dict
 from pipeline.training.resources import plan_tune
 from tests.helpers import REPO_ROOT, prepare_project, working_directory
 

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import PipelineConfig, with_overrides
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.files import read_json_object, write_json
+from pipeline.params_file import with_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from ray import tune
 
-from pipeline.config import PipelineConfig, SearchDimension, TuneConfig, with_overrides
+from pipeline.config import PipelineConfig, SearchDimension, TuneConfig
+from pipeline.params_file import with_overrides
 from pipeline.training.resources import TRIAL_CPUS, TunePlan
 from pipeline.training.trainer import EpochLogger, TrainingData, TrainLoop, build_trainer
 
