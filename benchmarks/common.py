@@ -93,12 +93,12 @@ def ray_train_tokens_per_sec(
 ) -> list[dict[str, float]]:
     """Per-epoch metrics of a real Ray Train run of the project's training function."""
     from pipeline.training.checkpoint import read_checkpoint
-    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
+    from pipeline.training.trainer import WorkerConfig, build_trainer, put_training_data
 
     data = put_training_data(processed)
     train_config = config.train.model_copy(update={"val_bleu_sentences": 0, "early_stopping_patience": 1000})
     runtime = config.runtime.model_copy(update={"num_workers": num_workers})
-    loop = TrainLoop(config.model, train_config, data, epochs, cpus_per_worker=runtime.cpus_per_worker)
+    loop = WorkerConfig(config.model, train_config, data, epochs, cpus_per_worker=runtime.cpus_per_worker)
     trainer = build_trainer(loop, runtime, name, str(storage))
     result = trainer.fit()
     return read_checkpoint(result.checkpoint)["state"]["history"]

@@ -131,7 +131,7 @@ def test_the_global_batch_gives_the_same_updates_with_one_worker_or_two(
     from pipeline.data.processed import load_processed
     from pipeline.params_file import load_config
     from pipeline.training.checkpoint import read_checkpoint
-    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
+    from pipeline.training.trainer import WorkerConfig, build_trainer, put_training_data
 
     with working_directory(trained_project):
         config = load_config("params.yaml")
@@ -144,7 +144,7 @@ def test_the_global_batch_gives_the_same_updates_with_one_worker_or_two(
     for workers in (1, 2):
         runtime = config.runtime.model_copy(update={"num_workers": workers, "checkpoint_every": None})
         trainer = build_trainer(
-            TrainLoop(model, train, data, 1), runtime, f"workers-{workers}", str(tmp_path)
+            WorkerConfig(model, train, data, 1), runtime, f"workers-{workers}", str(tmp_path)
         )
         weights.append(read_checkpoint(trainer.fit().checkpoint)["model"])
     assert weights[0].keys() == weights[1].keys()
@@ -165,7 +165,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
     from pipeline.data.processed import load_processed
     from pipeline.params_file import load_config
     from pipeline.training.checkpoint import read_checkpoint
-    from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
+    from pipeline.training.trainer import WorkerConfig, build_trainer, put_training_data
 
     with working_directory(trained_project):
         config = load_config("params.yaml")
@@ -174,7 +174,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
         uninterrupted = ray.train.Result.from_path(Path("runs/ray", run_name).resolve())
     reference = read_checkpoint(uninterrupted.checkpoint)
     assert config.model.dropout > 0, "dropout draws random numbers: the RNG restore must matter"
-    loop = TrainLoop(
+    loop = WorkerConfig(
         config.model,
         config.train,
         data,

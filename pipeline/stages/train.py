@@ -42,7 +42,7 @@ from pipeline.training.resources import (
     training_cpus,
     worker_resources,
 )
-from pipeline.training.trainer import TrainLoop, build_trainer, put_training_data
+from pipeline.training.trainer import WorkerConfig, build_trainer, put_training_data
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _fit(
         data = put_training_data(processed)
         run_logger = runs.start_train_run(config, run_name)
         _log_data_inputs(run_logger, config, processed)
-        loop = TrainLoop(
+        loop = WorkerConfig(
             config.model,
             config.train,
             data,

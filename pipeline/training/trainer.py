@@ -97,7 +97,7 @@ def may_span_nodes() -> bool:
 
 
 @dataclass(frozen=True)
-class TrainLoop:
+class WorkerConfig:
     """Everything a worker's loop reads, as typed fields: it crosses into Ray as this one object.
 
     `epoch_logger` gets rank 0's per-epoch metrics. `checkpoint_every` adds mid-epoch checkpoints
@@ -125,7 +125,7 @@ class _TorchTrainer(ray.train.torch.TorchTrainer):
 
 
 def build_trainer(
-    loop: TrainLoop,
+    loop: WorkerConfig,
     runtime: RuntimeConfig,
     run_name: str,
     storage_path: str,

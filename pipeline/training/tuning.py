@@ -16,7 +16,7 @@ from ray import tune
 from pipeline.config import PipelineConfig, SearchDimension, TuneConfig
 from pipeline.params_file import with_overrides
 from pipeline.training.resources import TRIAL_CPUS, TunePlan
-from pipeline.training.trainer import EpochLogger, TrainingData, TrainLoop, build_trainer
+from pipeline.training.trainer import EpochLogger, TrainingData, WorkerConfig, build_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def run_trial(trial_config: dict[str, Any], base: SearchBase) -> None:
     trial_id = tune.get_context().get_trial_id()
     train_run_name = f"{base.experiment_name}-{trial_id}"
     trial_logger = base.trial_runs.open(trial_id, train_run_name, effective) if base.trial_runs else None
-    loop = TrainLoop(
+    loop = WorkerConfig(
         effective.model,
         effective.train,
         base.data,

@@ -40,9 +40,7 @@ from pipeline.training.checkpoint import (
 
 logger = logging.getLogger("pipeline.progress")
 if TYPE_CHECKING:
-    import numpy as np
-
-    from pipeline.training.trainer import EpochLogger, TrainLoop
+    from pipeline.training.trainer import EpochLogger, WorkerConfig
 
 VAL_BATCH_TOKENS = 8000
 
@@ -52,7 +50,7 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def seeded_model(loop: TrainLoop, rank: int) -> Seq2Seq:
+def seeded_model(loop: WorkerConfig, rank: int) -> Seq2Seq:
     """The model built from `train.seed` (the same initial weights on every rank), then the torch RNG seeded
     for this rank: dropout and scheduled sampling draw per rank (with one seed, every rank masks alike)."""
     torch.manual_seed(loop.train.seed)
@@ -98,29 +96,16 @@ def _validation_loss(model: torch.nn.Module, split: EncodedSplit, rank: int, wor
     return total / max(tokens, 1.0)
 
 
-def _train_update(worker: Worker, batch: np.ndarray, config: TrainConfig) -> None:
-    """One optimizer update on this rank's shares of a global batch; the losses stay on the device."""
-    shares = micro_batches(
-        worker.train_split, batch, worker.rank, worker.world, config.accumulate, config.pad_multiple
-    )
-    smoothed, nll = worker.update(shares, target_tokens(worker.train_split, batch))
-    worker.pending_losses += torch.stack((smoothed, nll))
-    progress = worker.state.progress
-    progress.token_count += sum(share.n_target_tokens for share in shares)
-    progress.batches_done += 1
-
-
-def _flush_progress(worker: Worker) -> None:
-    """Read the losses summed on the device into the epoch's progress (the one wait for the device), and
-    count the time since the last flush as training time: checkpoints and restarts do not count."""
-    losses = worker.pending_losses.tolist()
-    progress = worker.state.progress
-    progress.loss_sum += losses[0]
-    progress.nll_sum += losses[1]
-    worker.pending_losses.zero_()
+def _add_progress(progress: EpochProgress, losses: torch.Tensor, clock: float) -> float:
+    """Read the loss sums kept on the device into the epoch's progress (the one wait for the device) and
+    zero them; count the time since `clock` as training time. Returns now: the new clock."""
+    smoothed, nll = losses.tolist()
+    progress.loss_sum += smoothed
+    progress.nll_sum += nll
+    losses.zero_()
     now = time.perf_counter()
-    progress.train_seconds += now - worker.clock
-    worker.clock = now
+    progress.train_seconds += now - clock
+    return now
 
 
 class MidEpochSchedule:
@@ -157,7 +142,7 @@ def _mid_epoch_metrics(epoch: int, progress: EpochProgress, optimizer_steps: int
     }
 
 
-LOOP_KEY = "loop"  # the one key of the dict Ray Train hands every worker: a `trainer.TrainLoop`
+LOOP_KEY = "loop"  # the one key of the dict Ray Train hands every worker: a `trainer.WorkerConfig`
 
 
 @dataclass
@@ -176,14 +161,12 @@ class Worker:
     bare_model: Seq2Seq  # the module inside: validation, decoding and checkpoints
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    update: UpdateStep
+    step: UpdateStep  # one optimizer update: step(micro_batches, target_tokens) -> the two losses
     checkpointer: Checkpointer
     state: TrainState
-    schedule: MidEpochSchedule
+    checkpoint_schedule: MidEpochSchedule  # when a mid-epoch checkpoint is due (`scheduler`: the lr)
     fixed_metrics: dict[str, Any]  # resumed_from_*, n_nodes, object_store_readers
     epoch_logger: EpochLogger | None  # rank 0 only
-    pending_losses: torch.Tensor  # (smoothed, plain) loss sums on the device since the last flush
-    clock: float = 0.0  # when training time last started counting
 
     @property
     def optimizer_steps(self) -> int:
@@ -191,7 +174,7 @@ class Worker:
         return self.scheduler.last_epoch
 
 
-def set_up_worker(loop: TrainLoop) -> Worker:
+def set_up_worker(loop: WorkerConfig) -> Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config, data = loop.train, loop.data
@@ -202,8 +185,8 @@ def set_up_worker(loop: TrainLoop) -> Worker:
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
     steps_per_epoch = len(epoch_batches(train_split, config, 0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
-    update = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
-    checkpointer = Checkpointer(bare_model, optimizer, scheduler, update.scaler, rank, world, device)
+    step = UpdateStep(compiled(model, config, device), optimizer, scheduler, config, device, world)
+    checkpointer = Checkpointer(bare_model, optimizer, scheduler, step.scaler, rank, world, device)
     state = checkpointer.load()
     state.worker_addresses.append(gather_objects(ray.util.get_node_ip_address()))
     fixed_metrics = {
@@ -226,17 +209,16 @@ def set_up_worker(loop: TrainLoop) -> Worker:
         bare_model=bare_model,
         optimizer=optimizer,
         scheduler=scheduler,
-        update=update,
+        step=step,
         checkpointer=checkpointer,
         state=state,
-        schedule=MidEpochSchedule(loop.checkpoint_every, rank, device),
+        checkpoint_schedule=MidEpochSchedule(loop.checkpoint_every, rank, device),
         fixed_metrics=fixed_metrics,
         epoch_logger=loop.epoch_logger if rank == 0 else None,
-        pending_losses=torch.zeros(2, device=device),
     )
 
 
-def train_worker(loop_config: dict[str, TrainLoop]) -> None:
+def train_worker(loop_config: dict[str, WorkerConfig]) -> None:
     """Runs on every Ray Train worker: set up, restore, then train epoch by epoch until done or stale."""
     loop = loop_config[LOOP_KEY]
     worker = set_up_worker(loop)
@@ -256,7 +238,7 @@ def train_worker(loop_config: dict[str, TrainLoop]) -> None:
         if worker.epoch_logger is not None:
             worker.epoch_logger.log(metrics, step=epoch)
         worker.checkpointer.save(state, metrics)
-        worker.schedule.restart()
+        worker.checkpoint_schedule.restart()
         if state.stale_epochs >= patience:
             if worker.rank == 0:
                 logger.info(
@@ -276,21 +258,28 @@ def _heartbeat(line: str) -> None:
 
 
 def _train_epoch(worker: Worker, config: TrainConfig, epoch: int) -> None:
-    """The epoch's updates from where the restored state left off, with mid-epoch checkpoints."""
+    """The epoch's updates from where the restored state left off: batch -> this rank's micro-batches ->
+    one optimizer step, and a mid-epoch checkpoint when one is due."""
     batches = epoch_batches(worker.train_split, config, epoch)
     progress = worker.state.progress  # restored inside this epoch, or its start
-    worker.clock = time.perf_counter()
+    losses = torch.zeros(2, device=worker.device)  # (smoothed, plain) sums, read at checkpoints only
+    clock = time.perf_counter()  # training time: checkpoints and restarts do not count
     for batch in batches[progress.batches_done :]:
-        _train_update(worker, batch, config)
+        shares = micro_batches(
+            worker.train_split, batch, worker.rank, worker.world, config.accumulate, config.pad_multiple
+        )
+        smoothed, nll = worker.step(shares, target_tokens(worker.train_split, batch))
+        losses += torch.stack((smoothed, nll))
+        progress.token_count += sum(share.n_target_tokens for share in shares)
+        progress.batches_done += 1
         # At the epoch's last batch the epoch-end checkpoint follows anyway.
-        if progress.batches_done < len(batches) and worker.schedule.due(worker.optimizer_steps):
-            _flush_progress(worker)
-            worker.checkpointer.save(
-                worker.state, _mid_epoch_metrics(epoch, progress, worker.optimizer_steps)
-            )
-            worker.schedule.restart()
-            worker.clock = time.perf_counter()
-    _flush_progress(worker)
+        if progress.batches_done < len(batches) and worker.checkpoint_schedule.due(worker.optimizer_steps):
+            _add_progress(progress, losses, clock)
+            metrics = _mid_epoch_metrics(epoch, progress, worker.optimizer_steps)
+            worker.checkpointer.save(worker.state, metrics)
+            worker.checkpoint_schedule.restart()
+            clock = time.perf_counter()
+    _add_progress(progress, losses, clock)
 
 
 def _end_of_epoch_metrics(worker: Worker, config: TrainConfig, epoch: int) -> dict[str, Any]:
