@@ -10,8 +10,6 @@ import codecs
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 import typing
 from pathlib import Path
@@ -395,36 +393,6 @@ def test_set_params_keeps_crlf_line_ends_and_a_byte_order_mark(tmp_path: Path) -
     path.write_bytes(SHIPPED.encode())  # and a plain file stays plain
     set_params(path, ["train.epochs=3"])
     assert path.read_bytes() == SHIPPED.replace("\n  epochs: 10\n", "\n  epochs: 3\n").encode()
-
-
-@pytest.mark.slow  # a subprocess: the cluster script, as a job runs it (about a second: no DVC, no Ray)
-def test_pipeline_set_holding_an_option_stops_the_cluster_job(tmp_path: Path) -> None:
-    """`PIPELINE_SET=--help` printed help and exited 0, and the job went on to `dvc repro --pull` and
-    `dvc push` without the overrides."""
-    (tmp_path / "params.yaml").write_text(SHIPPED)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO_ROOT),
-        "PIPELINE_SET": "train.epochs=3 --help",
-    }
-    done = subprocess.run(
-        ["bash", str(REPO_ROOT / "cluster" / "run_pipeline.sh")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [
-        "error: expected section.key=value, got '--help', an option: set-params and PIPELINE_SET take"
-        " assignments only"
-    ]
-    assert done.stdout == ""
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"], "DVC was not touched"
-    assert (tmp_path / "params.yaml").read_text() == SHIPPED
 
 
 # -------------------------------------------------------------------------------------- JSON and messages

@@ -275,48 +275,6 @@ def test_a_line_of_megabytes_on_stdin_translates_at_once(
 # ------------------------------------------------------------------------------ one line, not a traceback
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["--max-sentences", str(2**64)], {}, f"--max-sentences must be at most {sys.maxsize}, got {2**64}"),
-        (
-            [],
-            {"PIPELINE_MAX_SENTENCES": str(2**64)},
-            f"$PIPELINE_MAX_SENTENCES must be at most {sys.maxsize}, got {2**64}",
-        ),
-        (
-            [],
-            {"PIPELINE_DEVICE": "mps"},
-            "unknown device 'mps' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
-        ),
-        (
-            [],
-            {"PIPELINE_DEVICE": "meta"},
-            "unknown device 'meta' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
-        ),
-        (
-            [],
-            {"PIPELINE_DEVICE": "cpu:0"},
-            "unknown device 'cpu:0' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
-        ),
-        (["--device", "mps"], {}, "unknown device 'mps': use auto, cpu or cuda"),
-    ],
-    ids=["sentences-option", "sentences-env", "mps", "meta", "cpu0", "device-option"],
-)
-def test_a_bound_or_device_out_of_range_is_one_line(
-    model_dir: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    args: list[str],
-    env: dict[str, str],
-    message: str,
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"alpha\n")))
-    assert refused(capsys, "--model", str(model_dir), *args) == message
-
-
 @pytest.mark.parametrize("name", [CONFIG_FILE, DECODING_FILE])
 def test_deeply_nested_json_in_a_model_file_is_one_line_naming_it(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], name: str

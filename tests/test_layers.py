@@ -23,6 +23,15 @@ SUBPACKAGE_LAYERS = {"network", "data", "training", "tracking", "jobs", "stages"
 NOT_ON_A_TORCH_ONLY_BOX = ("ray", "mlflow", "dvc", "datasets", "pandas", "yaml", "optuna")
 
 
+def imported_names(node: ast.AST) -> list[str]:
+    """The modules an import statement names (`from x import y`: x), none for any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or ""]
+    return []
+
+
 def layer_of(path: Path) -> str:
     parts = Path(path).parts  # ("pipeline", "network", "model.py") or ("pipeline", "config.py")
     if len(parts) > 2 and parts[1] in SUBPACKAGE_LAYERS:
@@ -53,13 +62,7 @@ def test_network_layer_imports_no_ray_mlflow_dvc_or_datasets() -> None:
             continue
         tree = ast.parse((REPO_ROOT / path).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            names = (
-                [alias.name for alias in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
+            names = imported_names(node)
             offenders += [
                 f"{path}: {name}" for name in names if name.split(".")[0] in NOT_ON_A_TORCH_ONLY_BOX
             ]
@@ -146,12 +149,6 @@ def test_no_test_module_or_benchmark_imports_a_test_module() -> None:
     offenders = []
     for path in sorted([*(REPO_ROOT / "tests").glob("*.py"), *(REPO_ROOT / "benchmarks").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = (
-                [alias.name for alias in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
+            names = imported_names(node)
             offenders += [f"{path.name}: {name}" for name in names if name.startswith("tests.test_")]
     assert offenders == []

@@ -318,8 +318,42 @@ def test_cli_translates_stdin_of_any_length_in_requests_of_the_bound(
             {"PIPELINE_DEVICE": "tpu9"},
             "unknown device 'tpu9' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
         ),
+        (["--max-sentences", str(2**64)], {}, f"--max-sentences must be at most {sys.maxsize}, got {2**64}"),
+        (
+            [],
+            {"PIPELINE_MAX_SENTENCES": str(2**64)},
+            f"$PIPELINE_MAX_SENTENCES must be at most {sys.maxsize}, got {2**64}",
+        ),
+        (
+            [],
+            {"PIPELINE_DEVICE": "mps"},
+            "unknown device 'mps' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
+        ),
+        (
+            [],
+            {"PIPELINE_DEVICE": "meta"},
+            "unknown device 'meta' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
+        ),
+        (
+            [],
+            {"PIPELINE_DEVICE": "cpu:0"},
+            "unknown device 'cpu:0' (from $PIPELINE_DEVICE): use auto, cpu or cuda",
+        ),
+        (["--device", "mps"], {}, "unknown device 'mps': use auto, cpu or cuda"),
     ],
-    ids=["tokens-option", "sentences-option", "tokens-env", "sentences-env", "device-env"],
+    ids=[
+        "tokens-option",
+        "sentences-option",
+        "tokens-env",
+        "sentences-env",
+        "device-env",
+        "sentences-over-maxsize",
+        "sentences-env-over-maxsize",
+        "mps",
+        "meta",
+        "cpu0",
+        "device-option",
+    ],
 )
 def test_cli_names_a_bad_bound_or_device_setting(
     word_model_dir: tuple[Path, list],

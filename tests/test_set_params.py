@@ -132,11 +132,28 @@ def test_a_value_that_is_not_yaml_is_one_line_naming_the_assignment(
     assert path.read_bytes() == before
 
 
-@pytest.mark.slow
-def test_pipeline_set_with_a_value_that_is_not_yaml_stops_the_cluster_script_with_one_line(
-    tmp_path: Path,
+@pytest.mark.slow  # a subprocess: the cluster script, as a job runs it (about a second: no DVC, no Ray)
+@pytest.mark.parametrize(
+    ("pipeline_set", "error"),
+    [
+        (
+            "train.epochs=3 model.arch=[transformer",
+            "error: 'model.arch=[transformer': the value is not valid YAML:"
+            " expected ',' or ']', but got '<stream end>'",
+        ),
+        (  # printed help and exited 0: the job then ran `dvc repro --pull` and `dvc push` without it
+            "train.epochs=3 --help",
+            "error: expected section.key=value, got '--help', an option: set-params and PIPELINE_SET take"
+            " assignments only",
+        ),
+    ],
+    ids=["not-yaml", "an-option"],
+)
+def test_a_pipeline_set_the_cluster_script_cannot_apply_stops_it_before_dvc(
+    tmp_path: Path, pipeline_set: str, error: str
 ) -> None:
-    """cluster/run_pipeline.sh applies $PIPELINE_SET before `dvc repro`: a bad value stops it there."""
+    """cluster/run_pipeline.sh applies $PIPELINE_SET before it touches DVC: what it cannot apply stops the
+    job there with one line, the params file as it was."""
     import os
     import shutil
     import subprocess
@@ -149,7 +166,7 @@ def test_pipeline_set_with_a_value_that_is_not_yaml_stops_the_cluster_script_wit
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(project),
-        "PIPELINE_SET": "train.epochs=3 model.arch=[transformer",
+        "PIPELINE_SET": pipeline_set,
     }
     done = subprocess.run(
         ["bash", str(project / "cluster" / "run_pipeline.sh")],
@@ -161,10 +178,8 @@ def test_pipeline_set_with_a_value_that_is_not_yaml_stops_the_cluster_script_wit
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        "error: 'model.arch=[transformer': the value is not valid YAML:"
-        " expected ',' or ']', but got '<stream end>'"
-    ]
+    assert done.stderr.strip().splitlines() == [error] and done.stdout == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"], "DVC was not touched"
     assert (tmp_path / "params.yaml").read_bytes() == before
 
 
