@@ -152,3 +152,18 @@ def stdin_translation(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
     assert main(["-q", "translate", "--model", str(model), "--max-sentences", "25"]) == 0
     return capsys.readouterr().out
+
+
+# Resets SIGINT to its default, then becomes the command. A process started in the background by a shell
+# without job control (`cmd &` in a script, a CI runner) ignores SIGINT, and its children inherit that:
+# Python then installs no KeyboardInterrupt handler, and a test's Ctrl-C would reach nothing.
+_DEFAULT_SIGINT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+    " os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def pipeline_command(*arguments: str) -> list[str]:
+    """`python -m pipeline ARGUMENTS` as a process that Ctrl-C (SIGINT) reaches as it reaches one started
+    from a terminal, whatever this process inherited."""
+    return [sys.executable, "-c", _DEFAULT_SIGINT_EXEC, sys.executable, "-m", "pipeline", *arguments]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, write_params
+from tests.helpers import REPO_ROOT, pipeline_command, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
@@ -22,7 +22,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 def prepare(directory: Path, n_pairs: int) -> subprocess.Popen:
     write_params(directory, {"data": {"builtin": {"n_pairs": n_pairs}}})
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "prepare"],
+        pipeline_command("prepare"),
         cwd=directory,
         env=ENV,
         stdout=subprocess.PIPE,

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, prepare_project, write_params
+from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, pipeline_command, prepare_project, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,7 @@ ENV.pop("RAY_ADDRESS", None)  # a local Ray of the stage's own
 
 def _start(directory: Path, stage: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", stage],
+        pipeline_command(stage),
         cwd=directory,
         env=ENV,
         stdout=subprocess.DEVNULL,
