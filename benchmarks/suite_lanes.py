@@ -79,7 +79,8 @@ def main() -> None:
         ]
         for name, command in steps:
             seconds, code, output = timed(command, clone, logs / f"{name.replace(' ', '_')}.log")
-            rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": summary(output)})
+            result = summary(output) if name != "install" else ("installed" if code == 0 else summary(output))
+            rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": result})
             print(rows[-1], flush=True)
             if name.startswith("slow lane"):
                 rows += slowest(output, name.removeprefix("slow lane, "), 10)
