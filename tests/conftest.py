@@ -54,24 +54,3 @@ def ray_head():
             yield head
     except FileNotFoundError as error:
         pytest.skip(str(error))
-
-
-# The longest modules first. pytest-xdist's workers take whole modules (`--dist loadfile`) in collection
-# order: started first, these run side by side on the two workers while the shorter ones fill in after
-# them, instead of one of them starting last and running alone at the end.
-LONGEST_FIRST = (
-    "test_cluster_box.py",
-    "test_pipeline_end_to_end.py",
-    "test_fault_matrix.py",
-    "test_tune_stage.py",
-    "test_ray_data.py",
-    "test_multinode.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items[:] = [item for _, item in sorted(enumerate(items), key=lambda pair: (rank(pair[1]), pair[0]))]
