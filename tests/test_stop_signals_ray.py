@@ -42,7 +42,11 @@ def _stop_when(process: subprocess.Popen, ready: Callable[[], bool], stop: signa
             assert time.monotonic() < deadline, "the stage never got to the point to stop it at"
             time.sleep(0.1)
         process.send_signal(stop)
-        return process.communicate(timeout=120)[1]
+        try:
+            return process.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"still running 120 s after {stop.name}:\n" + process.communicate()[1][-6000:])
     finally:
         if process.poll() is None:
             process.kill()

@@ -38,7 +38,8 @@ TAG_TEST_HASH = "test_data_sha256"
 TAG_TEST_BLEU = "test_bleu"
 TAG_LOWERCASE = "output_lowercase"  # "true" when the model writes lowercase only (the gate then uses bleu_lc)
 # What the served model imports: MLflow's scoring server (pandas) and the pipeline code that rebuilds the
-# network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config).
+# network (torch, safetensors, tokenizers, numpy; pydantic and pyyaml through pipeline.config; sacrebleu
+# through the translator, which scores when asked). tests/test_serving_requirements.py keeps it complete.
 SERVING_DISTRIBUTIONS = (
     "mlflow",
     "torch",
@@ -48,6 +49,7 @@ SERVING_DISTRIBUTIONS = (
     "pandas",
     "pydantic",
     "pyyaml",
+    "sacrebleu",
 )
 
 

@@ -52,9 +52,31 @@ def ray_session(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
     started = connect_ray(logical_cpus, worker_start_timeout_s)
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C, or the CLI's stop signals (its Stopped is one)
+        if started:
+            _stop_forwarding_ray_process_output()
+        raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _stop_forwarding_ray_process_output() -> None:
+    """Stopped, the stage ends with one line; what Ray's actors print while they are torn down (Train's
+    controller: a traceback when the actor it asks for resources is already gone) would follow it to the
+    user's terminal. Ray forwards its processes' output through a dispatcher that `ray.shutdown` also
+    empties; the lines its de-duplicator still holds are dropped with it. (Ray internals: if they are
+    renamed, the stop still works and only the muting is lost, which tests/test_stop_signals_ray.py shows.)"""
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._private.ray_logging import (
+            global_worker_stdstream_dispatcher,
+            stderr_deduplicator,
+            stdout_deduplicator,
+        )
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        stdout_deduplicator.flush()
+        stderr_deduplicator.flush()
 
 
 def _free_local_port() -> int:
