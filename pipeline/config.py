@@ -282,7 +282,7 @@ class RuntimeConfig(_Section):
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
-    def _checkpoint_interval(cls, value: Any) -> Any:
+    def _checkpoint_every_parses(cls, value: Any) -> Any:
         parse_checkpoint_every(value)  # raises with the accepted forms
         return value
 
@@ -295,9 +295,6 @@ class RuntimeConfig(_Section):
                 " would put Ray's checkpoints in the project folder itself)"
             )
         return value
-
-    def checkpoint_interval(self) -> CheckpointInterval | None:
-        return parse_checkpoint_every(self.checkpoint_every)
 
 
 class SearchDimension(_Section):
