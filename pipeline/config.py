@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -418,71 +419,79 @@ class TrackingConfig(_Section):
     experiment: str = Field("seq2seq-pipeline", min_length=1)
 
 
-class PipelineConfig(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+# `register` is params.yaml's section name, and the attribute too: as a field it hides only the class's
+# `register` method (ABCMeta's, for virtual subclasses, which pydantic models do not support), never an
+# instance's attribute, so pydantic's warning about the shadowed attribute is silenced for this class only.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
+    )
 
-    data: DataConfig = DataConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    tune: TuneConfig = TuneConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    # "register" would shadow pydantic's BaseModel.register, so the attribute is `registry`.
-    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
-    tracking: TrackingConfig = TrackingConfig()
+    class PipelineConfig(_Section):
+        data: DataConfig = DataConfig()
+        preprocess: PreprocessConfig = PreprocessConfig()
+        model: ModelConfig = ModelConfig()
+        train: TrainConfig = TrainConfig()
+        runtime: RuntimeConfig = RuntimeConfig()
+        tune: TuneConfig = TuneConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        register: RegisterConfig = RegisterConfig()
+        tracking: TrackingConfig = TrackingConfig()
 
-    @model_validator(mode="after")
-    def _shared_embeddings_need_a_joint_vocabulary(self) -> PipelineConfig:
-        _check_shared_embeddings(self.model, self.preprocess)
-        return self
-
-    @model_validator(mode="after")
-    def _every_micro_batch_gets_tokens(self) -> PipelineConfig:
-        """Each update's global batch is cut into num_workers x accumulate micro-batches by sentence count;
-        a batch of fewer sentences leaves the rest empty, and each empty one still runs a full forward and
-        backward pass (a placeholder, so that DDP's all-reduce goes on): train.batch_size 16 with
-        train.accumulate 256 made an epoch hundreds of times slower and reached none."""
-        parts = self.runtime.num_workers * self.train.accumulate
-        needed = MIN_MICRO_BATCH_TOKENS * parts
-        if self.train.batch_size < needed:
-            raise ValueError(
-                f"train.batch_size must give each of the runtime.num_workers x train.accumulate ="
-                f" {self.runtime.num_workers} x {self.train.accumulate} micro-batches of an update at least"
-                f" {MIN_MICRO_BATCH_TOKENS} target tokens: raise it from {self.train.batch_size} to {needed}"
-                " or more, or lower train.accumulate (an empty micro-batch still costs a full pass)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _search_draws_valid_models(self) -> PipelineConfig:
-        """Refuse a search space that can draw an invalid model or training setting now, before Ray starts,
-        not in a trial hours into a search."""
-        space = self.tune.search_space
-        if self.tune.num_samples == 0:
+        @model_validator(mode="after")
+        def _shared_embeddings_need_a_joint_vocabulary(self) -> PipelineConfig:
+            _check_shared_embeddings(self.model, self.preprocess)
             return self
-        # Only choices list every value; of a range, only the ends are checked below.
-        ranged = [key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice]
-        base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
-        for drawn in _draws_to_check(space):
-            sections = {name: dict(values) for name, values in base.items()}
-            for key, value in drawn.items():
-                section, _, name = key.partition(".")
-                sections[section][name] = value
-            try:
-                model = ModelConfig.model_validate(sections["model"])
-                TrainConfig.model_validate(sections["train"])
-                _check_shared_embeddings(model, self.preprocess)
-            except ValueError as error:  # pydantic's ValidationError is one too
-                reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
-                reason = reason.removeprefix("Value error, ")
-                raise ValueError(f"tune.search_space can draw {drawn}: {reason}") from None
-            if model.arch == "transformer" and ranged:
+
+        @model_validator(mode="after")
+        def _every_micro_batch_gets_tokens(self) -> PipelineConfig:
+            """Each update's global batch is cut into num_workers x accumulate micro-batches by sentence
+            count; a batch of fewer sentences leaves the rest empty, and each empty one still runs a full
+            forward and backward pass (a placeholder, so that DDP's all-reduce goes on): train.batch_size 16
+            with train.accumulate 256 made an epoch hundreds of times slower and reached none."""
+            parts = self.runtime.num_workers * self.train.accumulate
+            needed = MIN_MICRO_BATCH_TOKENS * parts
+            if self.train.batch_size < needed:
                 raise ValueError(
-                    f"tune.search_space can draw a transformer: give {' and '.join(ranged)} as a choice of"
-                    " values, so that every model.emb_dim drawn is divisible by every model.n_heads"
+                    f"train.batch_size must give each of the runtime.num_workers x train.accumulate ="
+                    f" {self.runtime.num_workers} x {self.train.accumulate} micro-batches of an update at"
+                    f" least {MIN_MICRO_BATCH_TOKENS} target tokens: raise it from {self.train.batch_size} to"
+                    f" {needed} or more, or lower train.accumulate (an empty micro-batch still costs a full"
+                    " pass)"
                 )
-        return self
+            return self
+
+        @model_validator(mode="after")
+        def _search_draws_valid_models(self) -> PipelineConfig:
+            """Refuse a search space that can draw an invalid model or training setting now, before Ray
+            starts, not in a trial hours into a search."""
+            space = self.tune.search_space
+            if self.tune.num_samples == 0:
+                return self
+            # Only choices list every value; of a range, only the ends are checked below.
+            ranged = [
+                key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice
+            ]
+            base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
+            for drawn in _draws_to_check(space):
+                sections = {name: dict(values) for name, values in base.items()}
+                for key, value in drawn.items():
+                    section, _, name = key.partition(".")
+                    sections[section][name] = value
+                try:
+                    model = ModelConfig.model_validate(sections["model"])
+                    TrainConfig.model_validate(sections["train"])
+                    _check_shared_embeddings(model, self.preprocess)
+                except ValueError as error:  # pydantic's ValidationError is one too
+                    reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+                    reason = reason.removeprefix("Value error, ")
+                    raise ValueError(f"tune.search_space can draw {drawn}: {reason}") from None
+                if model.arch == "transformer" and ranged:
+                    raise ValueError(
+                        f"tune.search_space can draw a transformer: give {' and '.join(ranged)} as a choice"
+                        " of values, so that every model.emb_dim drawn is divisible by every model.n_heads"
+                    )
+            return self
 
 
 def _check_shared_embeddings(model: ModelConfig, preprocess: PreprocessConfig) -> None:

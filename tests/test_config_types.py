@@ -60,7 +60,7 @@ def _typed_keys(
     """Every key of the schema, nested ones included, with the YAML types it takes."""
     keys = []
     for name, field in model.model_fields.items():
-        path = (*prefix, field.alias or name)
+        path = (*prefix, name)
         keys.append((path, _accepted(field.annotation)))
         union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
         for inner in typing.get_args(field.annotation) if union else (field.annotation,):
