@@ -1,8 +1,10 @@
 """The schema is the one reference of params.yaml's keys: every key has a description, reaches the code under
-its own name, and docs/configuration.md's key tables are what pipeline/config_reference.py renders from it."""
+its own name, and docs/configuration.md's key tables are what pipeline/config_reference.py renders from it;
+params.yaml's comments give a choice key's values as the schema has them."""
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +84,29 @@ def test_the_types_are_put_in_words() -> None:
     assert text["data.validation_fraction"] == "number (above 0, below 0.5)"
     assert text["data.max_examples"] == "integer (at least 1) or `null`"
     assert text["evaluate.length_penalty_search"] == "list of numbers (at most 16 items)"
+
+
+def _shipped_comments() -> dict[str, str]:
+    """params.yaml's section keys (dotted) with the comment on their line."""
+    comments, section = {}, ""
+    for line in (REPO_ROOT / "params.yaml").read_text(encoding="utf-8").splitlines():
+        top = re.match(r"([a-z_]+):", line)
+        section = top[1] if top else section
+        key = re.match(r"  ([a-z_]+):[^#]*#\s*(.*)", line)
+        if key:
+            comments[f"{section}.{key[1]}"] = key[2]
+    return comments
+
+
+def test_params_yaml_gives_each_choice_key_the_values_the_schema_allows() -> None:
+    comments = _shipped_comments()
+    choices = {
+        key: " | ".join(typing.get_args(field.annotation))
+        for key, field in config_reference.leaf_fields(PipelineConfig)
+        if typing.get_origin(field.annotation) is typing.Literal
+    }
+    assert {"model.arch", "train.precision", "evaluate.device"} <= choices.keys()
+    wrong = {
+        key: (comments.get(key), values) for key, values in choices.items() if comments.get(key) != values
+    }
+    assert not wrong, f"params.yaml's comment (left) is not the schema's choice (right): {wrong}"
