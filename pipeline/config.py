@@ -3,6 +3,9 @@ and errors that name each key's file and line. Reading and editing the file is `
 
 Every section is keyed by the DVC stage that reads it, so `dvc.yaml` can list exactly the keys a stage
 depends on. Unknown keys are refused (a typo must not silently fall back to a default).
+
+Each key's `description` is its reference text: docs/configuration.md's key tables are rendered from it
+(`python -m pipeline.config_reference`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -45,8 +49,8 @@ FOLDER_FILE_KINDS = ("tsv", "jsonl", "parquet")
 MIN_MICRO_BATCH_TOKENS = 16
 
 
-def _seed(default: int) -> Any:
-    return Field(default, ge=0, le=SEED_MAX)
+def _seed(default: int, description: str) -> Any:
+    return Field(default, ge=0, le=SEED_MAX, description=description)
 
 
 class _Section(BaseModel):
@@ -57,38 +61,114 @@ class _Section(BaseModel):
 
 
 class BuiltinCorpusConfig(_Section):
-    n_pairs: int = Field(20_000, ge=10, le=5_000_000)
-    seed: int = _seed(13)
-    # Sentences joined into one pair: 3 gives news-like lengths (mean ~36 tokens) for scale tests.
-    sentences_per_pair: int = Field(1, ge=1, le=8)
+    n_pairs: int = Field(20_000, ge=10, le=5_000_000, description="Pairs the built-in corpus generates.")
+    seed: int = _seed(13, "Seed of the built-in corpus generator.")
+    sentences_per_pair: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description=(
+            "Sentences joined into one built-in pair; 3 gives news-like lengths (mean 39 source tokens)."
+        ),
+    )
 
 
 class DataConfig(_Section):
-    # builtin | hf:<dataset>[:<config>] | a local folder path
-    source: str = "builtin"
-    # hf: sources only: the Hub commit or tag to load. Unset, prepare resolves the current commit once and
-    # records it (reports/prepare_metrics.json, MLflow's dataset inputs); set it to that commit to pin it.
-    revision: str | None = Field(None, min_length=1)
-    src_lang: str = Field("en", min_length=1)
-    tgt_lang: str = Field("art", min_length=1)
-    builtin: BuiltinCorpusConfig = BuiltinCorpusConfig()
-    # Canonical split -> the name the source uses (file stem or Hub split). Unset entries are
-    # auto-detected (validation: validation/valid/val/dev; test: test or the single test* name).
-    split_names: dict[Literal["train", "validation", "test"], str] = Field(default_factory=dict)
-    max_examples: int | None = Field(None, ge=1)
-    max_tokens: int = Field(
-        64, ge=1, description="drop pairs with a side longer than this (whitespace tokens)"
+    source: str = Field(
+        "builtin",
+        description=(
+            "The corpus: `builtin` (generated, see `data.builtin`), `hf:<dataset>[:<config>]` (a Hugging Face"
+            " Hub dataset or a local `datasets` folder), or a local folder of split files (`train.en` +"
+            " `train.de`, `train.tsv`, ...; a single file is refused: put it in a folder as `train.tsv`),"
+            " kept under `corpus/` so DVC sees it ([corpora.md](corpora.md)). Other schemes (`s3://...`) are"
+            " refused; so are an empty value, which would read the project folder itself, and `~user` paths"
+            " of a user this machine does not have."
+        ),
     )
-    max_length_ratio: float = Field(4.0, ge=1.0)
-    # Characters, not tokens: one "word" of a million characters (a base64 blob, a table) passes max_tokens,
-    # and BPE training time grows faster than linearly in the longest word.
-    max_chars: int = Field(1000, ge=1, description="drop pairs with a side longer than this (characters)")
-    validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    seed: int = _seed(42)
-    # Who runs prepare and preprocess: "local" (one process, streaming) or "ray" (Ray Data pipelines over
-    # every core of every node). Both write the same files; local starts faster, so it stays the default.
-    engine: Literal["local", "ray"] = "local"
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "`hf:` sources only: the Hub commit or tag to load. `null` resolves the current commit at prepare"
+            " and records it in `reports/prepare_metrics.json` and the MLflow run's dataset inputs; copy it"
+            " here to pin it. Refused for other sources (a local corpus is versioned by DVC)."
+        ),
+    )
+    src_lang: str = Field(
+        "en",
+        min_length=1,
+        description=(
+            "Source column or language code (any text column, e.g. `document`). Must differ from"
+            " `data.tgt_lang`; with a corpus folder, not `tsv`, `jsonl` or `parquet`, which name a whole"
+            " split's file there."
+        ),
+    )
+    tgt_lang: str = Field(
+        "art",
+        min_length=1,
+        description=(
+            "Target column or language code (`art` is the built-in corpus's invented language); the rules"
+            " of `data.src_lang` hold."
+        ),
+    )
+    builtin: BuiltinCorpusConfig = Field(
+        BuiltinCorpusConfig(),
+        description=(
+            "The built-in corpus, generated from a seed (English-like source, invented target language"
+            " `art`): read when `data.source` is `builtin`."
+        ),
+    )
+    split_names: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=dict,
+        description=(
+            "Maps `train`, `validation`, `test` to the split names the source uses (a file stem or a Hub"
+            " split), e.g. `{validation: newstest2013, test: newstest2014}`. Unset ones are detected:"
+            " validation as `validation`, `valid`, `val` or `dev`; test as `test` or the single `test*` name."
+        ),
+    )
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the first N training pairs as loaded (quick runs); `null` keeps all.",
+    )
+    max_tokens: int = Field(
+        64, ge=1, description="Drop training pairs with a side longer than this many whitespace tokens."
+    )
+    max_length_ratio: float = Field(
+        4.0, ge=1.0, description="Drop training pairs whose side lengths differ by more than this factor."
+    )
+    max_chars: int = Field(
+        1000,
+        ge=1,
+        description=(
+            'Drop training pairs with a side longer than this many characters: one "word" of a million'
+            " characters (a base64 blob, a table) passes `data.max_tokens`, and BPE training time grows"
+            " faster than linearly in the longest word."
+        ),
+    )
+    validation_fraction: float = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description=(
+            "Share of training pairs carved out as validation when the source has no validation split."
+        ),
+    )
+    test_fraction: float = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Share of training pairs carved out as test when the source has no test split.",
+    )
+    seed: int = _seed(42, "Seed of the shuffle that carves validation and test splits.")
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description=(
+            "Who runs prepare and preprocess: `local` (one process, streaming; it starts faster) or `ray`"
+            " (Ray Data pipelines over every core of every node). Both write the same files"
+            " ([corpora.md](corpora.md#engines-local-or-ray-data))."
+        ),
+    )
 
     @field_validator("source")
     @classmethod
@@ -157,32 +237,81 @@ def source_path(source: str) -> Path:
 
 
 class PreprocessConfig(_Section):
-    tokenizer: Literal["bpe", "word"] = "bpe"
-    vocab_size: int = Field(4000, ge=16, le=1_000_000)
-    min_frequency: int = Field(1, ge=1)
-    joint_vocab: bool = False
-    lowercase: bool = False
-    # bpe: characters unseen in training become their UTF-8 bytes (256 more tokens), not <unk>.
-    byte_fallback: bool = True
-    # Train the tokenizers on a seeded random sample of this many training pairs (null: all of them).
-    tokenizer_sample: int | None = Field(None, ge=1)
+    tokenizer: Literal["bpe", "word"] = Field("bpe", description="`bpe` (byte-pair encoding) or `word`.")
+    vocab_size: int = Field(
+        4000,
+        ge=16,
+        le=1_000_000,
+        description="Vocabulary size of each tokenizer (of the joint one with `preprocess.joint_vocab`).",
+    )
+    min_frequency: int = Field(
+        1, ge=1, description="Minimum count of a token or merge to enter the vocabulary."
+    )
+    joint_vocab: bool = Field(
+        False, description="One tokenizer for both sides; needed by `model.share_embeddings`."
+    )
+    lowercase: bool = Field(
+        False,
+        description=(
+            "Lowercase text before tokenizing; the model then writes lowercase only, and the registry's gate"
+            " compares lowercase BLEU ([tracking.md](tracking.md#the-champion-gate))."
+        ),
+    )
+    byte_fallback: bool = Field(
+        True,
+        description=(
+            "`bpe` only: 256 byte tokens are added to the vocabulary, and a character unseen in training"
+            " becomes its UTF-8 bytes instead of `<unk>`"
+            " ([models-and-training.md](models-and-training.md#tokenizers))."
+        ),
+    )
+    tokenizer_sample: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Train the tokenizers on a seeded random sample of this many training pairs; `null` uses all."
+        ),
+    )
 
 
 class ModelConfig(_Section):
-    """For arch transformer, emb_dim is the model width d and n_layers the depth of the encoder and of the
-    decoder each; hidden_dim is not used. The GRU archs ignore the transformer-only keys below."""
-
-    arch: Literal["gru", "gru_attention", "transformer"] = "gru_attention"
-    emb_dim: int = Field(128, ge=1, le=8192)
-    hidden_dim: int = Field(256, ge=1, le=16384)
-    n_layers: int = Field(1, ge=1, le=8)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    # Transformer only.
-    n_heads: int = Field(4, ge=1, le=128, description="attention heads; must divide emb_dim")
-    ff_dim: int = Field(512, ge=1, le=65536, description="feed-forward inner width")
-    ff_activation: Literal["relu", "gelu"] = "relu"
-    tie_embeddings: bool = Field(True, description="output projection = target embedding matrix")
-    share_embeddings: bool = Field(False, description="one embedding matrix for both sides (joint vocab)")
+    arch: Literal["gru", "gru_attention", "transformer"] = Field(
+        "gru_attention",
+        description=(
+            "A GRU encoder-decoder, the same with attention, or a Transformer"
+            " ([models-and-training.md](models-and-training.md#architectures))."
+        ),
+    )
+    emb_dim: int = Field(
+        128, ge=1, le=8192, description="Embedding size; for `transformer` the model width d."
+    )
+    hidden_dim: int = Field(
+        256, ge=1, le=16384, description="GRU hidden size (GRU architectures only; `transformer` ignores it)."
+    )
+    n_layers: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="GRU layers; for `transformer` the encoder layers, and as many decoder layers.",
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on embeddings and between layers.")
+    # Transformer only: the GRU archs ignore the keys below.
+    n_heads: int = Field(
+        4, ge=1, le=128, description="Attention heads (`transformer` only); must divide `model.emb_dim`."
+    )
+    ff_dim: int = Field(512, ge=1, le=65536, description="Feed-forward inner width (`transformer` only).")
+    ff_activation: Literal["relu", "gelu"] = Field(
+        "relu", description="Feed-forward activation (`transformer` only)."
+    )
+    tie_embeddings: bool = Field(
+        True, description="Output projection = target embedding matrix (`transformer` only)."
+    )
+    share_embeddings: bool = Field(
+        False,
+        description=(
+            "One embedding matrix for both sides (`transformer` only); needs `preprocess.joint_vocab: true`."
+        ),
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -194,38 +323,124 @@ class ModelConfig(_Section):
         return self
 
 
+_BATCHES_DOC = "models-and-training.md#batches-precision-and-compile"
+
+
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1)
-    # The global batch: target tokens per optimizer update, across all workers (each takes its share), so
-    # the number of workers changes no update; `accumulate` splits each worker's share further.
-    batch_size: int = Field(
-        8000, ge=MIN_MICRO_BATCH_TOKENS, description="target tokens per optimizer update, all workers"
+    epochs: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Training epochs (at most: see `train.early_stopping_patience`); tune trials run"
+            " `tune.max_epochs` instead."
+        ),
     )
-    accumulate: int = Field(1, ge=1, le=256, description="micro-batches per worker and update")
-    # Each update joins this many length-sorted sub-batches of batch_size / N tokens drawn at random, so one
-    # update mixes N ranges of sentence length (one range alone made updates noisier: see the docs).
-    length_buckets: int = Field(2, ge=1, le=64, description="length ranges (sub-batches) mixed in one update")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
-    compile: bool = False  # torch.compile the model (CUDA graphs on a GPU)
-    pad_multiple: int = Field(1, ge=1, le=128, description="padded lengths are multiples of this")
-    average_last: int = Field(1, ge=1, le=100, description="average the weights of the last N epochs")
-    lr: float = Field(3e-3, gt=0.0, le=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    # matrices: weight matrices only, never biases, norms or embeddings (fairseq's and Hugging Face's
-    # practice); all: every parameter, as torch.optim.AdamW does by default.
-    weight_decay_scope: Literal["matrices", "all"] = "matrices"
-    adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
-    # global: every micro-batch's summed loss over the global batch's target tokens (fairseq), so an
-    # update is the same with 1 worker or 8; rank: over this rank's own tokens, so DDP averages the means
-    # of unequal shares and a token in a short share weighs more.
-    loss_denominator: Literal["global", "rank"] = "global"
-    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    teacher_forcing: float = Field(1.0, ge=0.0, le=1.0)
-    early_stopping_patience: int = Field(3, ge=1)
-    val_bleu_sentences: int = Field(200, ge=0, description="validation sentences decoded for BLEU each epoch")
-    seed: int = _seed(0)
+    batch_size: int = Field(
+        8000,
+        ge=MIN_MICRO_BATCH_TOKENS,
+        description=(
+            "The global batch: target tokens (padding included) per optimizer update, across all workers,"
+            " each taking its share; the number of workers changes no update"
+            f" ([models-and-training.md]({_BATCHES_DOC})). It must give each of the `runtime.num_workers` x"
+            f" `train.accumulate` micro-batches of an update at least {MIN_MICRO_BATCH_TOKENS} target tokens"
+            " ([Validation](#validation))."
+        ),
+    )
+    accumulate: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description=(
+            "Micro-batches per worker and update, for a device that cannot hold its share at once; changes"
+            " no update."
+        ),
+    )
+    length_buckets: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Length-sorted sub-batches (of `train.batch_size` / N target tokens each, drawn at random) joined"
+            " into one update, so an update mixes N ranges of sentence length (one range alone makes updates"
+            " noisier); 1 makes each update one length range. Changes the updates, not their number"
+            f" ([models-and-training.md]({_BATCHES_DOC}))."
+        ),
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description=(
+            "Autocast of the forward pass: `auto` (bf16 on a GPU, fp32 on the CPU), `bf16`, `fp16` (with a"
+            " gradient scaler) or `fp32`. `bf16` on a GPU without bfloat16 is refused."
+        ),
+    )
+    compile: bool = Field(
+        False, description="`torch.compile` the model; on CUDA with CUDA graphs (mode `reduce-overhead`)."
+    )
+    pad_multiple: int = Field(
+        1,
+        ge=1,
+        le=128,
+        description=(
+            "Padded source and target lengths are rounded up to a multiple of this; 8 makes shapes repeat,"
+            " for `train.compile` and CUDA graphs."
+        ),
+    )
+    average_last: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description=(
+            "Above 1: the trained model is the element-wise mean of the last N epochs' weights instead of the"
+            " best checkpoint by validation loss; at most `train.epochs`."
+        ),
+    )
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="AdamW weight decay, on the parameters `train.weight_decay_scope` names."
+    )
+    weight_decay_scope: Literal["matrices", "all"] = Field(
+        "matrices",
+        description=(
+            "`matrices`: weight matrices only, never biases, norms or embeddings (fairseq's and Hugging"
+            " Face's practice); `all`: every parameter, as `torch.optim.AdamW` does by default."
+        ),
+    )
+    adam_beta2: float = Field(
+        0.999, gt=0.0, lt=1.0, description="AdamW's second-moment decay β2 (β1 is 0.9)."
+    )
+    loss_denominator: Literal["global", "rank"] = Field(
+        "global",
+        description=(
+            "`global`: every micro-batch's summed loss over the global batch's target tokens (as fairseq), so"
+            " an update is the same with 1 worker or 8; `rank`: over the rank's own tokens, so DDP averages"
+            " the means of unequal shares and a token in a short share weighs more."
+        ),
+    )
+    warmup_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of the steps spent in linear warm-up before cosine decay."
+    )
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping: the largest gradient norm.")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="Label smoothing of the loss.")
+    teacher_forcing: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Teacher forcing ratio; below 1 is scheduled sampling (step-wise, slow for `transformer`)."
+        ),
+    )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Epochs without a better validation loss before training stops."
+    )
+    val_bleu_sentences: int = Field(
+        200,
+        ge=0,
+        description=(
+            "Validation sentences decoded greedily each epoch for `val_bleu` (scored against their cleaned"
+            " reference text, as evaluate scores); 0 turns it off."
+        ),
+    )
+    seed: int = _seed(0, "Seed of model initialisation, batch order and the Optuna search.")
 
     @model_validator(mode="after")
     def _average_within_the_epochs(self) -> TrainConfig:
@@ -267,22 +482,53 @@ class RuntimeConfig(_Section):
     """How a run is carried out, not what it computes: no DVC stage lists this section, so changing it
     (e.g. the cluster's storage_path) re-runs nothing, and run names (content hashes) ignore it."""
 
-    # The hardware a run uses: with the global batch (train.batch_size) they change no update.
-    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks); one GPU each with use_gpu
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    storage_path: str = "runs/ray"
-    max_failures: int = Field(2, ge=-1)
-    checkpoints_to_keep: int = Field(2, ge=1)
-    # A Train worker group that cannot get its resources fails the stage after this long, once, instead of
-    # retrying forever (Ray's default) with nothing on the screen.
-    worker_start_timeout_s: float = Field(300.0, gt=0.0)
-    # Mid-epoch checkpoints of the train stage: null (epoch ends only), N optimizer steps or "10min".
-    checkpoint_every: int | str | None = None
+    num_workers: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Ray Train workers (DDP ranks); with `runtime.use_gpu`, the number of GPUs. Changes no update"
+            " (see `train.batch_size`). On a local Ray, workers x `runtime.cpus_per_worker` may not exceed"
+            " the machine's CPUs ([Validation](#validation))."
+        ),
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker and NCCL; `false` trains on CPUs with gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per worker; torch threads follow it.")
+    storage_path: str = Field(
+        "runs/ray",
+        description=(
+            "Ray Train/Tune storage for checkpoints and results; `s3://...` or an NFS path on a cluster. Not"
+            " empty (that would put checkpoints in the project folder itself); a URI is opened and read once"
+            " before Ray starts, and one that fails or gives no answer within 30 s stops the stage with one"
+            " line."
+        ),
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts before a run fails (-1: unlimited)."
+    )
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="Checkpoints kept by validation loss, besides the latest (tune trials keep 1)."
+    )
+    worker_start_timeout_s: float = Field(
+        300.0,
+        gt=0.0,
+        description=(
+            "Seconds a Ray Train worker group may wait for its resources before the stage fails, once, with"
+            " what it asked for and what the Ray instance has (Ray by itself retries forever with nothing on"
+            " the screen)."
+        ),
+    )
+    checkpoint_every: int | str | None = Field(
+        None,
+        description=(
+            "Mid-epoch checkpoints of the train stage: `null` (epoch ends only), N optimizer steps, or"
+            ' minutes as `"10min"`, `"2.5min"`, `"10m"`'
+            " ([models-and-training.md](models-and-training.md#mid-epoch-checkpoints))."
+        ),
+    )
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
-    def _checkpoint_interval(cls, value: Any) -> Any:
+    def _checkpoint_every_parses(cls, value: Any) -> Any:
         parse_checkpoint_every(value)  # raises with the accepted forms
         return value
 
@@ -296,17 +542,18 @@ class RuntimeConfig(_Section):
             )
         return value
 
-    def checkpoint_interval(self) -> CheckpointInterval | None:
-        return parse_checkpoint_every(self.checkpoint_every)
-
 
 class SearchDimension(_Section):
     """One search-space entry; exactly one of the keys is set."""
 
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = Field(None, description="inclusive bounds")
+    choice: list[Any] | None = Field(None, description="Values to choose from (at least one).")
+    uniform: tuple[float, float] | None = Field(None, description="`[low, high]`: a number drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="`[low, high]`, both above 0: a number drawn uniformly on a log scale."
+    )
+    randint: tuple[int, int] | None = Field(
+        None, description="`[low, high]`: a whole number, both bounds included."
+    )
 
     @field_validator("uniform", "loguniform", "randint", mode="before")
     @classmethod
@@ -345,16 +592,32 @@ TUNABLE_KEYS = (
 
 
 class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=0, description="0 turns the search off")
-    max_epochs: int = Field(3, ge=1)
-    search_alg: Literal["optuna", "random"] = "optuna"
-    metric: Literal["val_loss", "val_bleu"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    max_concurrent_trials: int = Field(1, ge=1)
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(2, ge=2)
-    max_examples: int | None = Field(None, ge=1, description="training pairs each trial sees (None: all)")
-    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    num_samples: int = Field(
+        4, ge=0, description="Trials; 0 turns the search off and passes the `model` section through."
+    )
+    max_epochs: int = Field(3, ge=1, description="Epochs per trial; ASHA may stop a trial earlier.")
+    search_alg: Literal["optuna", "random"] = Field("optuna", description="`optuna` (TPE) or `random`.")
+    metric: Literal["val_loss", "val_bleu"] = Field(
+        "val_loss", description="The trial result the search and ASHA compare."
+    )
+    mode: Literal["min", "max"] = Field(
+        "min", description="`min` for `val_loss`, `max` for `val_bleu`; any other pairing is refused."
+    )
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="Trials at once; lowered to what the CPUs or the cluster can feed."
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs a trial runs before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA's reduction factor.")
+    max_examples: int | None = Field(None, ge=1, description="Training pairs each trial sees; `null`: all.")
+    search_space: dict[str, SearchDimension] = Field(
+        default_factory=dict,
+        description=(
+            "Dimensions to search, each `key: {choice | uniform | loguniform | randint: ...}`: exactly one"
+            " of the entry keys below, bounds increasing. Tunable keys: "
+            + ", ".join(f"`{key}`" for key in TUNABLE_KEYS)
+            + " ([search.md](search.md))."
+        ),
+    )
 
     @field_validator("search_space")
     @classmethod
@@ -373,19 +636,54 @@ class TuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    beam_size: int = Field(4, ge=1, le=MAX_BEAM_SIZE)
-    length_penalty: float = Field(1.0, ge=0.0)
-    # Choose the length penalty among these by BLEU on the validation split (then used for test and
-    # recorded); empty: length_penalty as it is.
-    length_penalty_search: list[float] = Field(default_factory=list, max_length=16)
-    search_sentences: int = Field(500, ge=1, description="validation sentences the search decodes")
-    max_len_ratio: float = Field(
-        2.0, gt=0.0, le=MAX_LEN_RATIO, description="decode at most ratio * source length + 5 tokens"
+    beam_size: int = Field(
+        4,
+        ge=1,
+        le=MAX_BEAM_SIZE,
+        description=(
+            "Beam width (1 is greedy decoding); written to the model's `decoding.json`. The same bound holds"
+            " for a model folder's `decoding.json`, `translate --beam-size` and a served request's"
+            " `beam_size`."
+        ),
     )
-    batch_size: int = Field(128, ge=1)
-    n_samples: int = Field(20, ge=0)
-    # auto: a CUDA GPU when there is one (batches cut by tokens there), else the CPU; cpu forces the CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    length_penalty: float = Field(
+        1.0, ge=0.0, description="GNMT length penalty exponent lp in ((5 + length) / 6)^lp."
+    )
+    length_penalty_search: list[float] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Length penalties to try (e.g. `[0.6, 0.8, 1.0, 1.2]`): the one with the best BLEU on the first"
+            " `evaluate.search_sentences` validation sentences is used for test, recorded in"
+            " `reports/metrics.json` (`length_penalty`, `validation_bleu_length_penalty_*`) and registered"
+            " with the model. Empty: `evaluate.length_penalty` as it is."
+        ),
+    )
+    search_sentences: int = Field(
+        500, ge=1, description="Validation sentences the length-penalty search decodes."
+    )
+    max_len_ratio: float = Field(
+        2.0,
+        gt=0.0,
+        le=MAX_LEN_RATIO,
+        description=(
+            "Decode at most ratio x source length + 5 tokens; the same bound holds for a model folder's"
+            " `decoding.json`."
+        ),
+    )
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Sentences per decoding batch on the CPU (on a GPU batches are cut by tokens).",
+    )
+    n_samples: int = Field(20, ge=0, description="Test translations written to `reports/samples.jsonl`.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description=(
+            "`auto`: a CUDA GPU when there is one (batches cut by tokens there), else the CPU; `cpu` or"
+            " `cuda` forces one."
+        ),
+    )
 
     @field_validator("length_penalty_search")
     @classmethod
@@ -400,8 +698,21 @@ class EvaluateConfig(_Section):
 
 
 class RegisterConfig(_Section):
-    model_name: str = Field("seq2seq-translator", min_length=1)
-    min_improvement: float = Field(0.0, ge=0.0, description="BLEU points a challenger must gain")
+    model_name: str = Field(
+        "seq2seq-translator",
+        min_length=1,
+        description=(
+            "Registered model name in MLflow; MLflow's rules are checked when params load: not blank, no `/`"
+            " or `:`, not `.` or starting with `..`."
+        ),
+    )
+    min_improvement: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "Test BLEU points a new version must gain over the champion to take the `champion` alias."
+        ),
+    )
 
     @field_validator("model_name")
     @classmethod
@@ -418,74 +729,137 @@ class RegisterConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    experiment: str = Field("seq2seq-pipeline", min_length=1)
+    experiment: str = Field(
+        "seq2seq-pipeline",
+        min_length=1,
+        description="MLflow experiment; `MLFLOW_EXPERIMENT_NAME` wins when set.",
+    )
 
 
-class PipelineConfig(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+# `register` is params.yaml's section name, and the attribute too: as a field it hides only the class's
+# `register` method (ABCMeta's, for virtual subclasses, which pydantic models do not support), never an
+# instance's attribute, so pydantic's warning about the shadowed attribute is silenced for this class only.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning
+    )
 
-    data: DataConfig = DataConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    tune: TuneConfig = TuneConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    # "register" would shadow pydantic's BaseModel.register, so the attribute is `registry`.
-    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
-    tracking: TrackingConfig = TrackingConfig()
+    class PipelineConfig(_Section):
+        data: DataConfig = Field(
+            DataConfig(),
+            description=(
+                "The corpus and its cleaning: where the pairs come from, which pairs training drops, how"
+                " validation and test splits are carved out when the source has none."
+            ),
+        )
+        preprocess: PreprocessConfig = Field(
+            PreprocessConfig(), description="The tokenizers, trained on the prepared training split."
+        )
+        model: ModelConfig = Field(
+            ModelConfig(),
+            description=(
+                "The network. The tune stage takes these as the base values that its search space"
+                " overrides; the train stage builds the model from them, with the search's best values"
+                " (`reports/best_params.json`) laid over them."
+            ),
+        )
+        train: TrainConfig = Field(
+            TrainConfig(),
+            description="The optimizer update and the training loop, for train and for every tune trial.",
+        )
+        runtime: RuntimeConfig = Field(
+            RuntimeConfig(),
+            description=(
+                "How tune and train are carried out, not what they compute: the hardware, Ray Train/Tune"
+                " storage, failures, checkpoints. No stage lists this section in `dvc.yaml`, so changing it"
+                " re-runs nothing, and run names (content hashes) leave it out. With the global batch"
+                " (`train.batch_size`), the hardware changes no update."
+            ),
+        )
+        tune: TuneConfig = Field(
+            TuneConfig(),
+            description=(
+                "The hyperparameter search: Ray Tune trials stopped early by ASHA; the best trial's values go"
+                " to `reports/best_params.json` for train ([search.md](search.md))."
+            ),
+        )
+        evaluate: EvaluateConfig = Field(
+            EvaluateConfig(),
+            description=(
+                "Beam-search decoding of the test split and its scores. The decoding keys (`beam_size`,"
+                " `length_penalty`, `max_len_ratio`) go into the model folder's `decoding.json`, and with it"
+                " to the registered model."
+            ),
+        )
+        register: RegisterConfig = Field(
+            RegisterConfig(),
+            description=(
+                "The MLflow model registry: the registered model and the champion gate"
+                " ([tracking.md](tracking.md#the-champion-gate))."
+            ),
+        )
+        tracking: TrackingConfig = Field(
+            TrackingConfig(),
+            description=(
+                "Where tune, train, evaluate and register log their MLflow runs; listed by no stage in"
+                " `dvc.yaml`, so changing it re-runs nothing."
+            ),
+        )
 
-    @model_validator(mode="after")
-    def _shared_embeddings_need_a_joint_vocabulary(self) -> PipelineConfig:
-        _check_shared_embeddings(self.model, self.preprocess)
-        return self
-
-    @model_validator(mode="after")
-    def _every_micro_batch_gets_tokens(self) -> PipelineConfig:
-        """Each update's global batch is cut into num_workers x accumulate micro-batches by sentence count;
-        a batch of fewer sentences leaves the rest empty, and each empty one still runs a full forward and
-        backward pass (a placeholder, so that DDP's all-reduce goes on): train.batch_size 16 with
-        train.accumulate 256 made an epoch hundreds of times slower and reached none."""
-        parts = self.runtime.num_workers * self.train.accumulate
-        needed = MIN_MICRO_BATCH_TOKENS * parts
-        if self.train.batch_size < needed:
-            raise ValueError(
-                f"train.batch_size must give each of the runtime.num_workers x train.accumulate ="
-                f" {self.runtime.num_workers} x {self.train.accumulate} micro-batches of an update at least"
-                f" {MIN_MICRO_BATCH_TOKENS} target tokens: raise it from {self.train.batch_size} to {needed}"
-                " or more, or lower train.accumulate (an empty micro-batch still costs a full pass)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _search_draws_valid_models(self) -> PipelineConfig:
-        """Refuse a search space that can draw an invalid model or training setting now, before Ray starts,
-        not in a trial hours into a search."""
-        space = self.tune.search_space
-        if self.tune.num_samples == 0:
+        @model_validator(mode="after")
+        def _shared_embeddings_need_a_joint_vocabulary(self) -> PipelineConfig:
+            _check_shared_embeddings(self.model, self.preprocess)
             return self
-        # Only choices list every value; of a range, only the ends are checked below.
-        ranged = [key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice]
-        base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
-        for drawn in _draws_to_check(space):
-            sections = {name: dict(values) for name, values in base.items()}
-            for key, value in drawn.items():
-                section, _, name = key.partition(".")
-                sections[section][name] = value
-            try:
-                model = ModelConfig.model_validate(sections["model"])
-                TrainConfig.model_validate(sections["train"])
-                _check_shared_embeddings(model, self.preprocess)
-            except ValueError as error:  # pydantic's ValidationError is one too
-                reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
-                reason = reason.removeprefix("Value error, ")
-                raise ValueError(f"tune.search_space can draw {drawn}: {reason}") from None
-            if model.arch == "transformer" and ranged:
+
+        @model_validator(mode="after")
+        def _every_micro_batch_gets_tokens(self) -> PipelineConfig:
+            """Each update's global batch is cut into num_workers x accumulate micro-batches by sentence
+            count; a batch of fewer sentences leaves the rest empty, and each empty one still runs a full
+            forward and backward pass (a placeholder, so that DDP's all-reduce goes on): train.batch_size 16
+            with train.accumulate 256 made an epoch hundreds of times slower and reached none."""
+            parts = self.runtime.num_workers * self.train.accumulate
+            needed = MIN_MICRO_BATCH_TOKENS * parts
+            if self.train.batch_size < needed:
                 raise ValueError(
-                    f"tune.search_space can draw a transformer: give {' and '.join(ranged)} as a choice of"
-                    " values, so that every model.emb_dim drawn is divisible by every model.n_heads"
+                    f"train.batch_size must give each of the runtime.num_workers x train.accumulate ="
+                    f" {self.runtime.num_workers} x {self.train.accumulate} micro-batches of an update at"
+                    f" least {MIN_MICRO_BATCH_TOKENS} target tokens: raise it from {self.train.batch_size} to"
+                    f" {needed} or more, or lower train.accumulate (an empty micro-batch still costs a full"
+                    " pass)"
                 )
-        return self
+            return self
+
+        @model_validator(mode="after")
+        def _search_draws_valid_models(self) -> PipelineConfig:
+            """Refuse a search space that can draw an invalid model or training setting now, before Ray
+            starts, not in a trial hours into a search."""
+            space = self.tune.search_space
+            if self.tune.num_samples == 0:
+                return self
+            # Only choices list every value; of a range, only the ends are checked below.
+            ranged = [
+                key for key in ("model.emb_dim", "model.n_heads") if key in space and not space[key].choice
+            ]
+            base = {"model": self.model.model_dump(), "train": self.train.model_dump()}
+            for drawn in _draws_to_check(space):
+                sections = {name: dict(values) for name, values in base.items()}
+                for key, value in drawn.items():
+                    section, _, name = key.partition(".")
+                    sections[section][name] = value
+                try:
+                    model = ModelConfig.model_validate(sections["model"])
+                    TrainConfig.model_validate(sections["train"])
+                    _check_shared_embeddings(model, self.preprocess)
+                except ValueError as error:  # pydantic's ValidationError is one too
+                    reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+                    reason = reason.removeprefix("Value error, ")
+                    raise ValueError(f"tune.search_space can draw {drawn}: {reason}") from None
+                if model.arch == "transformer" and ranged:
+                    raise ValueError(
+                        f"tune.search_space can draw a transformer: give {' and '.join(ranged)} as a choice"
+                        " of values, so that every model.emb_dim drawn is divisible by every model.n_heads"
+                    )
+            return self
 
 
 def _check_shared_embeddings(model: ModelConfig, preprocess: PreprocessConfig) -> None:

@@ -109,7 +109,7 @@ def with_overrides(
 ) -> PipelineConfig:
     """Apply dotted-key overrides (e.g. the best Tune trial's {"model.hidden_dim": 256}) and re-validate;
     `source` names where they come from (a file) in messages."""
-    raw = config.model_dump(mode="python", by_alias=True)
+    raw = config.model_dump(mode="python")
     for dotted_key, value in overrides.items():
         section, _, key = dotted_key.partition(".")
         if section not in raw or not key:
@@ -404,7 +404,7 @@ def _names_a_section(keys: tuple[str, ...]) -> bool:
 
     model: type[BaseModel] = PipelineConfig
     for key in keys:
-        field = next((f for name, f in model.model_fields.items() if (f.alias or name) == key), None)
+        field = model.model_fields.get(key)
         annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return False

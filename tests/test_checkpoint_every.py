@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from pipeline.config import CheckpointInterval
+from pipeline.config import CheckpointInterval, parse_checkpoint_every
 from pipeline.errors import PipelineError
 from pipeline.params_file import config_from_dict
 from pipeline.training.worker import MidEpochSchedule
@@ -30,7 +30,7 @@ from pipeline.training.worker import MidEpochSchedule
 def test_checkpoint_every_takes_null_steps_or_minutes(value, interval) -> None:
     runtime = config_from_dict({"runtime": {"checkpoint_every": value}}).runtime
     assert runtime.checkpoint_every == value, "params keep the value as written"
-    assert runtime.checkpoint_interval() == interval
+    assert parse_checkpoint_every(runtime.checkpoint_every) == interval
 
 
 @pytest.mark.parametrize("value", [0, -3, True, 2.5, "10", "0min", "10h", "ten min", [5]])
@@ -40,7 +40,7 @@ def test_a_bad_checkpoint_every_is_refused_naming_the_key(value) -> None:
 
 
 def test_default_params_checkpoint_at_epoch_ends_only() -> None:
-    assert config_from_dict({}).runtime.checkpoint_interval() is None
+    assert parse_checkpoint_every(config_from_dict({}).runtime.checkpoint_every) is None
 
 
 def test_step_schedule_is_due_every_n_optimizer_steps() -> None:

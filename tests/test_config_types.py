@@ -60,7 +60,7 @@ def _typed_keys(
     """Every key of the schema, nested ones included, with the YAML types it takes."""
     keys = []
     for name, field in model.model_fields.items():
-        path = (*prefix, field.alias or name)
+        path = (*prefix, name)
         keys.append((path, _accepted(field.annotation)))
         union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
         for inner in typing.get_args(field.annotation) if union else (field.annotation,):
@@ -228,7 +228,7 @@ def test_set_params_refuses_a_value_of_the_wrong_type_and_writes_nothing(
 
 def test_set_params_names_the_params_line_of_a_bad_value_it_did_not_set(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(SHIPPED.replace("  max_tokens: 64 ", '  max_tokens: "64"'))
+    params.write_text(SHIPPED.replace("  max_tokens: 64\n", '  max_tokens: "64"\n'))
     before = params.read_bytes()
     line = SHIPPED[: SHIPPED.index("  max_tokens: 64")].count("\n") + 1
     with pytest.raises(PipelineError, match=rf"{re.escape(str(params))}:{line}: data\.max_tokens: expected"):

@@ -162,6 +162,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
     import ray.train
     import torch
 
+    from pipeline.config import parse_checkpoint_every
     from pipeline.data.processed import load_processed
     from pipeline.params_file import load_config
     from pipeline.training.checkpoint import read_checkpoint
@@ -179,7 +180,7 @@ def test_killed_worker_resumes_mid_epoch_and_ends_bit_for_bit_as_the_uninterrupt
         config.train,
         data,
         config.train.epochs,
-        checkpoint_every=config.runtime.checkpoint_interval(),
+        checkpoint_every=parse_checkpoint_every(config.runtime.checkpoint_every),
     )
     killed: list[dict[str, Any]] = []
     killer = threading.Thread(

@@ -99,8 +99,8 @@ def test_set_params_keeps_comments_key_order_and_every_other_line(tmp_path: Path
     changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
     assert changed == [
         (
-            "  max_examples: null       # cap on training pairs for quick runs",
-            "  max_examples: 500        # cap on training pairs for quick runs",
+            "  max_examples: null       # null | N",
+            "  max_examples: 500        # null | N",
         ),
         ("  epochs: 10", "  epochs: 3"),
     ]

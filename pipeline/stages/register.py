@@ -68,7 +68,7 @@ def _as_evaluated(config: PipelineConfig) -> EvaluateConfig:
 
 def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
     """Register the candidate (at most once), run the gate; returns the report."""
-    name = config.registry.model_name
+    name = config.register.model_name
     existing = registry.find_model_version(name, candidates.TAG_CONTENT_HASH, candidate.content_hash)
     if existing is not None and TAG_DECISION in existing.tags:
         reason = (
@@ -81,7 +81,7 @@ def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
     champion = _champion_score(config, name, str(version.version), candidate)
     metric = champion.metric if champion is not None else "bleu"
     decision = gate.decide(
-        str(version.version), candidate.score(metric), champion, config.registry.min_improvement
+        str(version.version), candidate.score(metric), champion, config.register.min_improvement
     )
     _apply(name, str(version.version), decision)
     outcome = "promoted" if decision.promote else "rejected"
@@ -100,7 +100,7 @@ def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersio
             signature=registry.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
             **candidates.pyfunc_parts(candidate, Path(code_dir)),
         )
-    name = config.registry.model_name
+    name = config.register.model_name
     registry.ensure_registered_model(name, REGISTERED_MODEL_DESCRIPTION)
     version = registry.create_model_version(
         name,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import EvaluateConfig, PipelineConfig
+from pipeline.config import EvaluateConfig, PipelineConfig, parse_checkpoint_every
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, outputs_together, write_json
@@ -96,7 +96,7 @@ def _fit(
             data,
             config.train.epochs,
             run_logger,
-            checkpoint_every=config.runtime.checkpoint_interval(),
+            checkpoint_every=parse_checkpoint_every(config.runtime.checkpoint_every),
             cpus_per_worker=config.runtime.cpus_per_worker,
         )
         logger.info(

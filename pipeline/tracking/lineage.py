@@ -168,7 +168,7 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def config_params(config: PipelineConfig, sections: tuple[str, ...]) -> dict[str, str]:
-    dumped = config.model_dump(mode="json", by_alias=True)
+    dumped = config.model_dump(mode="json")
     params = {}
     for section in sections:
         params.update(flatten(section, dumped[section]))

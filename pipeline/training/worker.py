@@ -114,16 +114,17 @@ class MidEpochSchedule:
     construction; for minutes, rank 0's clock decides and its answer is all-reduced at every step (one
     number: cheap next to a training step). Every rank must then call `due` equally often."""
 
-    def __init__(self, interval: CheckpointInterval | None, rank: int, device: torch.device) -> None:
-        self.interval, self.rank, self.device = interval, rank, device
+    def __init__(self, checkpoint_every: CheckpointInterval | None, rank: int, device: torch.device) -> None:
+        self.checkpoint_every, self.rank, self.device = checkpoint_every, rank, device
         self.last_checkpoint = time.monotonic()
 
     def due(self, optimizer_steps: int) -> bool:
-        if self.interval is None:
+        if self.checkpoint_every is None:
             return False
-        if self.interval.steps is not None:
-            return optimizer_steps % self.interval.steps == 0
-        rank0_due = self.rank == 0 and time.monotonic() - self.last_checkpoint >= self.interval.seconds
+        steps, seconds = self.checkpoint_every
+        if steps is not None:
+            return optimizer_steps % steps == 0
+        rank0_due = self.rank == 0 and time.monotonic() - self.last_checkpoint >= seconds
         return _all_reduce_sum([float(rank0_due)], self.device)[0] > 0
 
     def restart(self) -> None:
