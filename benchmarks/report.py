@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import REPO_ROOT, read_result
+from benchmarks.results import REPO_ROOT, figure, is_number, read_result
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 PAGE = REPO_ROOT / "docs" / "benchmarks.md"
@@ -24,14 +24,14 @@ ORDER = (
     "pipeline",
     "pipeline_arch",
     "cluster_box",
-    "train_throughput",
+    "throughput",
+    "step_cost",
     "data_scale",
     "ray_data",
     "quality",
     "default_bleu",
     "decoding",
     "decoding_speed",
-    "arch_throughput",
     "gpu_torch",
     "gpu_check",
     "suite_lanes",
@@ -135,28 +135,10 @@ def table(runs: list[dict[str, Any]], machines: dict[str, str]) -> list[str]:
     return lines
 
 
-def is_number(value: Any) -> bool:
-    """Missing figures count as numbers: a column is right-aligned unless it holds text."""
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-
-
 def short_commit(run: dict[str, Any]) -> str:
     commit = run["commit"]
     short = commit if commit == "unknown" else commit[:7]
     return short + (" (modified)" if run.get("dirty") else "")
-
-
-def figure(value: Any) -> str:
-    """Numbers as a reader compares them: thousands separated, about four significant digits."""
-    if value is None:
-        return ""
-    if not is_number(value):
-        return str(value)
-    if isinstance(value, int) or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.4g}"
 
 
 def markdown_row(cells: list[str]) -> str:
