@@ -27,7 +27,6 @@ ORDER = (
     "throughput",
     "step_cost",
     "data_scale",
-    "ray_data",
     "quality",
     "default_bleu",
     "decoding",
