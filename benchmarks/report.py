@@ -30,7 +30,6 @@ ORDER = (
     "quality",
     "default_bleu",
     "decoding",
-    "decoding_speed",
     "gpu_torch",
     "gpu_check",
     "suite_lanes",
