@@ -28,7 +28,6 @@ ORDER = (
     "step_cost",
     "data_scale",
     "quality",
-    "default_bleu",
     "decoding",
     "gpu_torch",
     "gpu_check",
