@@ -36,50 +36,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from benchmarks.common import flops_per_target_token, params_with
 from benchmarks.results import write_result
 from pipeline.config import PipelineConfig
 from pipeline.data.processed import ProcessedData, load_processed
-from pipeline.network.batching import collate, micro_batches, target_tokens, token_budget_batches
+from pipeline.network.batching import micro_batches, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
-from pipeline.network.model import Seq2Seq, build_model, count_parameters
+from pipeline.network.model import build_model, count_parameters
 from pipeline.network.model_files import LoadedModel
 from pipeline.network.scoring import corpus_scores
-from pipeline.network.training_step import UpdateStep, build_optimizer, compiled, sequence_loss
+from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
 from pipeline.network.translator import Translator, translate_and_score
-from pipeline.params_file import assignment_overrides, config_from_dict, merge_params, read_recipe
+from pipeline.params_file import assignment_overrides, config_from_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks from the datasheets (no sparsity), in FLOP/s, by a name's distinctive part.
 DATASHEET_BF16_PEAK = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12}
-# FLOPs are counted on a few small batches: per target token they hardly depend on the batch size.
-FLOP_SAMPLE_BATCHES, FLOP_SAMPLE_TOKENS = 8, 1000
 
 
 def recipe_config(recipe: Path, assignments: list[str]) -> PipelineConfig:
     """params.yaml, the recipe over it, then KEY=VALUE assignments: what `set-params --recipe` would make."""
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw = merge_params(raw, read_recipe(recipe), str(recipe))
-    raw = merge_params(raw, assignment_overrides(assignments), " ".join(assignments))
+    raw = params_with(recipe, assignment_overrides(assignments))
     return config_from_dict(raw, f"{recipe} {' '.join(assignments)}".strip())
-
-
-def flops_per_target_token(model: Seq2Seq, split: EncodedSplit, config: Any) -> float:
-    """Forward + backward FLOPs per real target token, counted on a CPU copy in float32 (the count does not
-    depend on the device; cuDNN's fused GRU kernels would hide from the counter on CUDA)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter, tokens = FlopCounterMode(display=False), 0
-    batches = token_budget_batches(split, FLOP_SAMPLE_TOKENS, seed=1)[:FLOP_SAMPLE_BATCHES]
-    with counter:
-        for indices in batches:
-            batch = collate(split, indices)
-            logits = model(batch.src, batch.src_lengths, batch.tgt_in, config.teacher_forcing)
-            sequence_loss(logits, batch.tgt_out, config.label_smoothing).backward()
-            tokens += batch.n_target_tokens
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / tokens
 
 
 def measured_bf16_peak(device: torch.device) -> float:

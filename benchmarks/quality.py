@@ -1,20 +1,26 @@
-"""Quality on real text: each architecture's Multi30k recipe through the pipeline's own stages, one table.
+"""Quality: test BLEU of each architecture's Multi30k recipe through the pipeline's own stages, with one
+setting changed at a time, and of the default main job at given commits and settings.
 
     python -m benchmarks.quality [--archs gru,gru_attention,transformer] [--data ../shared/data/multi30k]
                                  [--set KEY=VALUE ...] [--decode "KEY=VALUE KEY=VALUE" ...]
                                  [--out quality.json]                             # from the project root
+    python -m benchmarks.quality --run "LABEL:REV[:KEY=VALUE,...]" --run ... [--out FILE]
 
-For each architecture: a fresh folder with params.yaml, `set-params --recipe recipes/multi30k-<arch>.yaml
-data.source=<data>`, then `python -m pipeline prepare, preprocess, tune, train, evaluate` (tune is off in
-the recipes: it only records the recipe's settings). The transformer takes its CPU recipe
-(`multi30k-transformer-cpu.yaml`) unless `--full-transformer`. Printed beside the published figures on
-the same test set (Multi30k test2016 de->en, lowercase BLEU). Runs Ray locally: nothing else may start a
-local Ray on this machine meanwhile.
-
-Ablations: `--set` changes a setting for every run after the recipe (a training-side row, e.g.
-`--set preprocess.byte_fallback=false`); each `--decode` re-runs only evaluate on the same trained model
-with other settings (a decoding-side row, e.g. `--decode evaluate.length_penalty=0.6`), so a decoding
-change is measured on identical weights.
+- The recipes (by default): for each architecture, a fresh folder with params.yaml, `set-params --recipe
+  recipes/multi30k-<arch>.yaml data.source=<data>`, then `python -m pipeline prepare, preprocess, tune,
+  train, evaluate` (tune is off in the recipes: it only records the recipe's settings). The transformer
+  takes its CPU recipe (`multi30k-transformer-cpu.yaml`) unless `--full-transformer`. Printed beside the
+  published figures on the same test set (Multi30k test2016 de->en, lowercase BLEU). Runs Ray locally:
+  nothing else may start a local Ray on this machine meanwhile. `--set` changes a setting for every run
+  after the recipe (a training-side row, e.g. `--set preprocess.byte_fallback=false`); each `--decode`
+  re-runs only evaluate on the same trained model with other settings (a decoding-side row, e.g.
+  `--decode evaluate.length_penalty=0.6`), so a decoding change is measured on identical weights.
+- `--run LABEL:REV[:KEY=VALUE,...]` (repeatable): the default main job, the search off, at commit REV: a
+  clone of this repository at REV in a temporary folder, `tune.num_samples=0` and the given keys set with
+  `python -m pipeline set-params`, then `dvc repro evaluate` (prepare, preprocess, train, evaluate on the
+  built-in corpus, 2 Ray Train workers) with this environment's Python; what a change to the defaults
+  costs or gains, measured the same way at each commit. Runs go one after another: on 2 cores each takes
+  about 10 minutes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -33,10 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results import write_result
+from benchmarks.common import MULTI30K, pipeline_environment
+from benchmarks.results import REPO_ROOT, Row, git_output, text_table, write_result
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k"
 RECIPES = {
     "gru": "multi30k-gru.yaml",
     "gru_attention": "multi30k-gru-attention.yaml",
@@ -51,23 +55,26 @@ PUBLISHED = {
 }
 
 
+def run_step(label: str, arguments: list[str], folder: Path, env: dict[str, str]) -> None:
+    """`arguments` run in `folder`, output appended to folder/quality.log; the benchmark stops if it fails."""
+    log = folder / "quality.log"
+    with log.open("a", encoding="utf-8") as handle:
+        done = subprocess.run(arguments, cwd=folder, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text(encoding="utf-8")[-3000:]
+        raise SystemExit(f"{label}: {shlex.join(arguments[1:])} failed (exit {done.returncode}):\n{tail}")
+
+
 def run_recipe(
     arch: str, recipe: Path, data: Path, keep: Path | None, overrides: list[str], decodes: list[list[str]]
 ) -> list[dict[str, Any]]:
     """The recipe's row, then one row per decoding variant evaluated on the same weights."""
     folder = Path(tempfile.mkdtemp(prefix=f"quality-{arch}-"))
     shutil.copy(REPO_ROOT / "params.yaml", folder / "params.yaml")
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = pipeline_environment()
 
     def pipeline(*arguments: str) -> None:
-        command = [sys.executable, "-m", "pipeline", *arguments]
-        log = folder / "quality.log"
-        with log.open("a", encoding="utf-8") as handle:
-            done = subprocess.run(
-                command, cwd=folder, env=environment, stdout=handle, stderr=subprocess.STDOUT
-            )
-        if done.returncode:
-            raise SystemExit(f"{arch}: {' '.join(arguments)} failed (exit {done.returncode}); see {log}")
+        run_step(arch, [sys.executable, "-m", "pipeline", *arguments], folder, env)
 
     pipeline("set-params", "--recipe", str(recipe), f"data.source={data.resolve()}", *overrides)
     seconds: dict[str, float] = {}
@@ -108,24 +115,46 @@ def run_recipe(
 
 def _test_scores(reports: Path) -> dict[str, Any]:
     metrics = json.loads((reports / "metrics.json").read_text())
-    scores = {key: metrics[key] for key in ("bleu", "bleu_lc", "chrf")}
+    scores = {key: metrics.get(key) for key in ("bleu", "bleu_lc", "chrf")}
     # With evaluate.length_penalty_search, the length penalty chosen on the validation split.
     scores["length_penalty"] = metrics.get("length_penalty")
     return scores
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    print(
-        "| architecture | recipe | parameters | epochs | wall time | train target tokens/s"
-        " | test BLEU | lowercase BLEU | chrF | published (lowercase BLEU) |"
-    )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for r in results:
-        print(
-            f"| {r['arch']} | {r['recipe']} | {r['parameters'] / 1e6:.1f} M | {r['epochs']}"
-            f" | {r['wall_seconds'] / 60:.1f} min | {r['train_tokens_per_sec']:,.0f} | {r['bleu']:.1f}"
-            f" | {r['bleu_lc']:.1f} | {r['chrf']:.1f} | {PUBLISHED[r['arch']]} |"
-        )
+def default_job(label: str, revision: str, settings: list[str]) -> Row:
+    """The default main job at commit `revision` with `settings`, the search off: its test scores."""
+    commit = git_output("rev-parse", revision)
+    with tempfile.TemporaryDirectory(prefix="default-job-") as scratch:
+        project = Path(scratch) / "project"
+        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(project)], check=True)
+        subprocess.run(["git", "checkout", "-q", commit], cwd=project, check=True)
+        env = pipeline_environment(project)  # the clone's code, not this checkout's editable install
+        pipeline = [sys.executable, "-m", "pipeline"]
+        run_step(label, [*pipeline, "set-params", "tune.num_samples=0", *settings], project, env)
+        started = time.perf_counter()
+        run_step(label, [sys.executable, "-m", "dvc", "repro", "evaluate"], project, env)
+        seconds = time.perf_counter() - started
+        scores = _test_scores(project / "reports")
+        trained = json.loads((project / "reports" / "train_metrics.json").read_text())
+    return {
+        "measurement": label,
+        "code": commit[:7],
+        "settings": " ".join(settings) or "defaults",
+        "test BLEU": scores["bleu"],
+        "lowercase BLEU": scores["bleu_lc"],
+        "chrF": scores["chrf"],
+        "best val_loss": trained.get("best_val_loss"),
+        "stages s": round(seconds),
+    }
+
+
+def parse_run(value: str) -> tuple[str, str, list[str]]:
+    """LABEL:REV[:KEY=VALUE,...] as (label, revision, settings); the label may hold colons, REV may not."""
+    head, _, last = value.rpartition(":")
+    label, revision, settings = (*head.rpartition(":")[::2], last) if "=" in last else (head, last, "")
+    if not label or not revision:
+        raise argparse.ArgumentTypeError(f"expected LABEL:REV[:KEY=VALUE,...], got {value!r}")
+    return label, revision, [item for item in settings.split(",") if item]
 
 
 def table_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -160,11 +189,11 @@ def _figure(value: str | None, spec: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--archs", default=",".join(RECIPES), help="comma-separated, from " + ", ".join(RECIPES)
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder (train/val/test)")
+    parser.add_argument("--data", type=Path, default=MULTI30K, help="a Multi30k folder (train/val/test)")
     parser.add_argument("--full-transformer", action="store_true", help="the GPU recipe, not the CPU one")
     parser.add_argument(
         "--set",
@@ -183,7 +212,25 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     parser.add_argument("--keep-reports", type=Path, default=None, help="copy each run's reports/ here")
+    parser.add_argument(
+        "--run",
+        type=parse_run,
+        action="append",
+        default=[],
+        metavar="LABEL:REV[:KEY=VALUE,...]",
+        help="the default main job at commit REV with these settings, one row each (repeatable)",
+    )
     args = parser.parse_args()
+    if args.run:
+        rows = []
+        for label, revision, settings in args.run:
+            rows.append(default_job(label, revision, settings))
+            print(rows[-1], flush=True)
+        print(text_table(rows))
+        if args.out is not None:
+            notes = ["built-in corpus, 20,000 pairs; tune off; beam 4"]
+            write_result(args.out, "quality", rows, notes)
+        return
     if not args.data.is_dir():
         raise SystemExit(f"no Multi30k folder at {args.data} (see ../shared/data/multi30k/README.md)")
     archs = [arch.strip() for arch in args.archs.split(",") if arch.strip()]
@@ -202,7 +249,7 @@ def main() -> None:
             rows = [table_row(r) for r in results]
             notes = [curve_note(r) for r in results if not r.get("decode_only")]
             write_result(args.out, "quality", rows, notes)
-    print_table(results)
+    print(text_table([table_row(r) for r in results]))
 
 
 if __name__ == "__main__":

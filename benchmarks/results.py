@@ -1,15 +1,16 @@
 """One result format for every benchmark: its table rows inside an envelope saying where they were measured.
 
-    {"benchmark": "train_throughput", "command": "python -m benchmarks.train_throughput --epochs 3",
+    {"benchmark": "throughput", "command": "python -m benchmarks.throughput --epochs 3",
      "date": "2026-11-27", "commit": "<hash>", "dirty": false,
      "machine": {"cpu": ..., "cores": 2, "memory_gib": 23.5, "gpu": null, "torch": "2.13.0+cpu",
                  "cuda": null, "ray": "2.60.0"},
      "rows": [{"run": "bare PyTorch loop", "target tokens/s": 2878.0, ...}, ...],
      "notes": ["..."]}
 
-Rows are flat: each value a number, a string or null. `benchmarks/report.py` renders the files in
-benchmarks/results/ as docs/benchmarks.md. Only the standard library is imported at module level, so a
-torch-only box (benchmarks/gpu_torch.py) can write results too.
+`benchmark` names the script whose section of docs/benchmarks.md shows the run; `command` is the command
+as typed from the project root. Rows are flat: each value a number, a string or null.
+`benchmarks/report.py` renders the files in benchmarks/results/ as docs/benchmarks.md. Only the standard
+library is imported at module level, so a torch-only box (benchmarks/gpu_torch.py) can write results too.
 """
 
 from __future__ import annotations
@@ -31,8 +32,24 @@ Row = dict[str, Any]
 
 
 def command_line(benchmark: str) -> str:
-    """The command as typed: under `python -m`, argv[0] is the module's file path, not its name."""
-    return shlex.join(["python", "-m", f"benchmarks.{benchmark}", *sys.argv[1:]])
+    """The command as typed from the project root. Under `python -m`, argv[0] is the module's file path, not
+    its name: an entry script (benchmarks/gpu_check.py) keeps its own name; an absolute path in the
+    arguments inside or beside the project is written relative to the project root."""
+    script = Path(sys.argv[0])
+    module = script.stem if script.suffix == ".py" and script.parent.name == "benchmarks" else benchmark
+    arguments = [relative_argument(argument) for argument in sys.argv[1:]]
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *arguments])
+
+
+def relative_argument(argument: str) -> str:
+    """`argument` (a path, or `--key=path`) relative to the project root where its path is absolute and lies
+    in the project or beside it, in the folder that holds it (../shared/data/multi30k); else as it is."""
+    key, equals, value = argument.partition("=") if argument.startswith("-") else ("", "", argument)
+    path = Path(value)
+    around = REPO_ROOT.parent if REPO_ROOT.parent != Path(REPO_ROOT.anchor) else REPO_ROOT
+    if not path.is_absolute() or not path.is_relative_to(around):
+        return argument
+    return key + equals + os.path.relpath(path, REPO_ROOT)
 
 
 def git_state() -> tuple[str, bool | None]:
@@ -117,6 +134,32 @@ def write_result(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def figure(value: Any) -> str:
+    """Numbers as a reader compares them: thousands separated, about four significant digits."""
+    if value is None:
+        return ""
+    if not is_number(value):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def is_number(value: Any) -> bool:
+    """Missing figures count as numbers: a column is right-aligned unless it holds text."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def text_table(rows: list[Row]) -> str:
+    """Rows as a markdown table, every key a column (as a benchmark prints its result)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+    lines += [" | ".join(figure(row.get(key)) for key in columns) for row in rows]
+    return "\n".join(f"| {line} |" for line in lines)
 
 
 def read_result(path: Path) -> dict[str, Any]:

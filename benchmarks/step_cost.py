@@ -22,15 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import REPO_ROOT, bare_loop_tokens_per_sec, median, prepared_builtin_corpus
-from benchmarks.quality import DEFAULT_DATA
-from benchmarks.results import write_result
+from benchmarks.common import MULTI30K, bare_loop_tokens_per_sec, multi30k, prepared_corpus, steady_median
+from benchmarks.results import REPO_ROOT, text_table, write_result
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.network.batching import micro_batches, padded_length, target_tokens, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.model import build_model
 from pipeline.network.training_step import UpdateStep, build_optimizer, compiled
-from pipeline.params_file import read_recipe
 
 RECIPES = {
     "transformer": REPO_ROOT / "recipes" / "multi30k-transformer-cpu.yaml",
@@ -75,7 +73,7 @@ def measure(model_config: ModelConfig, train: TrainConfig, split: EncodedSplit, 
         model_config, train, split, vocab, args.epochs, max_batches=args.batches
     )
     seconds = time.perf_counter() - started
-    steady = median(rates[1:] or rates)
+    steady = steady_median(rates)
     tokens_per_epoch = sum(
         target_tokens(split, b) for b in token_budget_batches(split, train.batch_size, 0)[: args.batches]
     )
@@ -93,8 +91,8 @@ def measure(model_config: ModelConfig, train: TrainConfig, split: EncodedSplit, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a Multi30k folder")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=MULTI30K, help="a Multi30k folder")
     parser.add_argument("--batches", type=int, default=6, help="updates per epoch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
@@ -104,14 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for arch in args.archs.split(","):
-        recipe_path = RECIPES[arch]
-        recipe = read_recipe(recipe_path)
-        data = {"source": str(args.data.resolve()), "src_lang": "de", "tgt_lang": "en"}
-        config, processed = prepared_builtin_corpus(
-            {"data": data, "preprocess": recipe.get("preprocess", {})}
-        )
-        model_config = config.model.model_validate({**config.model.model_dump(), **recipe["model"]})
-        base = {**config.train.model_dump(), **recipe.get("train", {})}
+        config, processed = prepared_corpus(multi30k(args.data), RECIPES[arch])
+        model_config = config.model
+        base = config.train.model_dump()
         base["batch_size"] //= WORKERS
         vocab = (processed.src_vocab_size, processed.tgt_vocab_size)
         split = processed.encoded("train")
@@ -123,6 +116,7 @@ def main() -> None:
             row["vs eager"] = round(row["target tokens/s"] / baseline, 2)
             print(row, flush=True)
             rows.append(row)
+    print(text_table(rows))
     if args.out:
         write_result(args.out, "step_cost", rows)
 

@@ -1,23 +1,28 @@
-"""docs/benchmarks.md is what benchmarks/report.py renders from benchmarks/results/, and results written by a
-benchmark render the same way."""
+"""docs/benchmarks.md is what benchmarks/report.py renders from benchmarks/results/ (keeping the page's
+hand-written text), results written by a benchmark render the same way, and recorded commands hold no path
+of the machine they ran on."""
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from benchmarks import report, results
 
+RESULT_FILES = sorted(report.RESULTS.glob("*.json"))
+
 
 def test_committed_page_is_what_the_results_render() -> None:
-    assert report.PAGE.read_text(encoding="utf-8") == report.render(report.load_results()), (
+    page = report.PAGE.read_text(encoding="utf-8")
+    assert page == report.render(report.load_results(), report.read_prose(page)), (
         "docs/benchmarks.md is out of date: run python -m benchmarks.report"
     )
 
 
-@pytest.mark.parametrize("path", sorted(report.RESULTS.glob("*.json")), ids=lambda path: path.name)
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda path: path.name)
 def test_every_result_file_has_the_envelope(path: Path) -> None:
     result = json.loads(path.read_text(encoding="utf-8"))
     assert set(results.ENVELOPE_KEYS) <= result.keys()
@@ -27,18 +32,62 @@ def test_every_result_file_has_the_envelope(path: Path) -> None:
         assert all(value is None or isinstance(value, str | int | float) for value in row.values())
 
 
+@pytest.mark.parametrize("path", RESULT_FILES, ids=lambda path: path.name)
+def test_every_result_belongs_to_a_section_and_its_command_has_no_absolute_path(path: Path) -> None:
+    result = json.loads(path.read_text(encoding="utf-8"))
+    assert result["benchmark"] in report.ORDER
+    module = report.REPO_ROOT / "benchmarks" / f"{result['benchmark']}.py"
+    assert module.is_file() or result["benchmark"] in report.DESCRIPTIONS
+    words = [word.partition("=")[2] or word for word in shlex.split(result["command"])]
+    assert [word for word in words if word.startswith("/") and not word.startswith("/usr/bin/")] == []
+
+
 def test_a_written_result_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fixed provenance: the test starts no git process and does not depend on the checkout's state.
     monkeypatch.setattr(results, "git_state", lambda: ("0123456789abcdef", True))
-    monkeypatch.setattr("sys.argv", ["/abs/path/benchmarks/train_throughput.py", "--epochs", "2"])
+    data = results.REPO_ROOT / "data" / "multi30k"
+    argv = ["/abs/path/benchmarks/gpu_check.py", "--epochs", "2", f"--data={data}", "/elsewhere/x"]
+    monkeypatch.setattr("sys.argv", argv)
     rows = [{"run": "bare PyTorch loop", "target tokens/s": 2878.4, "vs bare loop": 1.0}]
-    written = results.write_result(tmp_path / "run.json", "train_throughput", rows, ["a note"])
+    written = results.write_result(tmp_path / "run.json", "throughput", rows, ["a note"])
 
     (loaded,) = report.load_results(tmp_path)
     assert loaded == written
-    assert loaded["command"] == "python -m benchmarks.train_throughput --epochs 2"
+    # The entry script as typed, a path in the project relative to its root, any other path as it is.
+    command = "python -m benchmarks.gpu_check --epochs 2 --data=data/multi30k /elsewhere/x"
+    assert loaded["command"] == command
     page = report.render([loaded])
-    assert "## train_throughput" in page
-    command = "`python -m benchmarks.train_throughput --epochs 2`"
-    assert f"| 1 | bare PyTorch loop | 2,878 | 1 | {command} |" in page
-    assert "0123456 (modified)" in page and "- run 1: a note" in page
+    assert "## throughput" in page and "python -m benchmarks.throughput --gpu" in page  # its usage
+    assert "**Run 1**: " in page and "commit 0123456 (modified), machine M1." in page
+    assert f"```bash\n{command}\n```" in page
+    assert "| run | target tokens/s | vs bare loop |" in page and "| bare PyTorch loop | 2,878 | 1 |" in page
+    assert "- a note" in page
+
+
+def test_hand_written_text_stays_in_its_section() -> None:
+    run = json.loads(RESULT_FILES[0].read_text(encoding="utf-8"))
+    prose = "### What it shows\n\nA paragraph.\n"
+    page = report.render([run], {run["benchmark"]: prose})
+    assert report.read_prose(page) == {run["benchmark"]: prose}
+    section = page.split(f"## {run['benchmark']}\n", 1)[1]
+    assert section.index(prose) < section.index("### Runs")
+    with pytest.raises(ValueError, match="no results"):
+        report.render([run], {"no_such_section": prose})
+
+
+def test_wide_tables_are_split_and_one_value_columns_given_once() -> None:
+    rows = [{"label": f"row {n}", "same": 7, **{f"figure {i}": n * i for i in range(10)}} for n in (1, 2)]
+    lines = report.tables(rows)
+    assert lines[0] == "In every row: same 7; figure 0 0."
+    tables = [line for line in lines if line.startswith("| label |")]
+    assert len(tables) == 2 and all(line.count(" | ") < report.MAX_COLUMNS for line in tables)
+    one = report.tables(rows[:1])  # one row: a column of figures
+    assert one[0] == "| label | row 1 |" and "| figure 9 | 9 |" in one
+
+
+def test_long_commands_break_before_an_option_outside_quotes() -> None:
+    command = "python -m benchmarks.quality " + " ".join(f"--run 'label --{n}:HEAD'" for n in range(8))
+    lines = report.wrapped(command)
+    assert len(lines) > 1 and all(len(line) <= report.COMMAND_WIDTH + 2 for line in lines)
+    assert all(line.lstrip().startswith(("python", "--run '")) for line in lines)
+    assert shlex.split(" ".join(line.rstrip(" \\") for line in lines)) == shlex.split(command)

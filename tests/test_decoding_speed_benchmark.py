@@ -1,5 +1,5 @@
-"""benchmarks/decoding_speed.py measures the search of the commit it names: the child process must import that
-commit's `pipeline` package, unpacked from git, and not the checkout's or an installed one."""
+"""benchmarks/decoding.py --code measures the search of the commit it names: the child process must import
+that commit's `pipeline` package, unpacked from git, and not the checkout's or an installed one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.decoding_speed import code_at, timed_child
+from benchmarks.decoding import code_at, timed_child
 from benchmarks.results import git_state
 from pipeline.network.model_files import load_model_dir
 from pipeline.network.translator import Translator
