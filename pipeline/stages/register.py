@@ -91,13 +91,13 @@ def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
 def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersion:
     """Log the model into its run and register it; the gate's tags come later, once it has decided."""
     run_id = _run_for_model(config, candidate)
-    from pipeline.tracking.pyfunc_model import BEAM_SIZE_PARAM
-
     with tempfile.TemporaryDirectory() as code_dir:
         info = registry.log_pyfunc_model(
             run_id,
             candidates.LOGGED_MODEL_NAME,
-            signature=registry.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
+            signature=registry.model_signature(
+                int(candidate.decoding["beam_size"]), candidates.BEAM_SIZE_PARAM
+            ),
             **candidates.pyfunc_parts(candidate, Path(code_dir)),
         )
     name = config.registry.model_name
