@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.files import read_json_object, write_json
+from pipeline.network.model_files import load_model_dir
+from pipeline.network.translator import translate_and_score
 from pipeline.tracking import candidate as candidates
 from pipeline.tracking import gate, lineage, registry, runs, store
 from pipeline.tracking.candidate import Candidate
@@ -155,9 +157,6 @@ def _champion_score(
 
 def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candidate) -> dict[str, float]:
     """Download a registered version and compute its scores on the candidate's test split."""
-    from pipeline.network.model_files import load_model_dir
-    from pipeline.network.translator import translate_and_score
-
     n_test = len(candidate.test_sources)
     logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, n_test)
     with tempfile.TemporaryDirectory() as tmp:
