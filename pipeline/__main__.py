@@ -1,6 +1,7 @@
 """`python -m pipeline <command>`: one subcommand per DVC stage, plus translate, submit and set-params.
 
-Stage modules are imported lazily so `--help` and the light stages do not pay for torch/ray imports.
+Each command imports its modules where it is dispatched, not at the top: `--help`, `set-params` and a
+folder's `translate` load only what they use (no pydantic for `--help`, no Ray or MLflow for `translate`).
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ def run_translate(
     """Sentences from arguments or stdin, one translation per line on stdout. `model` is a model folder or
     an MLflow registry URI (models:/name/version or models:/name@alias). `device` None: $PIPELINE_DEVICE,
     else auto; the bounds: see `InputBounds.resolve`."""
-    # torch is imported here, not for `--help`
-    from pipeline.network.translator import InputBounds, check_beam_size
+    from pipeline.network.translator import InputBounds, Translator, check_beam_size
+    from pipeline.tracking.registry import local_model_dir  # MLflow is imported only for a models:/ URI
 
     if beam_size is not None:
         check_beam_size(beam_size, "--beam-size")
@@ -247,9 +248,6 @@ def run_translate(
     else:  # stdin is a stream of requests of at most max_sentences lines: any length, bounded memory
         requests = _stdin_chunks(bounds.max_sentences)
         unit = "stdin line"
-    from pipeline.network.translator import Translator
-    from pipeline.tracking.registry import local_model_dir  # MLflow is imported only for a models:/ URI
-
     with local_model_dir(model) as folder:
         # load_model_dir reads every file into memory, so a downloaded folder can go once it returns.
         translator = Translator.from_dir(folder, device=device, bounds=bounds)
@@ -276,18 +274,16 @@ def run_batch_translate(args: argparse.Namespace) -> int:
     if args.device not in (None, "auto", "cpu", "cuda"):
         raise PipelineError(f"--device with --input: auto, cpu or cuda, got {args.device!r}")
     from pipeline.jobs.batch_translate import check_locations, translate_file
+    from pipeline.network.model_files import check_model_dir
     from pipeline.network.translator import InputBounds, check_beam_size
+    from pipeline.tracking.registry import is_registry_uri
     from pipeline.training.ray_session import ray_session
 
     if args.beam_size is not None:
         check_beam_size(args.beam_size, "--beam-size")
     bounds = InputBounds.resolve(args.max_input_tokens, args.max_sentences)
     check_locations(args.input, args.output)  # before Ray starts and the model loads
-    from pipeline.tracking.registry import is_registry_uri
-
     if not is_registry_uri(args.model):  # a registry model is checked where it is downloaded
-        from pipeline.network.model_files import check_model_dir
-
         check_model_dir(args.model)
     with ray_session():
         translate_file(

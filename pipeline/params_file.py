@@ -10,15 +10,18 @@ import copy
 import functools
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config import DEFAULT_PARAMS_PATH, PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_file, not_a_regular_file
 
 # Where each key of a config was written: key path -> (location shown before the key, and whether the value
 # there is a leaf, i.e. not a mapping another source may merge into). The location is "params.yaml:14", or ""
@@ -127,8 +130,6 @@ def read_yaml_mapping(path: str | Path, what: str, allow_empty: bool = False) ->
 
 def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[dict[str, Any], KeySources]:
     """`read_yaml_mapping`, and where each key of the file is."""
-    import yaml  # here, not at the top: the network layer imports this module on boxes without PyYAML
-
     path = Path(path)
     _check_readable(path, what)
     try:
@@ -159,8 +160,6 @@ def _read_yaml(path: str | Path, what: str, allow_empty: bool = False) -> tuple[
 def _check_readable(path: Path, what: str) -> None:
     """A PipelineError saying what `path` is when it is not a file to read: missing (and whether its folder
     is), a broken symlink, a symlink loop, a folder, a FIFO or a device."""
-    from pipeline.files import not_a_regular_file
-
     if not os.path.lexists(path):
         folder = path.parent
         missing_folder = f" (there is no folder {folder})" if not folder.is_dir() else ""
@@ -189,8 +188,6 @@ def _parse_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], tuple[int, bool]]
 def _collect_key_lines(
     node: Any, prefix: tuple[str, ...], into: dict[tuple[str, ...], tuple[int, bool]]
 ) -> None:
-    import yaml
-
     if isinstance(node, yaml.MappingNode):
         children = [(str(key.value), key, value) for key, value in node.value]
     elif isinstance(node, yaml.SequenceNode):
@@ -206,8 +203,6 @@ def _collect_key_lines(
 
 def _yaml_problem(error: Exception, text: str = "") -> tuple[int | None, str]:
     """A PyYAML error as (1-based line or None, what is wrong, on one line)."""
-    import yaml
-
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark
         return (mark.line + 1 if mark else None), str(error.problem or error.context)
@@ -226,7 +221,6 @@ _YAML_12_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+
 @functools.cache
 def _resolving(base: type) -> type:
     """`base` (a PyYAML loader or resolver class) that also reads YAML 1.2's exponent floats as numbers."""
-    import re
 
     class Resolving(base):
         pass
@@ -237,8 +231,6 @@ def _resolving(base: type) -> type:
 
 
 def _strict_loader() -> type:
-    import yaml
-
     class StrictLoader(_resolving(yaml.SafeLoader)):
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
             first_line: dict[Any, int] = {}
@@ -286,8 +278,6 @@ def assignment_overrides(assignments: list[str]) -> dict[str, Any]:
 
 def _parse_assignment(assignment: str) -> tuple[tuple[str, ...], Any]:
     """One `section.key=value` as its key path and its value, read as YAML the way params.yaml is."""
-    import yaml
-
     dotted, separator, text = assignment.partition("=")
     keys = tuple(dotted.strip().split("."))
     if assignment.startswith("-"):
@@ -357,8 +347,6 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
     # What is validated is the text as the stages will read it back, not the values before writing.
     config = config_from_dict(_parse_yaml(text)[0] or {}, f"{path} with {described}", sources)
-    from pipeline.files import atomic_file
-
     with atomic_file(target, "wb") as handle:
         handle.write(layout.encode(text))
     return config
@@ -400,8 +388,6 @@ def _emptied_sections(overrides: dict[str, Any], prefix: tuple[str, ...] = ()) -
 
 def _names_a_section(keys: tuple[str, ...]) -> bool:
     """Whether `keys` name a section of the schema, or a group of keys inside one (data.builtin)."""
-    from pydantic import BaseModel
-
     model: type[BaseModel] = PipelineConfig
     for key in keys:
         field = model.model_fields.get(key)
@@ -424,8 +410,7 @@ def _quoted_where_ambiguous(value: Any) -> Any:
     """`value` with every string that this module's loader (PyYAML's YAML 1.1, with YAML 1.2's exponents)
     would read back as another type if written plain (`no`, `on`, `2:30`) marked to be quoted: ruamel
     (YAML 1.2) writes those plain."""
-    import yaml
-    from ruamel.yaml.scalarstring import SingleQuotedScalarString
+    from ruamel.yaml.scalarstring import SingleQuotedScalarString  # see _round_trip_load
 
     if isinstance(value, dict):
         return {key: _quoted_where_ambiguous(item) for key, item in value.items()}
@@ -439,6 +424,8 @@ def _quoted_where_ambiguous(value: Any) -> Any:
 
 
 def _round_trip_load(text: str) -> Any:
+    # ruamel.yaml only where set-params writes: the stages and benchmarks/gpu_torch.py (on a torch-only box)
+    # import this module to read, with PyYAML.
     from ruamel.yaml import YAML
 
     # Quotes kept: a value quoted by hand (`src_lang: "no"`) must not come back plain, which reads as false.
@@ -465,8 +452,6 @@ def _round_trip_text(document: Any) -> str:
 def _represent_float(representer: Any, value: float) -> Any:
     """A float as PyYAML writes it (`1.0e-05`, not ruamel's `1e-05`), so that a YAML 1.1 reader of the file
     (PyYAML, as in many scripts) reads a number back too. A float already in the file keeps its spelling."""
-    import yaml
-
     node = yaml.SafeDumper(io.StringIO()).represent_float(value)
     return representer.represent_scalar("tag:yaml.org,2002:float", node.value)
 

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm import tqdm
+
 QUIET_ENV = "PIPELINE_QUIET"  # set by `-q`; inherited by the Ray processes the stage starts
 LOG_EVERY_S = 10.0  # without a terminal: one progress line at most this often
 
@@ -49,8 +51,6 @@ class Progress:
         self.started = self.last_line = time.monotonic()
         self.bar = None
         if on_terminal() and total:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=what, unit="", file=sys.stderr, leave=False)
 
     def update(self, count: int) -> None:

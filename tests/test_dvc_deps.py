@@ -22,14 +22,20 @@ from tests.import_graph import import_closure, package_files
 
 STAGES = ("prepare", "preprocess", "tune", "train", "evaluate", "register")
 CLI = Path("pipeline/__main__.py")
+# Files a stage runs by path, not by import: register logs candidate.PYFUNC_FILE as the model ("models from
+# code"), and MLflow runs it.
+RUN_BY_PATH = {"register": [Path("pipeline/tracking/pyfunc_model.py")]}
 
 
 def stage_code(stage: str) -> set[Path]:
     """What `python -m pipeline <stage>` runs: the CLI module itself (its other commands' imports are lazy
     and not run), the params file reader it loads the config with and the stage module, with everything
-    they import."""
+    they import, and the files it runs by path."""
     return {CLI} | import_closure(
-        Path(f"pipeline/stages/{stage}.py"), Path("pipeline/params_file.py"), Path("pipeline/errors.py")
+        Path(f"pipeline/stages/{stage}.py"),
+        Path("pipeline/params_file.py"),
+        Path("pipeline/errors.py"),
+        *RUN_BY_PATH.get(stage, []),
     )
 
 
@@ -47,6 +53,11 @@ def listed_code(deps: list[str]) -> set[Path]:
 
 def dvc_stages() -> dict:
     return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_the_files_run_by_path_are_the_ones_the_code_names() -> None:
+    candidate = (REPO_ROOT / "pipeline/tracking/candidate.py").read_text(encoding="utf-8")
+    assert 'PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")' in candidate
 
 
 def test_import_closure_follows_lazy_imports_into_layers() -> None:

@@ -17,7 +17,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pyarrow as pa
+from huggingface_hub import HfApi
 
 from pipeline.config import DataConfig, source_path
 from pipeline.data.arrow_text import BATCH_ROWS, iter_batches
@@ -66,8 +68,6 @@ def resolve_revision(name: str, revision: str | None) -> str | None:
     if _is_local(name) or (revision is not None and _COMMIT.fullmatch(revision)):
         return revision
     try:
-        from huggingface_hub import HfApi
-
         return HfApi().dataset_info(name, revision=revision).sha
     # huggingface_hub raises its own errors, requests' and OfflineModeIsEnabled; datasets reports them
     # better, with the cache as a fallback, when it loads the dataset itself.
@@ -91,8 +91,6 @@ def _cached_revision(dataset: Mapping[str, Any]) -> str | None:
 
 def _open_hf_dataset(name: str, subset: str | None, revision: str | None = None) -> Mapping[str, Any]:
     """A DatasetDict-like mapping of split name -> Dataset; a lone Dataset counts as the train split."""
-    import datasets
-
     path = source_path(name)
     if _is_local(name) and not path.exists():
         # Without this, datasets would ask the Hub about a path and retry for ~30 s before failing.

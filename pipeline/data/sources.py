@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline import paths
 from pipeline.config import SPLITS, DataConfig, source_path
+from pipeline.data.builtin_corpus import iter_corpus
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,13 @@ def load_corpus(config: DataConfig) -> RawCorpus:
     The cap applies in source order, before cleaning, so fewer pairs may remain after filtering. Local files
     are still read to the end, so a line-count mismatch or bad byte further down is reported all the same.
     """
+    # The two readers are imported here, not at the top: each imports this module for its types (and only
+    # the hf: source loads `datasets`).
     hub = None
     if config.source == "builtin":
         splits = _load_builtin(config)
     elif config.source.startswith("hf:"):
-        from pipeline.data.hf_source import load_hf_splits  # imported here: it imports this module
+        from pipeline.data.hf_source import load_hf_splits
 
         splits, hub = load_hf_splits(config)
     else:
@@ -184,8 +187,6 @@ def split_cap(config: DataConfig, canonical: str) -> int | None:
 
 
 def _load_builtin(config: DataConfig) -> dict[str, RawSplit]:
-    from pipeline.data.builtin_corpus import iter_corpus
-
     if config.split_names:
         logger.warning("data.split_names is ignored: the builtin corpus has one split, train")
     n_pairs = config.builtin.n_pairs

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import ray
+import torch
 
 from pipeline.data.folder_source import read_lines
 from pipeline.data.ray_blocks import (
@@ -35,7 +36,9 @@ from pipeline.data.ray_blocks import (
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, check_file_target, not_a_regular_file
 from pipeline.jobs import object_store
-from pipeline.network.translator import InputBounds
+from pipeline.network.model_files import load_model_dir
+from pipeline.network.translator import InputBounds, Translator
+from pipeline.tracking.registry import local_model_dir
 from pipeline.training.ray_session import cluster_address
 
 logger = logging.getLogger(__name__)
@@ -123,10 +126,6 @@ class TranslatorActor:
     def __init__(
         self, files: dict[str, bytes], device: str, beam_size: int | None, bounds: InputBounds
     ) -> None:
-        import torch
-
-        from pipeline.network.translator import Translator
-
         if device == "cpu":  # one thread per actor: the actors are the parallelism, and threads would fight
             torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as folder:
@@ -145,9 +144,6 @@ class TranslatorActor:
 
 def model_files(model: str) -> dict[str, bytes]:
     """The model folder's files, from a folder or an MLflow models:/ URI, checked by loading it once."""
-    from pipeline.network.model_files import load_model_dir
-    from pipeline.tracking.registry import local_model_dir
-
     with local_model_dir(model) as folder:
         load_model_dir(folder)  # a bad folder fails here, with the file at fault, not in every actor
         return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}

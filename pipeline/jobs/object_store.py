@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs
+
 from pipeline.errors import PipelineError
 
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
@@ -17,10 +20,7 @@ def is_uri(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(URI_SCHEMES)
 
 
-def _filesystem(uri: str, flag: str):  # -> tuple[pyarrow.fs.FileSystem, str]
-    import pyarrow as pa
-    import pyarrow.fs
-
+def _filesystem(uri: str, flag: str) -> tuple[pyarrow.fs.FileSystem, str]:
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as error:
@@ -30,9 +30,6 @@ def _filesystem(uri: str, flag: str):  # -> tuple[pyarrow.fs.FileSystem, str]
 def fetch(uri: str, folder: Path) -> Path:
     """The object (or every object under the prefix, in name order) copied into `folder`: a file or a
     folder of files, as `--input` takes locally. PipelineError naming the URI when there is nothing."""
-    import pyarrow as pa
-    import pyarrow.fs
-
     filesystem, path = _filesystem(uri, "--input")
     try:
         info = filesystem.get_file_info(path)
@@ -51,9 +48,6 @@ def fetch(uri: str, folder: Path) -> Path:
 
 def upload(local: Path, uri: str) -> None:
     """`local` copied to the object `uri` (replacing it)."""
-    import pyarrow as pa
-    import pyarrow.fs
-
     filesystem, path = _filesystem(uri, "--output")
     try:
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=filesystem)

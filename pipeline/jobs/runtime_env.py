@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pathspec import PathSpec  # Ray's own matcher for `excludes` (Ray depends on it)
+
 from pipeline.errors import PipelineError
 from pipeline.params_file import read_yaml_mapping
 from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV, USER_ENV, read_git_state, user
@@ -129,8 +131,6 @@ def build_runtime_env(
 def excluded_secrets(project_root: Path) -> list[tuple[str, str]]:
     """(path, pattern) for each file of the project that a secret pattern keeps out of the upload: what
     `submit` reports, so a user sees what stayed behind and why."""
-    from pathspec import PathSpec  # Ray's own matcher for `excludes` (Ray depends on it)
-
     specs = [(pattern, PathSpec.from_lines("gitwildmatch", [pattern])) for pattern in SECRET_EXCLUDES]
     found = []
     for directory, folders, files in os.walk(project_root):

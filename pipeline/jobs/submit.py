@@ -25,15 +25,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
+
+import ray
+import requests
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.errors import PipelineError
 from pipeline.jobs.runtime_env import build_runtime_env, excluded_secrets, tracking_warnings
 from pipeline.tracking.lineage import GIT_COMMIT_ENV, GIT_DIRTY_ENV
-
-if TYPE_CHECKING:
-    from ray.job_submission import JobStatus, JobSubmissionClient
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -228,8 +230,6 @@ def auth_headers(environ: Mapping[str, str]) -> tuple[dict[str, str], str | None
 def check_jobs_api(address: str, headers: Mapping[str, str], token_source: str | None) -> str:
     """Ask the dashboard for its version first: a clear error for each way this goes wrong, and a timeout
     (Ray's client has none and waits forever on an address that drops packets). Returns Ray's version."""
-    import requests
-
     url = f"{address}/api/version"
     try:
         response = requests.get(url, headers=dict(headers), timeout=15)
@@ -258,8 +258,6 @@ def check_jobs_api(address: str, headers: Mapping[str, str], token_source: str |
             f"{address} answered HTTP {response.status_code} but is not a Ray dashboard with the jobs API "
             f"(a head started without ray[default] has none). {_ADDRESS_HELP}"
         )
-    import ray
-
     if version.split(".")[:2] != ray.__version__.split(".")[:2]:
         print(f"warning: the cluster runs Ray {version}, this shell Ray {ray.__version__}", file=sys.stderr)
     return version
@@ -302,9 +300,6 @@ def _address_env_cleared() -> Iterator[None]:
 
 
 def _connect(address: str, headers: Mapping[str, str]) -> JobSubmissionClient:
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     try:
         with _address_env_cleared():
             return JobSubmissionClient(address, headers=dict(headers))
@@ -320,8 +315,6 @@ def _submit(
     metadata: dict[str, str],
     **options: Any,
 ) -> str:
-    from ray.exceptions import AuthenticationError
-
     given = {key: value for key, value in options.items() if value is not None}
     try:
         return client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata, **given)

@@ -11,6 +11,7 @@ untouched references.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -87,8 +88,6 @@ def with_byte_fallback(tokenizer: Tokenizer) -> Tokenizer:
     """The trained BPE tokenizer, with the 256 byte tokens appended to its vocabulary and byte fallback on:
     a character never seen in training (a rare letter, a name's accent, an emoji) becomes its UTF-8 bytes
     instead of <unk>, so it survives into the model's input and, on the target side, back out of it."""
-    import json
-
     spec = json.loads(tokenizer.to_str())
     vocab: dict[str, int] = dict(spec["model"]["vocab"])
     for token in BYTE_TOKENS:
@@ -109,8 +108,6 @@ def with_byte_fallback(tokenizer: Tokenizer) -> Tokenizer:
 def lowercases(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer lowercases its input (`preprocess.lowercase`): a model trained with it on the
     target side writes lowercase only."""
-    import json
-
     return '"Lowercase"' in json.dumps(json.loads(tokenizer.to_str()).get("normalizer"))
 
 

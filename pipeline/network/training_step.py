@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
 from pipeline.network.batching import Batch, token_budget_batches
 from pipeline.network.encoded import EncodedSplit
 from pipeline.network.tokenization import PAD_ID
@@ -117,8 +118,6 @@ def compiled(model: torch.nn.Module, config: TrainConfig, device: torch.device) 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` is bf16 on a GPU that computes in bfloat16 natively, fp16 (with loss scaling) on one that does
     not (V100, T4), fp32 on the CPU; an explicit bf16 on such a GPU is one clear error."""
-    from pipeline.errors import PipelineError
-
     if device.type != "cuda":
         return "fp32" if precision == "auto" else precision
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -20,6 +20,7 @@ from pipeline.network.model_files import LoadedModel, load_model_dir
 from pipeline.network.scoring import teacher_forced_loss
 from pipeline.network.translator import translate_and_score
 from pipeline.tracking import runs, store
+from pipeline.tracking.lineage import metric_tag
 from pipeline.tracking.train_run import TrainRun, read_train_run
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def _write_samples(samples: list[tuple[str, str, str]]) -> None:
 def _log_to_train_run(train_run: TrainRun, metrics: dict[str, float | int | str]) -> None:
     """The evaluate metrics belong to the run that trained the model (reports/train_run.json): the numbers
     as metrics, the sacreBLEU signatures as tags, named as the registered version's tags are."""
-    from pipeline.tracking.lineage import metric_tag
-
     run_id = train_run.mlflow_run_id
     named = {metric_tag(key): value for key, value in metrics.items()}
     runs.log_metrics(run_id, {key: value for key, value in named.items() if not isinstance(value, str)})

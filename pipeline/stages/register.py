@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline import paths
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.files import read_json_object, write_json
+from pipeline.network.model_files import load_model_dir
+from pipeline.network.translator import translate_and_score
 from pipeline.tracking import candidate as candidates
 from pipeline.tracking import gate, lineage, registry, runs, store
 from pipeline.tracking.candidate import Candidate
@@ -91,13 +93,13 @@ def register(config: PipelineConfig, candidate: Candidate) -> dict[str, Any]:
 def _create_version(config: PipelineConfig, candidate: Candidate) -> ModelVersion:
     """Log the model into its run and register it; the gate's tags come later, once it has decided."""
     run_id = _run_for_model(config, candidate)
-    from pipeline.tracking.pyfunc_model import BEAM_SIZE_PARAM
-
     with tempfile.TemporaryDirectory() as code_dir:
         info = registry.log_pyfunc_model(
             run_id,
             candidates.LOGGED_MODEL_NAME,
-            signature=registry.model_signature(int(candidate.decoding["beam_size"]), BEAM_SIZE_PARAM),
+            signature=registry.model_signature(
+                int(candidate.decoding["beam_size"]), candidates.BEAM_SIZE_PARAM
+            ),
             **candidates.pyfunc_parts(candidate, Path(code_dir)),
         )
     name = config.register.model_name
@@ -155,9 +157,6 @@ def _champion_score(
 
 def _rescore(config: PipelineConfig, name: str, version: str, candidate: Candidate) -> dict[str, float]:
     """Download a registered version and compute its scores on the candidate's test split."""
-    from pipeline.network.model_files import load_model_dir
-    from pipeline.network.translator import translate_and_score
-
     n_test = len(candidate.test_sources)
     logger.info("re-scoring %s version %s on the current test split (%d sentences)", name, version, n_test)
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,7 @@ from pipeline.tracking.train_run import TrainRun, read_train_run
 
 LOGGED_MODEL_NAME = "model"
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the model folder
+BEAM_SIZE_PARAM = "beam_size"  # the pyfunc's inference parameter (its signature names it)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 TAG_CONTENT_HASH = "model_content_sha256"
 TAG_TEST_HASH = "test_data_sha256"

@@ -3,11 +3,14 @@ config as flat key/value pairs. No MLflow here: these are what runs and versions
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline import paths
 from pipeline.config import PipelineConfig
@@ -76,8 +79,6 @@ def git_tags() -> dict[str, str]:
 
 def processed_data_hash() -> str:
     """The md5 DVC recorded for data/processed in dvc.lock: ties a run to the exact encoded data."""
-    import yaml
-
     if not paths.DVC_LOCK.is_file():
         return "unknown"
     lock = yaml.safe_load(paths.DVC_LOCK.read_text(encoding="utf-8")) or {}
@@ -89,8 +90,6 @@ def processed_data_hash() -> str:
 
 def user() -> str:
     """Who ran it: the user `submit` passed, else this process's user (what MLflow itself records)."""
-    import getpass
-
     try:
         return os.environ.get(USER_ENV) or getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)

@@ -23,10 +23,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from pipeline.errors import PipelineError
-from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
+from pipeline.tracking.candidate import BEAM_SIZE_PARAM, MODEL_DIR_ARTIFACT
 
 TEXT_COLUMN = "text"
-BEAM_SIZE_PARAM = "beam_size"
 BATCH_SIZE = 64
 
 

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
 from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
@@ -165,8 +166,6 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
 def _missing_local_store(uri: str) -> Path | None:
     """The file or folder of a local store (SQLite, file) that does not exist: MLflow would create it (an
     empty 1 MB database in the project) only to report that the model is not there."""
-    from urllib.parse import urlparse
-
     scheme = urlparse(uri).scheme
     if scheme == "sqlite":
         location = uri.removeprefix("sqlite:///")  # sqlite:///relative.db, sqlite:////absolute.db

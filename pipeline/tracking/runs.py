@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from pipeline.tracking.lineage import (
 )
 from pipeline.tracking.store import mlflow_client, project_root, tracking_uri
 
+# MLflow is imported in the functions that call it: an EpochMetricsLogger travels to every Ray Train worker,
+# whose process imports this module to unpickle it, and only rank 0 logs.
 logger = logging.getLogger(__name__)
 
 TAG_RUN_KEY = "pipeline_run_key"
@@ -92,8 +95,6 @@ def finish_run(run_id: str, status: str = "FINISHED", uri: str | None = None) ->
 def log_metrics(
     run_id: str, metrics: dict[str, float], step: int | None = None, uri: str | None = None
 ) -> None:
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

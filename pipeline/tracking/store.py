@@ -10,9 +10,14 @@ registry needs a database; $DVC_ROOT when DVC runs the project in a temporary co
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlparse, urlsplit
 
 from pipeline.errors import PipelineError
+
+# MLflow and SQLAlchemy are imported in the functions that use them: `translate` of a model folder imports
+# this module (through registry.py) and never checks or opens a store.
 
 
 def project_root() -> Path:
@@ -42,8 +47,6 @@ def check_tracking_store(timeout_s: float = TRACKING_CHECK_TIMEOUT_S) -> None:
     """The stores a stage logs to ($MLFLOW_TRACKING_URI, $MLFLOW_REGISTRY_URI), checked before its work:
     a database store's driver is installed, a tracking server answers within `timeout_s`. A PipelineError
     naming the variable and the fix otherwise."""
-    from urllib.parse import urlparse
-
     from mlflow.store.db.db_types import DATABASE_ENGINES
 
     stores = {"MLFLOW_TRACKING_URI": tracking_uri()}
@@ -59,8 +62,6 @@ def check_tracking_store(timeout_s: float = TRACKING_CHECK_TIMEOUT_S) -> None:
 
 def _shown(uri: str) -> str:
     """`uri` without its password, for messages."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
@@ -90,8 +91,6 @@ def _check_database_driver(variable: str, uri: str) -> None:
 
 def _check_tracking_server(variable: str, uri: str, timeout_s: float) -> None:
     """One request to the server's health endpoint, no retries: any answer will do (it is there)."""
-    import re
-
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request

@@ -14,8 +14,11 @@ import math
 import os
 from dataclasses import dataclass
 
+import ray
+
 from pipeline.config import PipelineConfig, RuntimeConfig
 from pipeline.errors import PipelineError
+from pipeline.training.ray_session import cluster_address
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +61,6 @@ def check_local_cores(runtime: RuntimeConfig) -> None:
     workers on 2 cores would all start and crawl. A cluster ($RAY_ADDRESS) may grow through its autoscaler
     (`check_training_fits` warns and waits there); a Ray already running in this process is checked by
     what it has."""
-    import ray
-
-    from pipeline.training.ray_session import cluster_address
-
     cores = os.cpu_count() or 1
     if cluster_address() is not None or ray.is_initialized() or training_cpus(runtime) <= cores + 1e-9:
         return

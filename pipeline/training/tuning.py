@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.config import PipelineConfig, SearchDimension, TuneConfig
 from pipeline.params_file import with_overrides
@@ -77,8 +79,6 @@ class SearchBase:
 
 def run_trial(trial_config: dict[str, Any], base: SearchBase) -> None:
     """The Tune function trainable: one Ray Train run with this trial's values."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     effective = with_overrides(base.config, trial_overrides(trial_config))
     trial_id = tune.get_context().get_trial_id()
     train_run_name = f"{base.experiment_name}-{trial_id}"
@@ -112,9 +112,8 @@ def build_tuner(
     trial_runs: TrialRunOpener | None,
 ) -> tune.Tuner:
     settings: TuneConfig = config.tune
-    from ray.tune.schedulers import ASHAScheduler
-
     if settings.search_alg == "optuna":
+        # Optuna only for this search: every trial's process imports this module (run_trial).
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=config.train.seed)
