@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 from pipeline.errors import PipelineError
 
@@ -135,7 +136,19 @@ class Stopped(KeyboardInterrupt):
 _RECEIVED: list[int] = []
 
 
-def _raise_stopped(signum: int, _frame: object) -> None:
+# An exception raised inside logging's lock handling (between `_acquireLock` and its release) leaves the
+# lock held: every later log call of every thread then waits forever, and the stopped stage hangs at exit.
+# A signal that arrives there is sent again shortly; logging's critical sections take microseconds.
+_REDELIVERY_S = 0.05
+_MAX_REDELIVERIES = 20
+_redeliveries = itertools.count()
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    inside_logging = frame is not None and frame.f_code.co_filename == logging.__file__
+    if inside_logging and next(_redeliveries) < _MAX_REDELIVERIES:
+        threading.Timer(_REDELIVERY_S, os.kill, (os.getpid(), signum)).start()
+        return
     _RECEIVED.append(signum)
     raise Stopped(signum)
 
@@ -156,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.progress import QUIET_ENV
 
         os.environ[QUIET_ENV] = "1"  # the Ray processes the stage starts inherit it
-    # SIGTERM (a timeout, a CI cancel, a cluster preemption) and SIGHUP end the stage as Ctrl-C does. Only
+    # SIGTERM (a timeout, a CI cancel, a cluster preemption) and SIGHUP end the stage as Ctrl-C does, and
+    # Ctrl-C gets the same handler instead of Python's (which raises inside logging's lock as well). Only
     # in the main thread of a program run as a command: a library caller keeps its own handlers.
     if argv is None and threading.current_thread() is threading.main_thread():
-        for stop in (signal.SIGTERM, signal.SIGHUP):
+        for stop in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(stop, _raise_stopped)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -36,7 +36,7 @@ def _start(directory: Path, stage: str) -> subprocess.Popen:
 def _stop_when(process: subprocess.Popen, ready: Callable[[], bool], stop: signal.Signals) -> str:
     """Send `stop` once `ready()` holds; the process's stderr. The process is killed if it outlives this."""
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 360  # a loaded 2-core machine takes minutes
         while not ready():
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the stage never got to the point to stop it at"
