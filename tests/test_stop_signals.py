@@ -73,3 +73,30 @@ def test_a_later_run_removes_a_killed_runs_temporaries_but_not_a_live_ones(tmp_p
     assert prepare(tmp_path, 300).wait(timeout=120) == 0
 
     assert not stale.exists() and live.exists()
+
+
+def _a_frame_inside_logging():
+    """A real frame whose code is logging's file, as the interpreter hands a signal handler when the signal
+    arrives while logging runs (say at the start of `logging._releaseLock`, the module lock still held)."""
+    import logging
+
+    scope: dict = {"sys": sys}
+    exec(compile("def frame():\n    return sys._getframe()\n", logging.__file__, "exec"), scope)
+    return scope["frame"]()
+
+
+def test_a_stop_signal_inside_logging_is_handled_again_shortly_instead_of_raised_there() -> None:
+    from pipeline.__main__ import Stopped, _raise_stopped
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: received.append(signum))
+    try:
+        _raise_stopped(signal.SIGUSR1, _a_frame_inside_logging())  # no exception here
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received == [signal.SIGUSR1], "the signal is sent again"
+        with pytest.raises(Stopped):
+            _raise_stopped(signal.SIGUSR1, sys._getframe())  # anywhere else: raised at once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
