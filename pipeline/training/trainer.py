@@ -123,6 +123,30 @@ class _TorchTrainer(ray.train.torch.TorchTrainer):
     def _register_sigint_handler(self, controller: Any) -> None:
         return None
 
+    def fit(self) -> ray.train.Result:
+        _autoscaling_coordinator_started()
+        return super().fit()
+
+
+# Far above the seconds a new actor takes on a loaded machine; a run that cannot start one fails later anyway.
+COORDINATOR_START_TIMEOUT_S = 120.0
+
+
+def _autoscaling_coordinator_started() -> None:
+    """Start the cluster's resource-request actor before Train's controller asks it for the workers' CPUs.
+    The controller waits 5 s for its answer; a first request that has to start the actor on a loaded
+    machine takes longer, and Ray prints a traceback (a warning, but the run's output has it). The actor
+    is detached and named: every later run, trial and Ray Data job of the cluster uses this one. (Ray
+    internals: if they move, only this head start is lost.)"""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.__ray_ready__.remote(), timeout=COORDINATOR_START_TIMEOUT_S)
+
 
 def build_trainer(
     loop: WorkerConfig,
