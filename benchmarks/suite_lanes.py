@@ -3,6 +3,7 @@ each lane twice in the same run: in one pytest process (the baseline) and on pyt
 each taking whole modules (`-n 2 --dist loadfile`, the README's), so each module keeps its one Ray instance.
 
     python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--runs serial,xdist]
+    python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,xdist3   # 2 workers against 3
 
 Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
 tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
@@ -27,9 +28,10 @@ INSTALL = (
 )
 PYTEST = ".venv/bin/python -m pytest -q --durations=10"
 LANES = {"fast lane": '-m "not slow"', "slow lane": "-m slow"}
-# The README's command runs each lane on pytest-xdist's 2 workers, each taking whole modules, so a module
-# keeps its one Ray instance; one pytest process is the baseline.
-RUNS = {"serial": "", "xdist": "-n 2 --dist loadfile"}
+# The README's command runs each lane on pytest-xdist's workers, each taking whole modules, so a module
+# keeps its one Ray instance; one pytest process is the baseline. Three workers on 2 cores: the slow tests
+# spend much of their time waiting (processes and Ray starting, servers answering).
+RUNS = {"serial": "", "xdist": "-n 2 --dist loadfile", "xdist3": "-n 3 --dist loadfile"}
 DURATION_LINE = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)$")
 
 
@@ -62,7 +64,10 @@ def slowest(output: str, run: str, count: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--runs", default="serial,xdist", help="how each lane runs, in order")
+    parser.add_argument(
+        "--runs", default="serial,xdist", help=f"how each lane runs, in order: {', '.join(RUNS)}"
+    )
+    parser.add_argument("--lanes", default=",".join(LANES), help="which lanes run, in order")
     parser.add_argument("--logs", type=Path, default=None, help="keep each step's output here")
     args = parser.parse_args()
     rows: list[dict] = []
@@ -74,7 +79,7 @@ def main() -> None:
         steps = [("install", INSTALL)]
         steps += [
             (f"{lane}, {run}", f"{PYTEST} {RUNS[run]} {LANES[lane]}")
-            for lane in LANES
+            for lane in args.lanes.split(",")
             for run in args.runs.split(",")
         ]
         for name, command in steps:
@@ -88,8 +93,9 @@ def main() -> None:
         print(row)
     if args.out is not None:
         notes = [
-            "a fresh clone of HEAD; the install, then each lane in one pytest process (baseline) and on"
-            " pytest-xdist's 2 workers, one after another, alone on the machine",
+            f"a fresh clone of HEAD; the install, then the lanes ({args.lanes}) run as {args.runs}"
+            " (serial: one pytest process; xdist: 2 workers; xdist3: 3), one after another, alone on the"
+            " machine",
             f"python {sys.version.split()[0]}",
         ]
         write_result(args.out, "suite_lanes", rows, notes)

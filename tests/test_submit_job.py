@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,41 @@ def test_runtime_env_json_is_the_starting_point_and_the_project_settings_still_a
     assert runtime_env["excludes"][0] == "/scratch" and set(ALWAYS_EXCLUDE) <= set(runtime_env["excludes"])
     with pytest.raises(PipelineError, match="--runtime-env-json: env_vars.N must be a string"):
         build_runtime_env(None, tmp_path, {}, given={"env_vars": {"N": 1}})
+
+
+def test_a_head_whose_job_agent_is_not_up_yet_gets_the_job_again_and_other_errors_at_once() -> None:
+    """Ray's jobs API answers 500 "No available agent to submit job, please try again later." while the
+    head's job agent starts; the end-to-end cluster job met it on a loaded machine."""
+    from pipeline.jobs.submit import submitted_once_the_agent_is_up
+
+    answers: list[object] = [
+        RuntimeError(
+            "Request failed with status code 500: No available agent to submit job, please try again later."
+        ),
+        RuntimeError(
+            "Request failed with status code 500: No available agent to submit job, please try again later."
+        ),
+        "raysubmit_1",
+    ]
+
+    def submit() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    assert submitted_once_the_agent_is_up(submit, wait_s=5, retry_s=0.01) == "raysubmit_1" and answers == []
+
+    def refused() -> str:
+        raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="400"):
+        submitted_once_the_agent_is_up(refused, wait_s=5, retry_s=1)
+    assert time.monotonic() - started < 1, "another error is not retried"
+
+    def never_up() -> str:
+        raise RuntimeError("500: No available agent to submit job, please try again later.")
+
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submitted_once_the_agent_is_up(never_up, wait_s=0.05, retry_s=0.01)

@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,9 +317,36 @@ def _submit(
 ) -> str:
     given = {key: value for key, value in options.items() if value is not None}
     try:
-        return client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata, **given)
+        return submitted_once_the_agent_is_up(
+            lambda: client.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata, **given)
+        )
     except (RuntimeError, ValueError, TypeError, OSError, AuthenticationError) as error:
         raise PipelineError(f"the job was not submitted to {address}: {error}") from None
+
+
+# A head whose node's job agent is still starting (Ray waits 10 s for it; a head just started by `ray start`
+# or `ray up` on a loaded machine takes longer) answers 500 with this text and asks for a retry: the job was
+# not submitted, so submitting again is safe.
+AGENT_NOT_UP = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
+AGENT_RETRY_S = 2.0
+
+
+def submitted_once_the_agent_is_up(
+    submit: Callable[[], str], wait_s: float = AGENT_WAIT_S, retry_s: float = AGENT_RETRY_S
+) -> str:
+    """`submit()`, again while the cluster says its job agent is not up, for at most `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return submit()
+        except RuntimeError as error:
+            if AGENT_NOT_UP not in str(error) or time.monotonic() + retry_s > deadline:
+                raise
+            print(
+                f"the cluster's job agent is not up yet: submitting again in {retry_s:.0f} s", file=sys.stderr
+            )
+            time.sleep(retry_s)
 
 
 def _metadata(env_vars: Mapping[str, str]) -> dict[str, str]:
