@@ -44,3 +44,31 @@ def test_a_local_stage_starts_its_own_ray_where_ray_start_ran_before() -> None:
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.strip().splitlines()[-1]) == max(os.cpu_count() or 1, 3)
+
+
+def test_while_ray_starts_the_programs_sigterm_handler_stays_and_rays_is_not_set() -> None:
+    """ray.init sets its SIGTERM handler (sys.exit wherever the signal lands, even in logging's after-fork
+    callback, where Python drops the exception and the stop is lost) through one function of Ray's:
+    while the program's handler is kept, that call sets nothing, and afterwards it works again."""
+    import signal
+
+    from ray._private import utils as ray_utils
+
+    from pipeline.training.ray_session import _program_stop_handler_kept
+
+    def programs_handler(_signum: int, _frame: object) -> None:
+        raise AssertionError("not called here")
+
+    def rays_handler(signum: int, _frame: object) -> None:
+        sys.exit(signum)
+
+    before = signal.signal(signal.SIGTERM, programs_handler)
+    try:
+        with _program_stop_handler_kept():
+            ray_utils.set_sigterm_handler(rays_handler)  # what ray.init does first
+            assert signal.getsignal(signal.SIGTERM) is programs_handler
+        assert signal.getsignal(signal.SIGTERM) is programs_handler
+        ray_utils.set_sigterm_handler(rays_handler)
+        assert signal.getsignal(signal.SIGTERM) is rays_handler, "Ray's own function is back"
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ray
+from ray._private import utils as ray_utils  # where ray.init sets its SIGTERM handler
 
 from pipeline.errors import PipelineError
 from pipeline.progress import QUIET_ENV, quiet
@@ -135,11 +136,17 @@ def connect_ray(logical_cpus: float = 0.0, worker_start_timeout_s: float | None 
 def _program_stop_handler_kept() -> Iterator[None]:
     """`ray.init` replaces the SIGTERM handler twice: in Python with one that calls sys.exit, then natively
     in its core worker with one that prints a native stack dump and aborts (exit 134). A handler the
-    program set (the CLI's, which stops the stage with one line and its temporaries removed) is put back.
-    A SIGTERM while `ray.init` runs meets Ray's handler, whose SystemExit (status 15, or 1) is handed to the
+    program set (the CLI's, which stops the stage with one line and its temporaries removed) stays in
+    charge: Ray's Python one is not set (it raises SystemExit wherever the signal lands, even in logging's
+    after-fork callback, ray.init starting processes, where Python prints "Exception ignored" and drops
+    it: the stop was lost and logging's lock left held), and the native one is replaced again afterwards.
+    If Ray sets its Python handler some other way, its SystemExit (status 15, or 1) is handed to the
     program's handler, as the signal would have been."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    ray_sets_handler = getattr(ray_utils, "set_sigterm_handler", None)
+    if callable(previous) and ray_sets_handler is not None:
+        ray_utils.set_sigterm_handler = _handler_kept
     try:
         yield
     except SystemExit:
@@ -148,8 +155,14 @@ def _program_stop_handler_kept() -> Iterator[None]:
         previous(signal.SIGTERM, None)
         raise
     finally:
+        if ray_sets_handler is not None:
+            ray_utils.set_sigterm_handler = ray_sets_handler
         if callable(previous):
             signal.signal(signal.SIGTERM, previous)
+
+
+def _handler_kept(_ray_handler: object) -> None:
+    """What ray.init's call to set its SIGTERM handler does while the program's is kept: nothing."""
 
 
 def worker_group_start_failure(error: BaseException, asked: str) -> PipelineError | None:
