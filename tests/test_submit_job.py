@@ -394,7 +394,7 @@ def test_runtime_env_json_is_the_starting_point_and_the_project_settings_still_a
 
 def test_a_head_whose_job_agent_is_not_up_yet_gets_the_job_again_and_other_errors_at_once() -> None:
     """Ray's jobs API answers 500 "No available agent to submit job, please try again later." while the
-    head's job agent starts; the end-to-end cluster job met it on a loaded machine."""
+    head's job agent starts, which on a loaded machine takes longer than the head waits for it."""
     from pipeline.jobs.submit import submitted_once_the_agent_is_up
 
     answers: list[object] = [
