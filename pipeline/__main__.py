@@ -17,8 +17,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 STAGES = {
     "prepare": "load the corpus, clean it, split it -> data/prepared",
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.recipe is None and not args.assignments:
                 raise PipelineError("set-params needs --recipe FILE or KEY=VALUE assignments")
-            set_params(args.params, args.assignments, args.recipe)
+            set_params(args.params, args.assignments, args.recipe, pin=_pin_init_from)
             return 0
         if args.command == "translate" and args.input is not None:
             return run_batch_translate(args)
@@ -234,6 +238,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         raise
+
+
+def _pin_init_from(config: PipelineConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """set-params' check of train.init_from, when it is set: an alias is written as the version it names
+    now, and said so on one line (the registry, and MLflow, are imported only then)."""
+    train = overrides.get("train")
+    if not isinstance(train, dict) or "init_from" not in train:
+        return {}
+    from pipeline.tracking.parent import pinned_overrides
+
+    pinned, line = pinned_overrides(config, overrides)
+    if line is not None:
+        print(line)
+    return pinned
 
 
 def run_translate(

@@ -324,6 +324,41 @@ class ModelConfig(_Section):
 
 
 _BATCHES_DOC = "models-and-training.md#batches-precision-and-compile"
+_CONTINUED_DOC = "models-and-training.md#continued-training"
+REGISTRY_PREFIX = "models:/"
+# A registered model's name: MLflow's rules (no '/' or ':'), and no '@', which starts an alias.
+_REGISTRY_FORMS = re.compile(r"models:/(?P<name>[^/:@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/:@]+))")
+
+
+class RegistryRef(NamedTuple):
+    """A `models:/` URI taken apart: exactly one of `version` and `alias` is set."""
+
+    name: str
+    version: str | None
+    alias: str | None
+
+
+def registry_ref(uri: str) -> RegistryRef:
+    """`models:/<name>/<version>` or `models:/<name>@<alias>`; a ValueError naming both forms otherwise."""
+    match = _REGISTRY_FORMS.fullmatch(uri)
+    if match is None:
+        raise ValueError(
+            f"{uri!r} is not a registered model: give models:/<name>/<version> or models:/<name>@<alias>"
+        )
+    return RegistryRef(match["name"], match["version"], match["alias"])
+
+
+def check_init_from_pinned(train: TrainConfig) -> None:
+    """A stage trains from a fixed parent only: an alias could move between runs of the same params."""
+    value = train.init_from
+    if value is None or not value.startswith(REGISTRY_PREFIX):
+        return
+    ref = registry_ref(value)
+    if ref.alias is not None:
+        raise PipelineError(
+            f"train.init_from {value!r} is an alias, which can move: pin it to its version with"
+            f" `python -m pipeline set-params train.init_from={value}`"
+        )
 
 
 class TrainConfig(_Section):
@@ -441,6 +476,23 @@ class TrainConfig(_Section):
         ),
     )
     seed: int = _seed(0, "Seed of model initialisation, batch order and the Optuna search.")
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Continued training: start from this model's weights, vocabulary and architecture instead of"
+            " from scratch: a model folder, `models:/<name>/<version>`, or `models:/<name>@<alias>`, which"
+            " `set-params` pins to its version (a stage refuses an alias); `null` trains from scratch"
+            f" ([models-and-training.md]({_CONTINUED_DOC}))."
+        ),
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_form(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(REGISTRY_PREFIX):
+            registry_ref(value)  # raises with the two registry forms
+        return value
 
     @model_validator(mode="after")
     def _average_within_the_epochs(self) -> TrainConfig:

@@ -11,7 +11,7 @@ import functools
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,9 +313,16 @@ def _read_recipe(path: str | Path) -> tuple[dict[str, Any], KeySources]:
     return raw, key_sources
 
 
-def set_params(path: str | Path, assignments: list[str], recipe: str | Path | None = None) -> PipelineConfig:
+# set-params' hook, given the validated config and the overrides asked for: overrides to lay over them before
+# the file is written (the CLI pins a registry alias in train.init_from to its version this way).
+Pin = Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]]
+
+
+def set_params(
+    path: str | Path, assignments: list[str], recipe: str | Path | None = None, pin: Pin | None = None
+) -> PipelineConfig:
     """Rewrite params.yaml with a recipe's overrides, then `section.key=value` assignments (values parsed as
-    YAML), all validated before the file is touched.
+    YAML), then what `pin` adds, all validated before the file is touched.
 
     For machines without git, where `dvc exp run -S` is not available (a Ray job's uploaded copy), and to
     apply a recipe. Like `dvc exp run -S`, it edits the file round-trip: comments and key order stay.
@@ -347,6 +354,11 @@ def set_params(path: str | Path, assignments: list[str], recipe: str | Path | No
     described = " ".join([f"--recipe {recipe}"] * (recipe is not None) + list(assignments))
     # What is validated is the text as the stages will read it back, not the values before writing.
     config = config_from_dict(_parse_yaml(text)[0] or {}, f"{path} with {described}", sources)
+    pinned = pin(config, overrides) if pin is not None else {}
+    if pinned:
+        _merge_into(document, _quoted_where_ambiguous(pinned))
+        text = _round_trip_text(document)
+        config = config_from_dict(_parse_yaml(text)[0] or {}, f"{path} with {described}", sources)
     with atomic_file(target, "wb") as handle:
         handle.write(layout.encode(text))
     return config

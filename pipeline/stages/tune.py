@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, check_init_from_pinned
 from pipeline.data.processed import ProcessedData, load_processed
 from pipeline.errors import PipelineError
 from pipeline.files import outputs_together
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: PipelineConfig) -> None:
+    _check_continued_training(config)
     if config.tune.num_samples == 0:
         _write_passthrough(config)
         return
@@ -71,6 +72,17 @@ def run(config: PipelineConfig) -> None:
     logger.info(
         "best trial %s: %s=%.4f with %s", best.best_trial_id, best.metric, best.best_value, best.overrides
     )
+
+
+def _check_continued_training(config: PipelineConfig) -> None:
+    """A continued run trains the parent's fixed architecture (`train.init_from`): a search over model keys
+    cannot apply to it, so a search is refused rather than run for nothing."""
+    check_init_from_pinned(config.train)
+    if config.train.init_from is not None and config.tune.num_samples > 0:
+        raise PipelineError(
+            f"tune.num_samples is {config.tune.num_samples} with train.init_from set: set tune.num_samples: 0"
+            " to continue training with params.yaml's learning rate, or clear train.init_from"
+        )
 
 
 def _search(config: PipelineConfig, processed: ProcessedData, experiment_name: str) -> tuple[Any, str]:

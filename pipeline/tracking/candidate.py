@@ -69,6 +69,7 @@ class Candidate:
     test_references: list[str]
     test_hash: str
     lowercases: bool  # its target tokenizer lowercases: every output is lowercase
+    parent: dict[str, Any] | None = None  # train_metrics.json's `init_from`: the model it continued from
 
     @property
     def bleu(self) -> float:
@@ -118,9 +119,11 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
             f"{len(sources)}: it is stale, run `python -m pipeline evaluate` again"
         )
     train_run = read_train_run()
-    best_epoch = None
+    best_epoch, parent = None, None
     if train_run is not None and paths.TRAIN_METRICS.is_file():
-        best_epoch = read_json_object(paths.TRAIN_METRICS).get("best_epoch")
+        train_metrics = read_json_object(paths.TRAIN_METRICS)
+        best_epoch = train_metrics.get("best_epoch")
+        parent = train_metrics.get("init_from") if isinstance(train_metrics.get("init_from"), dict) else None
     return Candidate(
         model_dir=model_dir,
         content_hash=model_content_hash(model_dir),
@@ -133,6 +136,7 @@ def load_candidate(model_dir: Path = paths.MODELS_DIR) -> Candidate:
         test_references=references,
         test_hash=test_split_hash(sources, references),
         lowercases=lowercases(load_tokenizer(model_dir / TGT_TOKENIZER_FILE)),
+        parent=parent,
     )
 
 
@@ -177,6 +181,7 @@ def version_tags(config: PipelineConfig, candidate: Candidate) -> dict[str, str]
         tags.update({"train.ray_run_name": run.ray_run_name, "train.mlflow_run_id": run.mlflow_run_id})
     if candidate.best_epoch is not None:
         tags["train.best_epoch"] = str(candidate.best_epoch)
+    tags.update(lineage.parent_version_tags(candidate.parent))
     return tags
 
 
@@ -194,11 +199,12 @@ def version_description(config: PipelineConfig, candidate: Candidate) -> str:
         )
     else:
         training = "Trained outside the train stage (no reports/train_run.json)."
-    metrics, data = candidate.metrics, config.data
+    metrics, data, corpus = candidate.metrics, config.data, lineage.processed_data_hash()
+    continued = lineage.parent_description(candidate.parent, corpus)
     return (
-        f"{sizes}. {training} Data: {data.source} {data.src_lang}->{data.tgt_lang} "
-        f"(data/processed md5 {lineage.processed_data_hash()}). Test: BLEU {metrics['bleu']}, "
-        f"chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
+        f"{sizes}. {training}{' ' + continued if continued else ''} Data: {data.source}"
+        f" {data.src_lang}->{data.tgt_lang} (data/processed md5 {corpus}). Test: BLEU {metrics['bleu']},"
+        f" chrF {metrics.get('chrf')} on {metrics.get('n_test')} sentences (beam {metrics.get('beam_size')})."
     )
 
 

@@ -10,7 +10,10 @@ cannot be asked for case it never produces.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 
 def gate_metric(candidate_lowercases: bool, champion_lowercases: bool) -> str:
@@ -44,6 +47,15 @@ def decide(
     if champion.version == str(candidate_version):
         return Decision(
             True, "already the champion", champion.version, candidate_bleu, metric=champion.metric
+        )
+    if champion.rescored:
+        # A grown corpus (continued training) changes the test split: the figures the champion was
+        # registered with are then on other sentences, and only its re-score here compares.
+        logger.warning(
+            "the test split changed since champion version %s was scored: its earlier figures are not"
+            " comparable with version %s's; the gate compares its re-score on the current split",
+            champion.version,
+            candidate_version,
         )
     gain = round(candidate_bleu - champion.bleu, 2)
     promote = gain > 0 and gain >= min_improvement

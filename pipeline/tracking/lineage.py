@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from pipeline import paths
-from pipeline.config import PipelineConfig
+from pipeline.config import REGISTRY_PREFIX, PipelineConfig, registry_ref
 
 # MLflow's own tag names, so its UI fills in the run's source, commit and user.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # a plain hash, as MLflow and git itself write it
@@ -178,3 +178,60 @@ def metric_tag(key: str) -> str:
     """bleu -> test_bleu, test_loss stays, and so do the decoding settings chosen on the validation split
     (length_penalty, validation_bleu_length_penalty_*): the names evaluate logs to the train run."""
     return key if key.startswith(("test", "validation_", "length_penalty")) else f"test_{key}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Continued training: the parent a model was trained from (`train.init_from`)
+# ---------------------------------------------------------------------------------------------------------
+
+TAG_PARENT_MODEL = "parent_model"  # the train run's: train.init_from as given
+TAG_PARENT_VERSION = "parent_model_version"
+TAG_PARENT_NAME = "parent_model_name"  # the registered version's
+TAG_PARENT_FOLDER = "parent_model_folder"
+TAG_PARENT_WEIGHTS = "parent_model_weights_sha256"
+
+
+def parent_entry(init_from: str, weights_sha256: str) -> dict[str, str | None]:
+    """reports/train_metrics.json's `init_from`: the parent as given, its registered name and version (None
+    for a folder) and the sha256 of its weights file, which names it whatever it is called."""
+    ref = registry_ref(init_from) if init_from.startswith(REGISTRY_PREFIX) else None
+    return {
+        "uri": init_from,
+        "name": ref.name if ref else None,
+        "version": ref.version if ref else None,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def parent_run_tags(entry: dict[str, str | None]) -> dict[str, str]:
+    """The train run's tags naming its parent."""
+    tags = {TAG_PARENT_MODEL: str(entry["uri"]), TAG_PARENT_WEIGHTS: str(entry["weights_sha256"])}
+    if entry.get("version"):
+        tags[TAG_PARENT_VERSION] = str(entry["version"])
+    return tags
+
+
+def parent_version_tags(entry: dict[str, Any] | None) -> dict[str, str]:
+    """A registered version's tags naming the model it was continued from; none for one trained from
+    scratch (`entry` None)."""
+    if entry is None:
+        return {}
+    tags = {TAG_PARENT_WEIGHTS: str(entry.get("weights_sha256"))}
+    if entry.get("name"):
+        tags.update({TAG_PARENT_NAME: str(entry["name"]), TAG_PARENT_VERSION: str(entry.get("version"))})
+    else:
+        tags[TAG_PARENT_FOLDER] = str(entry.get("uri"))
+    return tags
+
+
+def parent_description(entry: dict[str, Any] | None, corpus_hash: str) -> str:
+    """The sentence of a registered version's description that says what it was continued from, on which
+    corpus (DVC's hash of data/processed); empty for a model trained from scratch."""
+    if entry is None:
+        return ""
+    if entry.get("name"):
+        parent = f"{entry['name']} v{entry.get('version')}"
+    else:
+        sha = str(entry.get("weights_sha256"))[:12]
+        parent = f"the model folder {entry.get('uri')} (weights sha256 {sha})"
+    return f"Continued from {parent} on corpus {corpus_hash}."

@@ -139,7 +139,7 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
     uri = tracking_uri()
     registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     for store_uri in dict.fromkeys((uri, registry_uri)):
-        missing = _missing_local_store(store_uri)
+        missing = missing_local_store(store_uri)
         if missing is not None:
             raise PipelineError(
                 f"cannot fetch {model_uri}: there is no MLflow store at {missing} (run the register stage"
@@ -163,7 +163,7 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
     return local / relative
 
 
-def _missing_local_store(uri: str) -> Path | None:
+def missing_local_store(uri: str) -> Path | None:
     """The file or folder of a local store (SQLite, file) that does not exist: MLflow would create it (an
     empty 1 MB database in the project) only to report that the model is not there."""
     scheme = urlparse(uri).scheme

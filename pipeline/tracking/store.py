@@ -60,7 +60,7 @@ def check_tracking_store(timeout_s: float = TRACKING_CHECK_TIMEOUT_S) -> None:
             _check_tracking_server(variable, uri, timeout_s)
 
 
-def _shown(uri: str) -> str:
+def shown_uri(uri: str) -> str:
     """`uri` without its password, for messages."""
     parts = urlsplit(uri)
     if parts.password is None:
@@ -80,12 +80,12 @@ def _check_database_driver(variable: str, uri: str) -> None:
         package = _DRIVER_PACKAGES.get(module, module)
         other = ", or name an installed driver (postgresql+psycopg2://...)" if "psycopg" in module else ""
         raise PipelineError(
-            f"{variable}={_shown(uri)}: its database driver {module} is not installed here:"
+            f"{variable}={shown_uri(uri)}: its database driver {module} is not installed here:"
             f" pip install '{package}'{other}"
         ) from None
     except (ArgumentError, NoSuchModuleError) as error:
         raise PipelineError(
-            f"{variable}={_shown(uri)} is not a database URI that SQLAlchemy can use: {error}"
+            f"{variable}={shown_uri(uri)} is not a database URI that SQLAlchemy can use: {error}"
         ) from None
 
 
@@ -112,9 +112,9 @@ def _check_tracking_server(variable: str, uri: str, timeout_s: float) -> None:
         elif "timed out" in text.lower() or "timeout" in text.lower():
             reason = f"no answer within {timeout_s:g} s"
         else:
-            reason = text.replace(uri, _shown(uri)).splitlines()[0]
+            reason = text.replace(uri, shown_uri(uri)).splitlines()[0]
         raise PipelineError(
-            f"{variable}={_shown(uri)}: the MLflow tracking server cannot be reached ({reason}): start it,"
+            f"{variable}={shown_uri(uri)}: the MLflow tracking server cannot be reached ({reason}): start it,"
             " or fix the address"
         ) from None
 

@@ -89,6 +89,12 @@ def put_training_data(processed: ProcessedData, max_examples: int | None = None)
     )
 
 
+def put_init_weights(weights: dict[str, Any]) -> ray.ObjectRef:
+    """A continued run's starting weights, put into the object store once: every worker, on any node,
+    reads that one copy (zero-copy on the driver's node) instead of each being sent its own."""
+    return ray.put(weights)
+
+
 def may_span_nodes() -> bool:
     """Whether a worker may run on a node other than the driver's: the driver joined a cluster (RAY_ADDRESS,
     as in every Ray job), which can grow at any time, or the Ray it uses has several nodes already. A local
@@ -102,6 +108,7 @@ class WorkerConfig:
 
     `epoch_logger` gets rank 0's per-epoch metrics. `checkpoint_every` adds mid-epoch checkpoints
     (`runtime.checkpoint_every`); Tune trials leave it None: ASHA counts every report as an iteration.
+    `init_weights` starts the model from a parent's weights instead of `train.seed`'s.
     """
 
     model: ModelConfig
@@ -111,6 +118,9 @@ class WorkerConfig:
     epoch_logger: EpochLogger | None = None
     checkpoint_every: CheckpointInterval | None = None
     cpus_per_worker: float = 1.0  # the worker's torch threads follow its CPUs
+    # A continued run's starting weights (`train.init_from`): an object-store ref to the parent's state
+    # dict, put once by the driver and read by every worker, whichever node it is on.
+    init_weights: ray.ObjectRef | None = None
 
 
 class _TorchTrainer(ray.train.torch.TorchTrainer):

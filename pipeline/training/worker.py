@@ -50,13 +50,24 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def seeded_model(loop: WorkerConfig, rank: int) -> Seq2Seq:
+def seeded_model(
+    loop: WorkerConfig, rank: int, init_weights: dict[str, torch.Tensor] | None = None
+) -> Seq2Seq:
     """The model built from `train.seed` (the same initial weights on every rank), then the torch RNG seeded
-    for this rank: dropout and scheduled sampling draw per rank (with one seed, every rank masks alike)."""
+    for this rank: dropout and scheduled sampling draw per rank (with one seed, every rank masks alike).
+    With `init_weights` (a continued run's parent, `train.init_from`) those replace the seeded ones, on
+    every rank alike; a checkpoint restored later still replaces them in turn."""
     torch.manual_seed(loop.train.seed)
     model = build_model(loop.model, loop.data.src_vocab_size, loop.data.tgt_vocab_size)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
     torch.manual_seed(rank_seed(loop.train.seed, rank))
     return model
+
+
+def fetch_init_weights(loop: WorkerConfig) -> dict[str, torch.Tensor] | None:
+    """The parent's weights from the object store (put there once by the driver), or None from scratch."""
+    return None if loop.init_weights is None else ray.get(loop.init_weights)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -182,7 +193,7 @@ def set_up_worker(loop: WorkerConfig) -> Worker:
     # One intra-op thread per CPU the worker was given: more threads than cores only thrash.
     torch.set_num_threads(max(1, int(loop.cpus_per_worker)))
     train_split, device = data.train.open(), ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(seeded_model(loop, rank))
+    model = ray.train.torch.prepare_model(seeded_model(loop, rank, fetch_init_weights(loop)))
     bare_model: Seq2Seq = model.module if hasattr(model, "module") else model
     steps_per_epoch = len(epoch_batches(train_split, config, 0))
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * loop.epochs, device)
