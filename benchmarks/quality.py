@@ -98,7 +98,7 @@ def run_recipe(
         "train_tokens_per_sec": statistics.median(float(row["tokens_per_sec"]) for row in history),
         "history": history,
     }
-    results = [{**trained_result, **_test_scores(reports)}]
+    results = [{**trained_result, **split_scores(reports)}]
     if keep is not None:
         shutil.copytree(reports, keep / arch, dirs_exist_ok=True)
     base_params = (folder / "params.yaml").read_text()
@@ -107,13 +107,13 @@ def run_recipe(
         pipeline("set-params", *decode)
         pipeline("evaluate")
         settings = " ".join([*overrides, *decode])
-        results.append({**trained_result, **_test_scores(reports), "settings": settings, "decode_only": True})
+        results.append({**trained_result, **split_scores(reports), "settings": settings, "decode_only": True})
         print(f"  {arch}: {settings}: lowercase BLEU {results[-1]['bleu_lc']:.1f}", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
-def _test_scores(reports: Path) -> dict[str, Any]:
+def split_scores(reports: Path) -> dict[str, Any]:
     metrics = json.loads((reports / "metrics.json").read_text())
     scores = {key: metrics.get(key) for key in ("bleu", "bleu_lc", "chrf")}
     # With evaluate.length_penalty_search, the length penalty chosen on the validation split.
@@ -134,7 +134,7 @@ def default_job(label: str, revision: str, settings: list[str]) -> Row:
         started = time.perf_counter()
         run_step(label, [sys.executable, "-m", "dvc", "repro", "evaluate"], project, env)
         seconds = time.perf_counter() - started
-        scores = _test_scores(project / "reports")
+        scores = split_scores(project / "reports")
         trained = json.loads((project / "reports" / "train_metrics.json").read_text())
     return {
         "measurement": label,
