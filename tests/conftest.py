@@ -8,7 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.progress import QUIET_ENV
+# Two pytest-xdist workers share 2 cores, and most slow tests start more processes (stages, Ray workers,
+# servers), each of which would take one intra-op thread per core: more busy threads than cores, which
+# spin against each other. One thread per process, here and in every process the tests start, unless the
+# shell sets another count. (Set before anything imports torch, which reads it once.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pipeline.progress import QUIET_ENV  # noqa: E402  (after the thread count)
 from tests.helpers import torch_threads
 
 # `python -m pipeline -q ...` sets PIPELINE_QUIET in its own process, for the Ray processes it starts. A test

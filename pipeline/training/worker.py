@@ -9,6 +9,7 @@ a barrier.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import resource
 import sys
@@ -186,7 +187,17 @@ class Worker:
         return self.scheduler.last_epoch
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `ray.train.report` call of every rank at INFO (the whole metrics dict and the
+    checkpoint path, twice an epoch on 2 workers); the epoch line of rank 0 says what a user reads. Its
+    logger is named by the module's file path."""
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin is not None:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def set_up_worker(loop: WorkerConfig) -> Worker:
+    _quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config, data = loop.train, loop.data
