@@ -32,6 +32,7 @@ ORDER = (
     "step_cost",
     "data_scale",
     "quality",
+    "continued_training",
     "decoding",
     "gpu_torch",
     "cluster_box",
