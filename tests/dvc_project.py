@@ -48,8 +48,13 @@ def make_dvc_project(directory: Path, params: dict[str, Any]) -> Path:
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / name, directory / name)
     write_params(directory, params)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     run(["git", "init", "-q"], directory)
-    run([*git, "add", "-A"], directory)
-    run([*git, "commit", "-qm", "project"], directory)
+    commit_all(directory, "project")
     return directory
+
+
+def commit_all(directory: Path, message: str) -> None:
+    """`git add -A` and a commit in the project at `directory`, under a test identity."""
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run([*git, "add", "-A"], directory)
+    run([*git, "commit", "-qm", message], directory)
