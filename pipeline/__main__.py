@@ -246,12 +246,13 @@ def _pin_init_from(config: PipelineConfig, overrides: dict[str, Any]) -> dict[st
     train = overrides.get("train")
     if not isinstance(train, dict) or "init_from" not in train:
         return {}
-    from pipeline.tracking.parent import pinned_overrides
+    from pipeline.tracking.parent import pin_init_from
 
-    pinned, line = pinned_overrides(config, overrides)
-    if line is not None:
-        print(line)
-    return pinned
+    pinned = pin_init_from(config.train.init_from)
+    if pinned is None:
+        return {}
+    print(pinned.line())
+    return {"train": {"init_from": pinned.pinned_uri}}
 
 
 def run_translate(

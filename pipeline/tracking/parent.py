@@ -10,25 +10,18 @@ the same params always mean the same parent. A stage refuses an alias (`config.c
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pipeline.config import REGISTRY_PREFIX, PipelineConfig, registry_ref
+from pipeline.config import REGISTRY_PREFIX, registry_ref
 from pipeline.errors import PipelineError
 from pipeline.network.model_files import check_model_dir
 from pipeline.tracking import registry, store
 from pipeline.tracking.candidate import MODEL_DIR_ARTIFACT
 
 KEY = "train.init_from"
-
-
-def _registry_store() -> str:
-    """The store that holds registered models, as MLflow's client picks it."""
-    return os.environ.get("MLFLOW_REGISTRY_URI") or store.tracking_uri()
 
 
 def resolve_version(value: str) -> str:
@@ -38,7 +31,7 @@ def resolve_version(value: str) -> str:
     from mlflow.exceptions import MlflowException
 
     ref = registry_ref(value)
-    uri = _registry_store()
+    uri = registry.registry_store_uri()
     missing = registry.missing_local_store(uri)
     if missing is not None:
         raise PipelineError(
@@ -109,15 +102,3 @@ def pin_init_from(value: str | None) -> PinnedAlias | None:
     if ref.alias is None:
         return None
     return PinnedAlias(value, version, f"{REGISTRY_PREFIX}{ref.name}/{version}")
-
-
-def pinned_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """For `set_params`' hook: when the assignments or recipe name train.init_from, its check, and the pinned
-    version of an alias as overrides with the line that says so."""
-    train = overrides.get("train")
-    if not isinstance(train, dict) or "init_from" not in train:
-        return {}, None
-    pinned = pin_init_from(config.train.init_from)
-    if pinned is None:
-        return {}, None
-    return {"train": {"init_from": pinned.pinned_uri}}, pinned.line()

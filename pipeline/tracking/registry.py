@@ -127,6 +127,12 @@ def log_pyfunc_model(run_id: str, name: str, **log_model_kwargs: Any) -> ModelIn
         return mlflow.pyfunc.log_model(name=name, **log_model_kwargs)
 
 
+def registry_store_uri() -> str:
+    """The store that holds registered models, as MLflow's client picks it: $MLFLOW_REGISTRY_URI, else the
+    tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
+
+
 def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
     """Download a registered pyfunc model into `dst`; returns its artifact `artifact` (the model folder).
 
@@ -136,8 +142,7 @@ def download_model_dir(model_uri: str, dst: Path, artifact: str) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    uri = tracking_uri()
-    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+    uri, registry_uri = tracking_uri(), registry_store_uri()
     for store_uri in dict.fromkeys((uri, registry_uri)):
         missing = missing_local_store(store_uri)
         if missing is not None:
