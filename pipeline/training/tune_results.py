@@ -12,7 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file
 from pipeline.training.best_params import BestParams
-from pipeline.training.tuning import trial_overrides
+from pipeline.training.trial_keys import trial_overrides
 
 TRIAL_COLUMNS = ("trial_id", "metric", "best_value", "epochs_run", "stopped_early", "status")
 

@@ -19,12 +19,9 @@ from pipeline.config import PipelineConfig, SearchDimension, TuneConfig
 from pipeline.params_file import with_overrides
 from pipeline.training.resources import TRIAL_CPUS, TunePlan
 from pipeline.training.trainer import EpochLogger, TrainingData, WorkerConfig, build_trainer
+from pipeline.training.trial_keys import to_tune_key, trial_overrides
 
 logger = logging.getLogger(__name__)
-
-# Tune flattens nested config keys with "/", and some searchers dislike dots: "model.emb_dim" travels
-# as "model__emb_dim".
-_KEY_SEPARATOR = "__"
 
 
 class TrialLogger(EpochLogger, Protocol):
@@ -36,14 +33,6 @@ class TrialRunOpener(Protocol):
     the shape). It must pickle: Tune ships it to every trial."""
 
     def open(self, trial_id: str, run_key: str, config: PipelineConfig) -> TrialLogger: ...
-
-
-def to_tune_key(dotted: str) -> str:
-    return dotted.replace(".", _KEY_SEPARATOR)
-
-
-def to_dotted_key(tune_key: str) -> str:
-    return tune_key.replace(_KEY_SEPARATOR, ".")
 
 
 def search_space(dimensions: dict[str, SearchDimension]) -> dict[str, Any]:
@@ -60,10 +49,6 @@ def search_space(dimensions: dict[str, SearchDimension]) -> dict[str, Any]:
             domain = tune.randint(low, high + 1)  # params.yaml bounds are inclusive, Tune's upper is not
         space[to_tune_key(dotted)] = domain
     return space
-
-
-def trial_overrides(trial_config: dict[str, Any]) -> dict[str, Any]:
-    return {to_dotted_key(key): value for key, value in trial_config.items()}
 
 
 @dataclass(frozen=True)
