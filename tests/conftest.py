@@ -4,6 +4,7 @@ for tiny models. The helpers they use are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -14,8 +15,16 @@ import pytest
 # shell sets another count. (Set before anything imports torch, which reads it once.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pipeline.progress import QUIET_ENV  # noqa: E402  (after the thread count)
-from tests.helpers import torch_threads
+# The tests start hundreds of Python processes (stages, Ray workers and actors, servers), and each one that
+# finds no byte-code for a module compiles it again: torch, Ray and MLflow cost a process about 5 CPU-seconds
+# more than with byte-code. Where writing it is off (PYTHONDONTWRITEBYTECODE, and a venv that pip installed
+# with --no-compile, as the README's test command does, has none), it is turned back on for this process and
+# every process it starts: the first to import a module writes its byte-code, and every later one reads it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+from pipeline.progress import QUIET_ENV  # noqa: E402  (after the thread count and byte-code settings)
+from tests.helpers import torch_threads  # noqa: E402
 
 # `python -m pipeline -q ...` sets PIPELINE_QUIET in its own process, for the Ray processes it starts. A test
 # that calls the CLI's main() in-process would leave it set for the rest of the session: every later

@@ -91,6 +91,23 @@ def test_the_training_runs_dataset_inputs_name_the_hub_version(tmp_path: Path, m
     )
 
 
+@pytest.mark.parametrize(("source", "source_type"), [("builtin", "code"), ("corpus/de-en", "local")])
+def test_the_built_in_corpus_is_logged_as_code_and_a_folder_as_a_local_source(
+    tmp_path: Path, source: str, source_type: str
+) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(runs.ensure_experiment("translation", uri)).info.run_id
+
+    runs.log_split_inputs(runs.EpochMetricsLogger(uri, run_id), source, {"test": ("d" * 32, 200)})
+
+    (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.source_type == source_type
+    assert json.loads(logged.dataset.source) == {"uri": source, "split": "test"}
+
+
 def test_dvcs_temporary_workspaces_log_into_the_projects_store(tmp_path: Path, monkeypatch) -> None:
     """`dvc exp run --temp` and `dvc queue` run in a copy and set DVC_ROOT to the project."""
     workspace = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"

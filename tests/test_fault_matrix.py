@@ -226,7 +226,9 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
     import ray
     from mlflow.tracking import MlflowClient
 
-    prepare_project(tmp_path, {"train": {"epochs": 6, "early_stopping_patience": 50}})
+    # 3 epochs: killed after the first checkpoint, the rerun has epochs left to resume into.
+    epochs = 3
+    prepare_project(tmp_path, {"train": {"epochs": epochs, "early_stopping_patience": 50}})
     env = {
         **os.environ,
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # this module's Ray: the driver only joins it
@@ -258,7 +260,7 @@ def test_rerun_after_driver_killed_resumes_the_same_run_and_mlflow_run(tmp_path:
     with working_directory(tmp_path):
         history = list(csv.DictReader(Path("reports/train_history.csv").read_text().splitlines()))
         run_info = json.loads(Path("reports/train_run.json").read_text())
-    assert [int(row["epoch"]) for row in history] == list(range(6))
+    assert [int(row["epoch"]) for row in history] == list(range(epochs))
     assert max(int(row["resumed_from_epoch"]) for row in history) >= 0
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("seq2seq-pipeline")
