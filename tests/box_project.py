@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import TINY_PARAMS, deep_merge
+from tests.helpers import TINY_PARAMS, deep_merge, write_pair_files
 
 EPOCHS = 3
 BOX_PARAMS = deep_merge(
@@ -25,9 +25,6 @@ def write_corpus(project: Path) -> None:
     to_translate.txt, 40 source lines, a file in the project for `translate --input`."""
     from pipeline.data.builtin_corpus import generate_corpus
 
-    corpus = project / "corpus" / "box"
-    corpus.mkdir(parents=True)
     pairs = generate_corpus(1500, seed=13)
-    (corpus / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
-    (corpus / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
+    write_pair_files(project / "corpus" / "box", pairs)
     (project / "to_translate.txt").write_text("".join(f"{s}\n" for s, _ in pairs[:40]), encoding="utf-8")

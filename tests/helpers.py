@@ -58,6 +58,14 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 
+def write_pair_files(folder: Path, pairs: list[tuple[str, str]]) -> None:
+    """`folder`/train.en and train.art, one side of each (source, target) pair a line: a corpus folder of
+    the built-in generator's English-to-"art" pairs, for `data.source: corpus/...`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
+    (folder / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
+
+
 def prepare_project(directory: Path, overrides: dict[str, Any] | None = None):
     """Run the real prepare and preprocess stages in `directory`; returns the config."""
     from pipeline.params_file import load_config

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.dvc_project import make_dvc_project, run
-from tests.helpers import TINY_PARAMS
+from tests.helpers import TINY_PARAMS, write_pair_files
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +26,7 @@ def project(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("dvc-corpus"),
         {**TINY_PARAMS, "data": {"source": "corpus/tiny", "src_lang": "en", "tgt_lang": "art"}},
     )
-    folder = directory / "corpus" / "tiny"
-    folder.mkdir()
-    pairs = list(iter_corpus(600, 5, 1))
-    (folder / "train.en").write_text("".join(f"{src}\n" for src, _ in pairs))
-    (folder / "train.art").write_text("".join(f"{tgt}\n" for _, tgt in pairs))
+    write_pair_files(directory / "corpus" / "tiny", list(iter_corpus(600, 5, 1)))
     run(["dvc", "repro", "preprocess"], directory)
     return directory
 

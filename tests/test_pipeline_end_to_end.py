@@ -26,6 +26,7 @@ import sacrebleu
 import yaml
 
 from tests.dvc_project import commit_all, make_dvc_project, run
+from tests.helpers import write_pair_files
 from tests.ray_head import RayHead, output, submit
 
 pytestmark = pytest.mark.slow
@@ -49,12 +50,6 @@ SMALL_BUT_LEARNABLE = {
 CONTINUED_EPOCHS = 1  # enough to show where the weights started, and to register a second version
 
 
-def _write_pairs(folder: Path, pairs: list[tuple[str, str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.en").write_text("".join(f"{source}\n" for source, _ in pairs), encoding="utf-8")
-    (folder / "train.art").write_text("".join(f"{target}\n" for _, target in pairs), encoding="utf-8")
-
-
 def _corpus_pairs() -> list[tuple[str, str]]:
     """The built-in generator's pairs: the first FIRST_PAIRS are the corpus, the rest are added later."""
     from pipeline.data.builtin_corpus import generate_corpus
@@ -65,7 +60,7 @@ def _corpus_pairs() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     directory = make_dvc_project(tmp_path_factory.mktemp("e2e"), SMALL_BUT_LEARNABLE)
-    _write_pairs(directory / CORPUS, _corpus_pairs()[:FIRST_PAIRS])
+    write_pair_files(directory / CORPUS, _corpus_pairs()[:FIRST_PAIRS])
     run(["dvc", "add", CORPUS], directory)
     commit_all(directory, "corpus")
     result = run(["dvc", "repro"], directory, timeout=1200)
@@ -350,7 +345,7 @@ def loop(project: Path) -> Loop:
     commit_all(project, "first model")
 
     # 2. The corpus grows.
-    _write_pairs(project / CORPUS, _corpus_pairs())
+    write_pair_files(project / CORPUS, _corpus_pairs())
     step("dvc", "add", CORPUS)
     commit_all(project, "more pairs")
 
