@@ -1,9 +1,10 @@
 """The README's test command, timed step by step in a fresh clone of this checkout's HEAD: the installs, then
 each lane twice in the same run: in one pytest process (the baseline) and on pytest-xdist's two workers,
-each taking whole modules (`-n 2 --dist loadfile`, the README's), so each module keeps its one Ray instance.
+each taking whole modules (`-n 2 --dist loadfile`), so each module keeps its one Ray instance.
 
     python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--runs serial,xdist]
     python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,xdist3   # 2 workers against 3
+    python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,longest-first   # files handed out
 
 Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
 tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
@@ -30,8 +31,14 @@ PYTEST = ".venv/bin/python -m pytest -q --durations=10"
 LANES = {"fast lane": '-m "not slow"', "slow lane": "-m slow"}
 # The README's command runs each lane on pytest-xdist's workers, each taking whole modules, so a module
 # keeps its one Ray instance; one pytest process is the baseline. Three workers on 2 cores: the slow tests
-# spend much of their time waiting (processes and Ray starting, servers answering).
-RUNS = {"serial": "", "xdist": "-n 2 --dist loadfile", "xdist3": "-n 3 --dist loadfile"}
+# spend much of their time waiting (processes and Ray starting, servers answering). `longest-first`: the
+# files in tests/conftest.py's order, longest first (the README's), instead of xdist's own (most tests first).
+RUNS = {
+    "serial": "",
+    "xdist": "-n 2 --dist loadfile",
+    "longest-first": "-n 2 --dist loadfile --no-loadscope-reorder",
+    "xdist3": "-n 3 --dist loadfile",
+}
 DURATION_LINE = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)$")
 
 

@@ -37,6 +37,28 @@ from tests.helpers import torch_threads  # noqa: E402
 SESSION_QUIET = os.environ.get(QUIET_ENV)
 
 
+# With `-n 2 --dist loadfile --no-loadscope-reorder`, pytest-xdist hands whole files to its workers in
+# collection order, the next file to the first worker that is free. The slow lane's longest files first
+# (longest-processing-time-first scheduling), so that no worker starts a long file while the others have
+# nothing left to do. The order follows the durations that `--durations` prints; the other files keep theirs.
+LONGEST_FILES_FIRST = (
+    "test_pipeline_end_to_end.py",
+    "test_cluster_box.py",
+    "test_fault_matrix.py",
+    "test_ray_data.py",
+    "test_stop_signals_ray.py",
+    "test_tune_stage.py",
+    "test_multinode.py",
+    "test_registry.py",
+    "test_submit_job.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    place = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: place.get(item.path.name, len(place)))  # stable: a file keeps its order
+
+
 @pytest.fixture(autouse=True)
 def quiet_flag_as_the_session_began() -> Iterator[None]:
     yield
