@@ -1,15 +1,19 @@
 """Continued training: a corpus that grows, trained again from scratch or from the model of its first half.
 
-    python -m benchmarks.continued_training [--data ../shared/data/multi30k] [--continued-epochs 4]
+    python -m benchmarks.continued_training [--data ../shared/data/multi30k] [--parent-epochs 20]
+                                            [--continued-epochs 4] [--continued-lr 0.003 ...]
                                             [--out FILE]                           # from the project root
 
 Three runs of the `gru_attention` Multi30k recipe through the pipeline's own stages, one after another:
-- parent: the recipe on the first half of the training pairs (validation and test as given), registered as
-  champion in its folder's MLflow store;
+- parent: the recipe on the first half of the training pairs (validation and test as given), for
+  `--parent-epochs` (20 by default: as many updates as the scratch run's 10 epochs on all the pairs, the
+  training a champion of the smaller corpus would have had), registered as champion in its folder's MLflow
+  store;
 - scratch: the recipe on all the training pairs, from random weights;
 - continued: in the parent's folder, all the training pairs, `set-params
   train.init_from=models:/seq2seq-translator@champion` (pinned to the parent's version) and
-  `train.epochs=<--continued-epochs>`: the parent's tokenizers, architecture and weights, a fresh optimizer.
+  `train.epochs=<--continued-epochs>`: the parent's tokenizers, architecture and weights, a fresh optimizer;
+  one continued run for each `--continued-lr` (`train.lr`; the recipe's by default).
 Each row gives the train stage's minutes (the training time compared), the stages' minutes and the test
 scores; the continued row also its train time as a fraction of the scratch run's. Runs Ray locally: nothing
 else may start a local Ray on this machine meanwhile, and for the scratch and continued times nothing else
@@ -101,7 +105,7 @@ class Project:
 
 
 def table_row(result: dict[str, Any], scratch: dict[str, Any] | None) -> dict[str, Any]:
-    """One run's figures; the continued run's train time and score beside the scratch run's."""
+    """One run's figures; a continued run's train time and score beside the scratch run's."""
     return {
         "run": result["run"],
         "training pairs": result["training pairs"],
@@ -125,7 +129,7 @@ def curve_note(result: dict[str, Any]) -> str:
 def write(out: Path | None, results: list[dict[str, Any]], notes: list[str]) -> None:
     """The rows so far (a run of hours keeps what it has measured)."""
     scratch = next((r for r in results if r["run"] == "scratch"), None)
-    rows = [table_row(r, scratch if r["run"] == "continued" else None) for r in results]
+    rows = [table_row(r, scratch if r["run"].startswith("continued") else None) for r in results]
     print(text_table(rows), flush=True)
     if out is not None:
         write_result(out, "continued_training", rows, notes + [curve_note(r) for r in results])
@@ -136,7 +140,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=MULTI30K, help="a Multi30k folder (train/val/test)")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of all three runs")
     parser.add_argument(
+        "--parent-epochs", type=int, default=20, help="train.epochs of the parent on half the pairs"
+    )
+    parser.add_argument(
         "--continued-epochs", type=int, default=4, help="train.epochs of the continued run (recipe: 10)"
+    )
+    parser.add_argument(
+        "--continued-lr",
+        type=float,
+        action="append",
+        default=None,
+        help="train.lr of a continued run; repeat for one run each (default: the recipe's)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
@@ -145,16 +159,24 @@ def main() -> None:
     full = str(args.data.resolve())
     notes = [
         f"recipe {relative(args.recipe)}; Multi30k de->en, test2016; lowercase sacreBLEU",
-        "parent: the recipe on the first half of the training pairs, registered; its time is not compared",
+        f"parent: the recipe on the first half of the training pairs, train.epochs {args.parent_epochs}, "
+        "registered; its time is not compared",
         f"continued: all pairs, train.init_from the parent's pinned version, train.epochs "
-        f"{args.continued_epochs}, a fresh optimizer",
+        f"{args.continued_epochs}, a fresh optimizer"
+        + (f", train.lr {' and '.join(map(str, args.continued_lr))}" if args.continued_lr else ""),
     ]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="continued-") as scratch_dir:
         root = Path(scratch_dir)
         half_pairs = first_half(args.data, root / "half")
         parent = Project("parent", root / "parent")
-        parent.pipeline("set-params", "--recipe", str(args.recipe), f"data.source={root / 'half'}")
+        parent.pipeline(
+            "set-params",
+            "--recipe",
+            str(args.recipe),
+            f"data.source={root / 'half'}",
+            f"train.epochs={args.parent_epochs}",
+        )
         seconds = parent.stages(TRAINING_STAGES)
         seconds["register"] = parent.pipeline("register")
         results.append(parent.result("first half", half_pairs, seconds))
@@ -167,18 +189,21 @@ def main() -> None:
         results.append(scratch.result("all", pairs, seconds))
         write(args.out, results, notes)
 
-        continued = Project("continued", root / "parent")  # the parent's folder: its store, its champion
-        continued.pipeline(
-            "set-params",
-            "--recipe",
-            str(args.recipe),
-            f"data.source={full}",
-            f"train.init_from=models:/{MODEL_NAME}@champion",
-            f"train.epochs={args.continued_epochs}",
-        )
-        seconds = continued.stages(TRAINING_STAGES)
-        results.append(continued.result("all", pairs, seconds))
-        write(args.out, results, notes)
+        for lr in args.continued_lr or [None]:
+            label = "continued" if lr is None else f"continued lr {lr}"
+            continued = Project(label, root / "parent")  # the parent's folder: its store, its champion
+            continued.pipeline(
+                "set-params",
+                "--recipe",
+                str(args.recipe),
+                f"data.source={full}",
+                f"train.init_from=models:/{MODEL_NAME}@champion",
+                f"train.epochs={args.continued_epochs}",
+                *([] if lr is None else [f"train.lr={lr}"]),
+            )
+            seconds = continued.stages(TRAINING_STAGES)
+            results.append(continued.result("all", pairs, seconds))
+            write(args.out, results, notes)
 
 
 if __name__ == "__main__":
