@@ -6,9 +6,9 @@
 
 Three runs of the `gru_attention` Multi30k recipe through the pipeline's own stages, one after another:
 - parent: the recipe on the first half of the training pairs (validation and test as given), for
-  `--parent-epochs` (20 by default: as many updates as the scratch run's 10 epochs on all the pairs, the
-  training a champion of the smaller corpus would have had), registered as champion in its folder's MLflow
-  store;
+  `--parent-epochs` (the recipe's by default; 20 gives it as many updates as the scratch run's 10 epochs on
+  all the pairs, the training a champion of the smaller corpus would have had), registered as champion in
+  its folder's MLflow store;
 - scratch: the recipe on all the training pairs, from random weights;
 - continued: in the parent's folder, all the training pairs, `set-params
   train.init_from=models:/seq2seq-translator@champion` (pinned to the parent's version) and
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=MULTI30K, help="a Multi30k folder (train/val/test)")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe of all three runs")
     parser.add_argument(
-        "--parent-epochs", type=int, default=20, help="train.epochs of the parent on half the pairs"
+        "--parent-epochs", type=int, default=None, help="train.epochs of the parent (default: the recipe's)"
     )
     parser.add_argument(
         "--continued-epochs", type=int, default=4, help="train.epochs of the continued run (recipe: 10)"
@@ -159,8 +159,9 @@ def main() -> None:
     full = str(args.data.resolve())
     notes = [
         f"recipe {relative(args.recipe)}; Multi30k de->en, test2016; lowercase sacreBLEU",
-        f"parent: the recipe on the first half of the training pairs, train.epochs {args.parent_epochs}, "
-        "registered; its time is not compared",
+        "parent: the recipe on the first half of the training pairs"
+        + (f", train.epochs {args.parent_epochs}" if args.parent_epochs else "")
+        + ", registered; its time is not compared",
         f"continued: all pairs, train.init_from the parent's pinned version, train.epochs "
         f"{args.continued_epochs}, a fresh optimizer"
         + (f", train.lr {' and '.join(map(str, args.continued_lr))}" if args.continued_lr else ""),
@@ -175,7 +176,7 @@ def main() -> None:
             "--recipe",
             str(args.recipe),
             f"data.source={root / 'half'}",
-            f"train.epochs={args.parent_epochs}",
+            *([f"train.epochs={args.parent_epochs}"] if args.parent_epochs else []),
         )
         seconds = parent.stages(TRAINING_STAGES)
         seconds["register"] = parent.pipeline("register")
