@@ -2,6 +2,7 @@
 
     python -m benchmarks.continued_training [--data ../shared/data/multi30k] [--parent-epochs 20]
                                             [--continued-epochs 4] [--continued-lr 0.003 ...]
+                                            [--continued "train.lr=0.005 train.average_last=2" ...]
                                             [--out FILE]                           # from the project root
 
 Three runs of the `gru_attention` Multi30k recipe through the pipeline's own stages, one after another:
@@ -13,7 +14,8 @@ Three runs of the `gru_attention` Multi30k recipe through the pipeline's own sta
 - continued: in the parent's folder, all the training pairs, `set-params
   train.init_from=models:/seq2seq-translator@champion` (pinned to the parent's version) and
   `train.epochs=<--continued-epochs>`: the parent's tokenizers, architecture and weights, a fresh optimizer;
-  one continued run for each `--continued-lr` (`train.lr`; the recipe's by default).
+  one continued run for each `--continued-lr` (`train.lr`) and each `--continued` (its own `set-params`
+  settings), in the order given; one with the recipe's settings when neither is given.
 Each row gives the train stage's minutes (the training time compared), the stages' minutes and the test
 scores; the continued row also its train time as a fraction of the scratch run's. Runs Ray locally: nothing
 else may start a local Ray on this machine meanwhile, and for the scratch and continued times nothing else
@@ -152,6 +154,13 @@ def main() -> None:
         default=None,
         help="train.lr of a continued run; repeat for one run each (default: the recipe's)",
     )
+    parser.add_argument(
+        "--continued",
+        action="append",
+        default=None,
+        metavar="SETTINGS",
+        help="set-params settings of a continued run, KEY=VALUE separated by spaces; repeat for one run each",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -163,12 +172,16 @@ def main() -> None:
         + (f", train.epochs {args.parent_epochs}" if args.parent_epochs else "")
         + ", registered; its time is not compared",
         f"continued: all pairs, train.init_from the parent's pinned version, train.epochs "
-        f"{args.continued_epochs}, a fresh optimizer"
-        + (f", train.lr {' and '.join(map(str, args.continued_lr))}" if args.continued_lr else ""),
+        f"{args.continued_epochs}, a fresh optimizer; the settings of each run in its name",
     ]
+    variants = [f"train.lr={lr}" for lr in args.continued_lr or []] + list(args.continued or [])
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="continued-") as scratch_dir:
         root = Path(scratch_dir)
+        for settings in variants:  # a misspelt key fails now, not after the hour of the first two runs
+            Project("check", root / "check").pipeline(
+                "set-params", "--recipe", str(args.recipe), *settings.split()
+            )
         half_pairs = first_half(args.data, root / "half")
         parent = Project("parent", root / "parent")
         parent.pipeline(
@@ -190,8 +203,8 @@ def main() -> None:
         results.append(scratch.result("all", pairs, seconds))
         write(args.out, results, notes)
 
-        for lr in args.continued_lr or [None]:
-            label = "continued" if lr is None else f"continued lr {lr}"
+        for settings in variants or [""]:
+            label = f"continued {settings}".strip()
             continued = Project(label, root / "parent")  # the parent's folder: its store, its champion
             continued.pipeline(
                 "set-params",
@@ -200,7 +213,7 @@ def main() -> None:
                 f"data.source={full}",
                 f"train.init_from=models:/{MODEL_NAME}@champion",
                 f"train.epochs={args.continued_epochs}",
-                *([] if lr is None else [f"train.lr={lr}"]),
+                *settings.split(),
             )
             seconds = continued.stages(TRAINING_STAGES)
             results.append(continued.result("all", pairs, seconds))
