@@ -52,20 +52,25 @@ def relative_argument(argument: str) -> str:
     return key + equals + os.path.relpath(path, REPO_ROOT)
 
 
-def git_state() -> tuple[str, bool | None]:
-    """(commit hash, whether the work tree differs from it); ("unknown", None) outside a git checkout."""
+def git_state(written: Path | None = None, repo: Path = REPO_ROOT) -> tuple[str, bool | None]:
+    """(commit hash, whether the work tree differs from it); ("unknown", None) outside a git checkout.
+    `written`, the result file being written, does not count: a run that rewrites its committed result
+    as it goes would otherwise call its own checkout modified."""
+    exclude = []
+    if written is not None and written.resolve().is_relative_to(repo.resolve()):
+        exclude = ["--", ".", f":(exclude){written.resolve().relative_to(repo.resolve())}"]
     try:
-        commit = git_output("rev-parse", "HEAD")
-        dirty = bool(git_output("status", "--porcelain", "--untracked-files=no"))
+        commit = git_output("rev-parse", "HEAD", repo=repo)
+        dirty = bool(git_output("status", "--porcelain", "--untracked-files=no", *exclude, repo=repo))
     except (OSError, subprocess.CalledProcessError):
         return "unknown", None
     return commit, dirty
 
 
-def git_output(*arguments: str) -> str:
-    """What a git command prints in this checkout, stripped; raises if it fails."""
+def git_output(*arguments: str, repo: Path = REPO_ROOT) -> str:
+    """What a git command prints in the checkout `repo`, stripped; raises if it fails."""
     done = subprocess.run(
-        ["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
+        ["git", *arguments], cwd=repo, capture_output=True, text=True, check=True, timeout=30
     )
     return done.stdout.strip()
 
@@ -110,8 +115,10 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
-def envelope(benchmark: str, rows: list[Row], notes: list[str] | None = None) -> dict[str, Any]:
-    commit, dirty = git_state()
+def envelope(
+    benchmark: str, rows: list[Row], notes: list[str] | None = None, written: Path | None = None
+) -> dict[str, Any]:
+    commit, dirty = git_state(written)
     result: dict[str, Any] = {
         "benchmark": benchmark,
         "command": command_line(benchmark),
@@ -130,7 +137,7 @@ def write_result(
     path: Path, benchmark: str, rows: list[Row], notes: list[str] | None = None
 ) -> dict[str, Any]:
     """Write one benchmark run's rows, in the envelope, as a JSON document at `path`; returns the document."""
-    result = envelope(benchmark, rows, notes)
+    result = envelope(benchmark, rows, notes, written=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_every_result_belongs_to_a_section_and_its_command_has_no_absolute_path(
 
 def test_a_written_result_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Fixed provenance: the test starts no git process and does not depend on the checkout's state.
-    monkeypatch.setattr(results, "git_state", lambda: ("0123456789abcdef", True))
+    monkeypatch.setattr(results, "git_state", lambda written=None: ("0123456789abcdef", True))
     data = results.REPO_ROOT / "data" / "multi30k"
     argv = ["/abs/path/benchmarks/gpu_check.py", "--epochs", "2", f"--data={data}", "/elsewhere/x"]
     monkeypatch.setattr("sys.argv", argv)
@@ -91,3 +92,21 @@ def test_long_commands_break_before_an_option_outside_quotes() -> None:
     assert len(lines) > 1 and all(len(line) <= report.COMMAND_WIDTH + 2 for line in lines)
     assert all(line.lstrip().startswith(("python", "--run '")) for line in lines)
     assert shlex.split(" ".join(line.rstrip(" \\") for line in lines)) == shlex.split(command)
+
+
+def test_the_result_being_written_does_not_make_its_checkout_modified(tmp_path: Path) -> None:
+    """A long run rewrites its committed result file after every row; only other changes count."""
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    written, code = tmp_path / "benchmarks" / "results" / "run.json", tmp_path / "code.py"
+    written.parent.mkdir(parents=True)
+    written.write_text("{}\n")
+    code.write_text("x = 1\n")
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "results"]):
+        subprocess.run([*git, *command], cwd=tmp_path, check=True, capture_output=True)
+    commit = results.git_output("rev-parse", "HEAD", repo=tmp_path)
+
+    written.write_text('{"rows": []}\n')
+    assert results.git_state(written, repo=tmp_path) == (commit, False)
+    assert results.git_state(repo=tmp_path) == (commit, True)
+    code.write_text("x = 2\n")
+    assert results.git_state(written, repo=tmp_path) == (commit, True)
