@@ -57,8 +57,8 @@ def git_state(written: Path | None = None, repo: Path = REPO_ROOT) -> tuple[str,
     `written`, the result file being written, does not count: a run that rewrites its committed result
     as it goes would otherwise call its own checkout modified."""
     exclude = []
-    if written is not None and written.resolve().is_relative_to(repo.resolve()):
-        exclude = ["--", ".", f":(exclude){written.resolve().relative_to(repo.resolve())}"]
+    if written is not None and (path := written.resolve()).is_relative_to(root := repo.resolve()):
+        exclude = ["--", ".", f":(exclude){path.relative_to(root)}"]
     try:
         commit = git_output("rev-parse", "HEAD", repo=repo)
         dirty = bool(git_output("status", "--porcelain", "--untracked-files=no", *exclude, repo=repo))
