@@ -3,7 +3,7 @@
     python -m benchmarks.continued_training [--data ../shared/data/multi30k] [--parent-epochs 20]
                                             [--continued-epochs 4] [--continued-lr 0.003 ...]
                                             [--continued "train.lr=0.005 train.average_last=2" ...]
-                                            [--out FILE]                           # from the project root
+                                            [--workdir DIR] [--out FILE]           # from the project root
 
 Three runs of the `gru_attention` Multi30k recipe through the pipeline's own stages, one after another:
 - parent: the recipe on the first half of the training pairs (validation and test as given), for
@@ -16,6 +16,9 @@ Three runs of the `gru_attention` Multi30k recipe through the pipeline's own sta
   `train.epochs=<--continued-epochs>`: the parent's tokenizers, architecture and weights, a fresh optimizer;
   one continued run for each `--continued-lr` (`train.lr`) and each `--continued` (its own `set-params`
   settings), in the order given; one with the recipe's settings when neither is given.
+With `--workdir`, the runs' folders stay there, and a later run with the same recipe, data and
+`--parent-epochs` uses the parent trained there instead of training it again (the parent and scratch runs
+repeat to the last digit on one machine; the scratch run, the baseline, always runs again).
 Each row gives the train stage's minutes (the training time compared), the stages' minutes and the test
 scores; the continued row also its train time as a fraction of the scratch run's. Runs Ray locally: nothing
 else may start a local Ray on this machine meanwhile, and for the scratch and continued times nothing else
@@ -25,23 +28,27 @@ may run (the parent's time is not compared).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
+import hashlib
 import json
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MULTI30K, pipeline_environment
 from benchmarks.quality import run_step, split_scores
-from benchmarks.results import REPO_ROOT, text_table, write_result
+from benchmarks.results import REPO_ROOT, git_state, text_table, write_result
 
 RECIPE = REPO_ROOT / "recipes" / "multi30k-gru-attention.yaml"
 MODEL_NAME = "seq2seq-translator"
 TRAINING_STAGES = ("prepare", "preprocess", "tune", "train", "evaluate")
+PARENT_RECORD = "parent.json"  # in the working folder: what the parent was trained with, and its row
 
 
 def relative(path: Path) -> str:
@@ -137,6 +144,65 @@ def write(out: Path | None, results: list[dict[str, Any]], notes: list[str]) -> 
         write_result(out, "continued_training", rows, notes + [curve_note(r) for r in results])
 
 
+@contextlib.contextmanager
+def working_folder(workdir: Path | None) -> Iterator[Path]:
+    """`workdir`, kept; or a temporary folder, removed at the end."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="continued-") as temporary:
+        yield Path(temporary)
+
+
+def parent_identity(recipe: Path, data: Path, parent_epochs: int | None) -> dict[str, Any]:
+    """What makes two parents the same (with the code: the record keeps the commit it was trained at)."""
+    return {
+        "recipe sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+        "data": str(data.resolve()),
+        "parent epochs": parent_epochs,
+    }
+
+
+def earlier_parent(root: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of the parent trained in `root` with `identity`; None when there is none."""
+    record = root / PARENT_RECORD
+    if not record.exists():
+        return None
+    saved = json.loads(record.read_text(encoding="utf-8"))
+    if saved["identity"] != identity:
+        raise SystemExit(
+            f"{root} holds a parent trained with other settings ({saved['identity']}, not {identity}):"
+            " remove it or give another --workdir"
+        )
+    return saved
+
+
+def train_parent(root: Path, args: argparse.Namespace, identity: dict[str, Any]) -> dict[str, Any]:
+    """The parent on the first half of the training pairs, registered as champion in its folder's store; its
+    record written last, so a parent stopped half-way is trained again, from nothing."""
+    for leftover in (root / "half", root / "parent"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    half_pairs = first_half(args.data, root / "half")
+    parent = Project("parent", root / "parent")
+    parent.pipeline(
+        "set-params",
+        "--recipe",
+        str(args.recipe),
+        f"data.source={root / 'half'}",
+        *([f"train.epochs={args.parent_epochs}"] if args.parent_epochs else []),
+    )
+    seconds = parent.stages(TRAINING_STAGES)
+    seconds["register"] = parent.pipeline("register")
+    record = {
+        "identity": identity,
+        "commit": git_state()[0],
+        "result": parent.result("first half", half_pairs, seconds),
+    }
+    (root / PARENT_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=MULTI30K, help="a Multi30k folder (train/val/test)")
@@ -161,6 +227,13 @@ def main() -> None:
         metavar="SETTINGS",
         help="set-params settings of a continued run, KEY=VALUE separated by spaces; repeat for one run each",
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the runs' folders here; a parent trained here before with the same recipe, data and"
+        " --parent-epochs is used, not trained again (default: a temporary folder, removed at the end)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result (JSON) here")
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -176,26 +249,24 @@ def main() -> None:
     ]
     variants = [f"train.lr={lr}" for lr in args.continued_lr or []] + list(args.continued or [])
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="continued-") as scratch_dir:
-        root = Path(scratch_dir)
+    with working_folder(args.workdir) as root:
         for settings in variants:  # a misspelt key fails now, not after the hour of the first two runs
             Project("check", root / "check").pipeline(
                 "set-params", "--recipe", str(args.recipe), *settings.split()
             )
-        half_pairs = first_half(args.data, root / "half")
-        parent = Project("parent", root / "parent")
-        parent.pipeline(
-            "set-params",
-            "--recipe",
-            str(args.recipe),
-            f"data.source={root / 'half'}",
-            *([f"train.epochs={args.parent_epochs}"] if args.parent_epochs else []),
-        )
-        seconds = parent.stages(TRAINING_STAGES)
-        seconds["register"] = parent.pipeline("register")
-        results.append(parent.result("first half", half_pairs, seconds))
+        identity = parent_identity(args.recipe, args.data, args.parent_epochs)
+        parent = earlier_parent(root, identity)
+        if parent is None:
+            parent = train_parent(root, args, identity)
+        else:
+            notes.append(
+                "parent: trained by an earlier run in the same working folder, at commit"
+                f" {parent['commit'][:7]}, and used again (not trained in this run)"
+            )
+        results.append(parent["result"])
         write(args.out, results, notes)
 
+        shutil.rmtree(root / "scratch", ignore_errors=True)  # an earlier run's checkpoints would be resumed
         scratch = Project("scratch", root / "scratch")
         scratch.pipeline("set-params", "--recipe", str(args.recipe), f"data.source={full}")
         seconds = scratch.stages(TRAINING_STAGES)
@@ -205,7 +276,11 @@ def main() -> None:
 
         for settings in variants or [""]:
             label = f"continued {settings}".strip()
-            continued = Project(label, root / "parent")  # the parent's folder: its store, its champion
+            # In the parent's folder: its store, its champion. Ray Train's checkpoints of an earlier run with
+            # the same settings would be resumed instead of trained, and the parent's are not needed (its
+            # model is in the store).
+            shutil.rmtree(root / "parent" / "runs", ignore_errors=True)
+            continued = Project(label, root / "parent")
             continued.pipeline(
                 "set-params",
                 "--recipe",
