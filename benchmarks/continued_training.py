@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import csv
 import gzip
-import hashlib
 import json
 import shutil
 import sys
@@ -44,6 +43,7 @@ from typing import Any
 from benchmarks.common import MULTI30K, pipeline_environment
 from benchmarks.quality import run_step, split_scores
 from benchmarks.results import REPO_ROOT, git_state, text_table, write_result
+from pipeline.files import file_sha256, read_json_object, write_json
 
 RECIPE = REPO_ROOT / "recipes" / "multi30k-gru-attention.yaml"
 MODEL_NAME = "seq2seq-translator"
@@ -158,7 +158,7 @@ def working_folder(workdir: Path | None) -> Iterator[Path]:
 def parent_identity(recipe: Path, data: Path, parent_epochs: int | None) -> dict[str, Any]:
     """What makes two parents the same (with the code: the record keeps the commit it was trained at)."""
     return {
-        "recipe sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+        "recipe sha256": file_sha256(recipe).hex(),
         "data": str(data.resolve()),
         "parent epochs": parent_epochs,
     }
@@ -169,7 +169,7 @@ def earlier_parent(root: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
     record = root / PARENT_RECORD
     if not record.exists():
         return None
-    saved = json.loads(record.read_text(encoding="utf-8"))
+    saved = read_json_object(record)
     if saved["identity"] != identity:
         raise SystemExit(
             f"{root} holds a parent trained with other settings ({saved['identity']}, not {identity}):"
@@ -199,7 +199,7 @@ def train_parent(root: Path, args: argparse.Namespace, identity: dict[str, Any])
         "commit": git_state()[0],
         "result": parent.result("first half", half_pairs, seconds),
     }
-    (root / PARENT_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_json(root / PARENT_RECORD, record)  # atomic: a record exists only for a finished parent
     return record
 
 
