@@ -5,7 +5,7 @@ each taking whole modules (`-n 2 --dist loadfile`), so each module keeps its one
     python -m benchmarks.suite_lanes [--out benchmarks/results/DATE-suite_lanes.json] [--runs serial,xdist]
     python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,xdist3   # 2 workers against 3
     python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,longest-first   # files handed out
-    python -m benchmarks.suite_lanes --runs longest-first3,longest-first   # 3 workers against 2, longest first
+    python -m benchmarks.suite_lanes --runs longest-first3,longest-first   # 3 workers against 2
 
 Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
 tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
@@ -103,9 +103,8 @@ def main() -> None:
     if args.out is not None:
         notes = [
             f"a fresh clone of HEAD; the install, then the lanes ({args.lanes}) run as {args.runs}"
-            " (serial: one pytest process; xdist: 2 workers; xdist3: 3; longest-first: 2 workers, longest files"
-            " first; longest-first3: 3), one after another, alone on the"
-            " machine",
+            " (serial: one pytest process; xdist: 2 workers; xdist3: 3; longest-first: 2 workers, longest"
+            " files first; longest-first3: 3), one after another, alone on the machine",
             f"python {sys.version.split()[0]}",
         ]
         write_result(args.out, "suite_lanes", rows, notes)

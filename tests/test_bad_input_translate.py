@@ -9,11 +9,10 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -312,30 +311,6 @@ def test_a_weights_file_that_is_a_folder_is_named_as_one(
 
 
 # ------------------------------------------------------------------------------------ under Ray (slow)
-
-
-@pytest.fixture(scope="module")
-def umask_022() -> Iterator[None]:
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_instance", "umask_022")
-def test_the_output_gets_the_umasks_permissions(
-    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "in.txt").write_text("alpha\nbravo charlie\n")
-    output = tmp_path / "out" / "translations.txt"
-    args = ["--model", str(model_dir), "--input", str(tmp_path / "in.txt"), "--output", str(output)]
-    code, _, err = translate(capsys, *args, "--actors", "1", "--beam-size", "1")
-    assert code == 0, err
-    assert len(output.read_text().splitlines()) == 2
-    assert stat.S_IMODE(output.stat().st_mode) == 0o644  # as every other output; was 0600
-    assert [path.name for path in output.parent.iterdir()] == ["translations.txt"]
 
 
 def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:

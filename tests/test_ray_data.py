@@ -173,6 +173,10 @@ def model_dir(engine_projects: tuple[Path, Path], tmp_path_factory: pytest.TempP
 def test_batch_translation_keeps_order_and_equals_stdin(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """...and writes its output, in a folder it makes, alone and with the umask's permissions (as every
+    other output; it was once 0600)."""
+    import stat
+
     from pipeline.__main__ import main
     from pipeline.data.builtin_corpus import iter_corpus
 
@@ -183,8 +187,15 @@ def test_batch_translation_keeps_order_and_equals_stdin(
     (folder / "a.txt").write_text("\n".join(sources[:70]) + "\n", encoding="utf-8")
     (folder / "b.txt").write_text("\n".join(sources[70:]) + "\n", encoding="utf-8")
     args = ["-q", "translate", "--model", str(model_dir), "--max-sentences", "25", "--actors", "2"]
-    assert main([*args, "--input", str(folder), "--output", str(tmp_path / "out.txt")]) == 0
-    batch = (tmp_path / "out.txt").read_text(encoding="utf-8")
+    output = tmp_path / "out" / "translations.txt"
+    previous_umask = os.umask(0o022)
+    try:
+        assert main([*args, "--input", str(folder), "--output", str(output)]) == 0
+    finally:
+        os.umask(previous_umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o644
+    assert [path.name for path in output.parent.iterdir()] == ["translations.txt"]
+    batch = output.read_text(encoding="utf-8")
     expected = stdin_translation(model_dir, ("\n".join(sources) + "\n").encode(), capsys, monkeypatch)
     assert batch.count("\n") == len(sources)
     assert batch == expected
