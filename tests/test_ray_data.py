@@ -173,8 +173,8 @@ def model_dir(engine_projects: tuple[Path, Path], tmp_path_factory: pytest.TempP
 def test_batch_translation_keeps_order_and_equals_stdin(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """...and writes its output, in a folder it makes, alone and with the umask's permissions (as every
-    other output; it was once 0600)."""
+    """A folder's files translate in order, as `translate` on stdin does; the output is written in a folder
+    the translation makes, alone there, with the umask's permissions (as every other output; once 0600)."""
     import stat
 
     from pipeline.__main__ import main
