@@ -6,6 +6,7 @@ each taking whole modules (`-n 2 --dist loadfile`), so each module keeps its one
     python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,xdist3   # 2 workers against 3
     python -m benchmarks.suite_lanes --lanes "slow lane" --runs xdist,longest-first   # files handed out
     python -m benchmarks.suite_lanes --runs longest-first3,longest-first   # 3 workers against 2
+    python -m benchmarks.suite_lanes --installs bundled-pip,upgraded-pip,bundled-pip,upgraded-pip --lanes ""
 
 Run it alone on the machine (the lanes start Ray, servers and namespaces; as root for the cluster-in-a-box
 tests). Rows: each step's seconds and pytest's summary line; the slow lane's 10 slowest tests of each run.
@@ -24,10 +25,17 @@ from pathlib import Path
 
 from benchmarks.results import REPO_ROOT, write_result
 
-INSTALL = (
-    "python3 -m venv .venv && .venv/bin/pip install -q --no-compile torch==2.13.0"
+PACKAGES = (
+    ".venv/bin/pip install -q --no-compile torch==2.13.0"
     ' && .venv/bin/pip install -q --no-compile -c constraints.txt -e ".[dev]"'
 )
+# Each in a new venv. The README's upgrades pip first: the pip that `python3 -m venv` bundles (23.2 with
+# Python 3.11) checks every file of every release of every candidate package against the platform's tags
+# while it resolves, which took most of the install's time here.
+INSTALLS = {
+    "upgraded-pip": f"python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && {PACKAGES}",
+    "bundled-pip": f"python3 -m venv .venv && {PACKAGES}",
+}
 PYTEST = ".venv/bin/python -m pytest -q --durations=10"
 LANES = {"fast lane": '-m "not slow"', "slow lane": "-m slow"}
 # The README's command runs each lane on pytest-xdist's workers, each taking whole modules, so a module
@@ -76,7 +84,12 @@ def main() -> None:
     parser.add_argument(
         "--runs", default="serial,xdist", help=f"how each lane runs, in order: {', '.join(RUNS)}"
     )
-    parser.add_argument("--lanes", default=",".join(LANES), help="which lanes run, in order")
+    parser.add_argument("--lanes", default=",".join(LANES), help='which lanes run, in order (none: "")')
+    parser.add_argument(
+        "--installs",
+        default="upgraded-pip",
+        help=f"installs, in order, each in a new venv ({', '.join(INSTALLS)}); the lanes use the last one's",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="keep each step's output here")
     args = parser.parse_args()
     rows: list[dict] = []
@@ -85,15 +98,19 @@ def main() -> None:
         logs = args.logs or Path(scratch)
         logs.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-        steps = [("install", INSTALL)]
+        installs = args.installs.split(",")
+        named = [(f"install, {install}" if len(installs) > 1 else "install", install) for install in installs]
+        steps = [(name, f"rm -rf .venv && {INSTALLS[install]}") for name, install in named]
         steps += [
             (f"{lane}, {run}", f"{PYTEST} {RUNS[run]} {LANES[lane]}")
-            for lane in args.lanes.split(",")
+            for lane in filter(None, args.lanes.split(","))
             for run in args.runs.split(",")
         ]
-        for name, command in steps:
-            seconds, code, output = timed(command, clone, logs / f"{name.replace(' ', '_')}.log")
-            result = summary(output) if name != "install" else ("installed" if code == 0 else summary(output))
+        for index, (name, command) in enumerate(steps):
+            log = logs / f"{index:02d}-{name.replace(' ', '_').replace(',', '')}.log"
+            seconds, code, output = timed(command, clone, log)
+            installed = name.startswith("install")
+            result = ("installed" if code == 0 else summary(output)) if installed else summary(output)
             rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": result})
             print(rows[-1], flush=True)
             if name.startswith("slow lane"):
@@ -102,7 +119,9 @@ def main() -> None:
         print(row)
     if args.out is not None:
         notes = [
-            f"a fresh clone of HEAD; the install, then the lanes ({args.lanes}) run as {args.runs}"
+            f"a fresh clone of HEAD; the installs ({args.installs}: upgraded-pip upgrades pip in the new venv"
+            " first, as the README does; bundled-pip installs with the pip the venv comes with), each in a"
+            f" new venv, then the lanes ({args.lanes or 'none'}) run as {args.runs}"
             " (serial: one pytest process; xdist: 2 workers; xdist3: 3; longest-first: 2 workers, longest"
             " files first; longest-first3: 3), one after another, alone on the machine",
             f"python {sys.version.split()[0]}",
