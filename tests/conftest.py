@@ -20,6 +20,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # poll. Polled 8 times a second, the fault matrix took 132 s against 174 s (one run of each).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
+# With every worker group, Ray Train starts a preemption watcher: an actor (a Python process importing Ray
+# Train, about 1.5 CPU-seconds) that restarts the group when the cluster drains one of its nodes. No test
+# drains a node (the cluster in a box kills its host outright), and the slow lane starts about 16 groups.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 # The tests start hundreds of Python processes (stages, Ray workers and actors, servers), and each one that
 # finds no byte-code for a module compiles it again: torch, Ray and MLflow cost a process about 5 CPU-seconds
 # more than with byte-code. Where writing it is off (PYTHONDONTWRITEBYTECODE, and a venv that pip installed
