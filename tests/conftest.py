@@ -25,6 +25,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # drains a node (the cluster in a box kills its host outright), and the slow lane starts about 16 groups.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+# A new Ray instance starts an idle worker process per logical CPU when its first driver connects, for tasks
+# to come. Ray Train's actors do not take them (they ask for another runtime environment), so in a stage or
+# module that only trains they start and stay idle: in the Tune test, 4 of them, 2.5 CPU-seconds.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
 # The tests start hundreds of Python processes (stages, Ray workers and actors, servers), and each one that
 # finds no byte-code for a module compiles it again: torch, Ray and MLflow cost a process about 5 CPU-seconds
 # more than with byte-code. Where writing it is off (PYTHONDONTWRITEBYTECODE, and a venv that pip installed
