@@ -109,8 +109,7 @@ def main() -> None:
         for index, (name, command) in enumerate(steps):
             log = logs / f"{index:02d}-{name.replace(' ', '_').replace(',', '')}.log"
             seconds, code, output = timed(command, clone, log)
-            installed = name.startswith("install")
-            result = ("installed" if code == 0 else summary(output)) if installed else summary(output)
+            result = "installed" if name.startswith("install") and code == 0 else summary(output)
             rows.append({"step": name, "seconds": round(seconds, 1), "exit": code, "result": result})
             print(rows[-1], flush=True)
             if name.startswith("slow lane"):
