@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,14 @@ class Box:
     def tracking_uri(self) -> str:
         return f"http://{self.gateway}:{MLFLOW_PORT}"
 
+    def _hosts_file(self) -> str:
+        """/etc/hosts of every host: the services, the head and every address a worker can take, as a
+        cluster's DNS names all its nodes. gloo looks up the name of each peer that connects; a lookup
+        that reached no server would wait seconds for one, on every worker group's start."""
+        workers = [f"{self.subnet}.{number} worker{number - 11}" for number in range(12, 255)]
+        lines = ["127.0.0.1 localhost", f"{self.gateway} services", f"{self.subnet}.11 head", *workers]
+        return "".join(f"{line}\n" for line in lines)
+
     @property
     def head(self) -> Host:
         return self.hosts["head"]
@@ -219,7 +228,7 @@ class Box:
         _run("ip", "-n", netns, "route", "add", "default", "via", self.gateway)
         anchor = subprocess.Popen(
             ["ip", "netns", "exec", netns, "unshare", "--mount", "--uts", "--propagation", "private"]
-            + ["--fork", "--", "sh", "-c", _host_init_script(name, address)],
+            + ["--fork", "--", "sh", "-c", _host_init_script(name, self._hosts_file())],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -399,11 +408,12 @@ def _stop_group(process: subprocess.Popen) -> None:
             return
 
 
-def _host_init_script(name: str, address: str) -> str:
-    """The host's private mounts, name and /etc/hosts (its name resolves to its address, as on a real
-    cluster: gloo and NCCL publish what their host name resolves to), then `sleep` for ever: the process
-    the host lives in. A Python environment under /tmp (a checkout there) is bound back over the new /tmp,
-    or the host could not run."""
+def _host_init_script(name: str, hosts_file: str) -> str:
+    """The host's private mounts, name, /etc/hosts (every box host by name, as on a real cluster: gloo and
+    NCCL publish what their host name resolves to) and resolv.conf (no name server but one on the host
+    itself, where none answers: a name that is not in /etc/hosts fails at once, and no query leaves the
+    box), then `sleep` for ever: the process the host lives in. A Python environment under /tmp (a
+    checkout there) is bound back over the new /tmp, or the host could not run."""
     keep = f"/run/s2sbox-keep-{os.getpid()}-{name}"
     prefix = Path(sys.prefix).resolve()
     rebind = ""
@@ -415,10 +425,13 @@ def _host_init_script(name: str, address: str) -> str:
         )
     else:
         rebind = "mount -t tmpfs tmpfs /tmp"
-    hosts_file = f"127.0.0.1 localhost\\n{address} {name}\\n"
-    hosts = f"printf '{hosts_file}' > /tmp/.hosts; mount --bind /tmp/.hosts /etc/hosts"
+    files = {"hosts": hosts_file, "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"}
+    mounts = "; ".join(
+        f"printf %s {shlex.quote(text)} > /tmp/.{file}; mount --bind /tmp/.{file} /etc/{file}"
+        for file, text in files.items()
+    )
     return (
-        f"set -e; {rebind}; mount -t tmpfs tmpfs /dev/shm; mkdir -p /tmp/home; hostname {name}; {hosts}; "
+        f"set -e; {rebind}; mount -t tmpfs tmpfs /dev/shm; mkdir -p /tmp/home; hostname {name}; {mounts}; "
         "echo ready; exec sleep infinity"
     )
 

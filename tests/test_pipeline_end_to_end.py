@@ -38,9 +38,9 @@ SMALL_BUT_LEARNABLE = {
     "preprocess": {"vocab_size": 500},
     "model": {"emb_dim": 64, "hidden_dim": 128},
     "train": {
-        "epochs": 6,  # test BLEU about 31 (copying the source scores under 5); 12 epochs reach about 60
+        "epochs": 4,  # test BLEU about 29 (copying the source scores under 5)
         "batch_size": 2400,
-        "lr": 0.01,
+        "lr": 0.02,
         "label_smoothing": 0.0,
         "val_bleu_sentences": 100,
     },
