@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.box import BUCKET, Box, can_make_namespaces
+from cluster.box import BUCKET, Box, BoxError, can_make_namespaces
 from tests.box_project import BOX_PARAMS, EPOCHS, write_corpus
 from tests.dvc_project import make_dvc_project
 from tests.ray_head import clean_env, free_ports, stop_process_group
@@ -241,6 +241,25 @@ def test_checkpoints_are_in_the_object_store(box: Box, project: Path, home: str)
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"ray/{run_name}/")
     keys = [item["Key"] for item in listed.get("Contents", [])]
     assert any("/checkpoint_" in key and key.endswith("training_state.pt") for key in keys), keys
+
+
+def test_hosts_resolve_each_other_by_name_and_other_names_fail_at_once_inside_the_box(box: Box) -> None:
+    """Every host's /etc/hosts names the head and the worker addresses (gloo looks up each peer that
+    connects); any other name goes to the host's own resolver address, where nothing answers: it fails at
+    once instead of waiting seconds for a name server, and no query leaves the box."""
+    assert box.run_on(box.head, "getent", "hosts", f"{box.subnet}.13").split() == [
+        f"{box.subnet}.13",
+        "worker2",
+    ]
+    assert box.run_on(box.head, "getent", "hosts", "head").split()[0] == box.head.address
+    resolvers = [
+        line for line in box.run_on(box.head, "cat", "/etc/resolv.conf").splitlines() if "server" in line
+    ]
+    assert resolvers == ["nameserver 127.0.0.1"], resolvers
+    started = time.monotonic()
+    with pytest.raises(BoxError, match="exited 2"):  # getent's "not found"
+        box.run_on(box.head, "getent", "hosts", "not-a-box-host.example")
+    assert time.monotonic() - started < 3
 
 
 def test_results_come_home_with_nothing_rerun(home: str) -> None:

@@ -308,7 +308,7 @@ def test_a_worker_group_that_cannot_get_its_cpus_fails_the_stage_in_bounded_time
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    prepare_project(tmp_path, {"runtime": {"worker_start_timeout_s": 10}, "train": {"epochs": 1}})
+    prepare_project(tmp_path, {"runtime": {"worker_start_timeout_s": 5}, "train": {"epochs": 1}})
     holder = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # "another run" holds them all
     ray.get(holder.ready(), timeout=60)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO_ROOT)}

@@ -274,7 +274,7 @@ def test_cuda_actors_are_asked_for_before_the_cluster_has_a_gpu(
 
     gcs_address = ray.get_runtime_context().gcs_address
     monkeypatch.setenv("RAY_ADDRESS", gcs_address)  # a driver that joined a cluster, as a Ray job's does
-    monkeypatch.setattr(batch_translate, "ACTOR_START_TIMEOUT_S", 20)
+    monkeypatch.setattr(batch_translate, "ACTOR_START_TIMEOUT_S", 12)
     assert not ray.cluster_resources().get("GPU")
     (tmp_path / "in.txt").write_text("one\ntwo\n", encoding="utf-8")
     errors: list[BaseException] = []
@@ -289,14 +289,14 @@ def test_cuda_actors_are_asked_for_before_the_cluster_has_a_gpu(
 
     worker = threading.Thread(target=translate, daemon=True)
     worker.start()
-    demanded, deadline = 0.0, time.monotonic() + 18
+    demanded, deadline = 0.0, time.monotonic() + 11
     while not demanded and time.monotonic() < deadline:
         demanded = _gpu_demand(gcs_address)
         time.sleep(0.5)
     worker.join(timeout=90)
     assert demanded >= 1, "no GPU request reached the cluster's pending demand"
     assert len(errors) == 1 and isinstance(errors[0], PipelineError), errors
-    assert "did not all start within 20 s" in str(errors[0])
+    assert "did not all start within 12 s" in str(errors[0])
     assert not (tmp_path / "out.txt").exists()
 
 

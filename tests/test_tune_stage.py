@@ -94,12 +94,11 @@ def test_two_searches_side_by_side_on_two_cores_track_trials_under_one_parent_an
     from mlflow.tracking import MlflowClient
 
     projects = [tmp_path / "search", tmp_path / "beside"]
-    for project, search in zip(projects, (SEARCH, SMALL_SEARCH), strict=True):
+    # The search beside is one trial of one worker: it only has to overlap SEARCH's first trial.
+    for project, search, workers in zip(projects, (SEARCH, SMALL_SEARCH), (2, 1), strict=True):
         project.mkdir()
-        prepare_project(
-            project,
-            {"tune": search, "train": {"val_bleu_sentences": 0}, "runtime": {"worker_start_timeout_s": 240}},
-        )
+        runtime = {"worker_start_timeout_s": 240, "num_workers": workers}
+        prepare_project(project, {"tune": search, "train": {"val_bleu_sentences": 0}, "runtime": runtime})
     _tune_side_by_side(projects)
 
     assert json.loads((projects[1] / "reports" / "best_params.json").read_text())["n_trials"] == 1
