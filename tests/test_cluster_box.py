@@ -322,7 +322,8 @@ def test_batch_translation_on_the_box_reads_the_project_or_the_object_store_and_
     client.upload_file(str(project / "to_translate.txt"), BUCKET, "translate/in.txt")
     env = _laptop_env(box)
     model = f"models:/{MODEL_NAME}@champion"
-    translate = ["python", "-m", "pipeline", "translate", "--model", model]
+    # One model actor each: the spread over hosts is tests/test_multinode.py's; here, where data comes from.
+    translate = ["python", "-m", "pipeline", "translate", "--model", model, "--actors", "1"]
     commands = [
         shlex.join([*translate, "--input", source, "--output", f"s3://{BUCKET}/{target}"])
         for source, target in (
