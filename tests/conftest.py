@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Ray Train's controller polls its workers every 2 s, and a worker's report waits until the controller has
 # taken the one before it: a tiny run that reports several times an epoch, and every run's end, wait on the
-# poll. Polled 8 times a second, the fault matrix took 132 s against 174 s (one run of each).
+# poll. Polled 4 times a second, the fault matrix took 132 s against 174 s (one run of each).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # With every worker group, Ray Train starts a preemption watcher: an actor (a Python process importing Ray
