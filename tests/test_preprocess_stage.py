@@ -287,10 +287,11 @@ def test_a_corrupt_prepared_folder_is_one_message_and_keeps_the_previous_process
 
 def test_the_ray_encoder_cuts_blocks_at_split_changes_and_gives_each_split_its_own_rows_in_order() -> None:
     """The Ray engine encodes every split in one stream (one actor pool for the stage): a block that holds
-    the end of one split and the start of the next is cut there, a split with no rows gets none, and a
-    split asked for out of order is refused rather than given another split's rows. (The stream itself
+    the end of one split and the start of the next is cut there, a split with no rows gets none, a split
+    asked for out of order or after a split left half read is refused rather than given another split's
+    rows, and `close()` ends the stream between splits. (The stream itself
     runs on Ray in test_ray_data and test_multinode, whose files must equal the local engine's.)"""
-    from pipeline.data.ray_encode import SPLIT_COLUMN, _by_split, _SplitsInOrder
+    from pipeline.data.ray_encode import SPLIT_COLUMN, SplitsInOrder, _by_split
 
     block = pa.table({SPLIT_COLUMN: pa.array([0, 0, 2, 2, 2], pa.int8()), "n": [1, 2, 3, 4, 5]})
     assert [(index, piece.column("n").to_pylist()) for index, piece in _by_split(block)] == [
@@ -304,11 +305,31 @@ def test_the_ray_encoder_cuts_blocks_at_split_changes_and_gives_each_split_its_o
         started.append(True)
         yield from [(0, "train-1"), (0, "train-2"), (2, "test-1")]
 
-    encoder = _SplitsInOrder(["train", "validation", "test"], stream)
+    encoder = SplitsInOrder(["train", "validation", "test"], stream)
     assert list(encoder("train")) == ["train-1", "train-2"] and started == [True]
     assert list(encoder("validation")) == []
     assert list(encoder("test")) == ["test-1"] and started == [True]
     with pytest.raises(ValueError, match="asked for split 'train'"):
         encoder("train")
     with pytest.raises(ValueError, match="asked for split 'test'"):
-        _SplitsInOrder(["train", "test"], stream)("test")
+        SplitsInOrder(["train", "test"], stream)("test")
+
+    # A split left half read: the next split's call says so, rather than taking no rows.
+    half_read = SplitsInOrder(["train", "validation", "test"], stream)
+    assert next(half_read("train")) == "train-1"
+    with pytest.raises(RuntimeError, match="split 'train' was not read to its end"):
+        list(half_read("validation"))
+
+    # Closed between splits (the driver failed writing one): the stream ends there, its `finally` runs.
+    ended = []
+
+    def guarded():
+        try:
+            yield from [(0, "train-1"), (1, "validation-1")]
+        finally:
+            ended.append(True)
+
+    closed = SplitsInOrder(["train", "validation"], guarded)
+    assert list(closed("train")) == ["train-1"] and ended == []
+    closed.close()
+    assert ended == [True]

@@ -140,6 +140,56 @@ def test_a_null_in_a_prepared_evaluation_split_names_the_file_under_ray(tmp_path
         list(ray_encoder(prepared, tokenizer, tokenizer, actors=1)("validation"))
 
 
+def test_split_files_of_other_string_types_and_columns_encode_as_the_local_engine(tmp_path: Path) -> None:
+    """The splits go through one stream, whose blocks join the end of one file and the start of the next:
+    files the local engine reads (large strings in one, plain in the other, a column of their own, even one
+    named like the stream's split tag) give the local engine's batches, split by split."""
+    import numpy as np
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.data.prepared import PreparedData
+    from pipeline.data.processed import local_encoder
+    from pipeline.data.ray_encode import ray_encoder
+    from pipeline.network.tokenization import train_tokenizer
+
+    texts = {
+        "validation": (["ein hund", "eine katze"], ["a dog", "a cat"]),
+        "test": (["ein mann", "zwei hunde", "eine frau"], ["a man", "two dogs", "a woman"]),
+    }
+    large = pa.large_string()
+    tables = {
+        "validation": pa.table(
+            {
+                "split": ["x", "y"],  # the stream's own tag column has this name
+                "src": pa.array(texts["validation"][0], large),
+                "tgt": texts["validation"][1],
+            }
+        ),
+        "test": pa.table({"src": texts["test"][0], "tgt": texts["test"][1]}),
+    }
+    for name, table in tables.items():
+        with (
+            pa.OSFile(str(tmp_path / f"{name}.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
+            writer.write_table(table)
+    prepared = PreparedData(tmp_path, {name: len(table) for name, table in tables.items()})
+    every_text = [text for pair in texts.values() for side in pair for text in side]
+    tokenizer = train_tokenizer(every_text, PreprocessConfig())
+
+    def encoded(encoder) -> dict[str, list[list[int]]]:
+        return {
+            name: [np.concatenate(parts).tolist() for parts in zip(*encoder(name), strict=True)]
+            for name in ("validation", "test")
+        }
+
+    ray_side = ray_encoder(prepared, tokenizer, tokenizer, actors=1)
+    try:
+        assert encoded(ray_side) == encoded(local_encoder(prepared, tokenizer, tokenizer))
+    finally:
+        ray_side.close()
+
+
 def test_cpu_actors_run_one_tokenizer_thread_and_no_more_actors_than_cpus() -> None:
     """RAYON_NUM_THREADS in every actor's environment (one thread each, not one per core each), and a pool
     larger than the cluster's CPUs refused before any actor starts."""

@@ -10,7 +10,7 @@ costs 6).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from pipeline.config import SPLITS
-from pipeline.data.arrow_text import check_text_columns, iter_batches
+from pipeline.data.arrow_text import SCHEMA, check_text_columns, iter_batches
 from pipeline.data.prepared import PreparedData
-from pipeline.data.processed import FlatBatch, SplitEncoder
+from pipeline.data.processed import FlatBatch
 from pipeline.data.ray_blocks import (
     actor_pool,
     ordered_execution,
@@ -53,7 +53,7 @@ class TokenizerActor:
 
 def ray_encoder(
     prepared: PreparedData, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, actors: int | None = None
-) -> SplitEncoder:
+) -> SplitsInOrder:
     """A `SplitEncoder` for `write_processed` that encodes with `actors` tokenizer actors (default: one per
     CPU of the cluster). It is asked for the splits of `prepared` in SPLITS order, as `write_processed`
     asks, and encodes them all in one stream. A Ray session must be up."""
@@ -63,7 +63,7 @@ def ray_encoder(
     splits = [name for name in SPLITS if name in prepared.pairs]
     paths = [prepared.split_path(name) for name in splits]
 
-    def stream() -> Iterator[tuple[int, FlatBatch]]:
+    def stream() -> Generator[tuple[int, FlatBatch]]:
         # Inside the context: a dataset keeps the Ray Data settings of the moment it is made.
         with ordered_execution(), task_errors_as_pipeline_errors():
             text = read_stream(lambda: _tagged_tables(paths), "ReadPrepared", BLOCK_ROWS)
@@ -80,16 +80,17 @@ def ray_encoder(
                     tgt_ids, tgt_lengths = _flat(piece.column("tgt_ids"), dtype)
                     yield index, (src_ids, src_lengths, tgt_ids, tgt_lengths)
 
-    return _SplitsInOrder(splits, stream)
+    return SplitsInOrder(splits, stream)
 
 
-class _SplitsInOrder:
+class SplitsInOrder:
     """A `SplitEncoder` over one stream of (split index, batch): each call takes its split's batches from
-    the stream, which starts on the first call and ends with the last split."""
+    the stream, which starts on the first call and ends with the last split. `close()` ends it early (a
+    failure on the driver's side between splits), so Ray Data's execution and settings do not outlive it."""
 
-    def __init__(self, splits: list[str], stream: Callable[[], Iterator[tuple[int, FlatBatch]]]) -> None:
+    def __init__(self, splits: list[str], stream: Callable[[], Generator[tuple[int, FlatBatch]]]) -> None:
         self._splits, self._start = splits, stream
-        self._stream: Iterator[tuple[int, FlatBatch]] | None = None
+        self._stream: Generator[tuple[int, FlatBatch]] | None = None
         self._next_split = 0
         self._ahead: tuple[int, FlatBatch] | None = None  # the first batch of a later split, taken early
 
@@ -100,6 +101,10 @@ class _SplitsInOrder:
         self._next_split += 1
         return self._batches(self._splits.index(split))
 
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
     def _batches(self, index: int) -> Iterator[FlatBatch]:
         # The last split reads the stream to its end, which ends the dataset's execution (and its context).
         if self._stream is None:
@@ -109,6 +114,8 @@ class _SplitsInOrder:
                 self._ahead = next(self._stream, None)
                 if self._ahead is None:
                     return
+            if self._ahead[0] < index:  # a split's rows left unread would otherwise go to no split at all
+                raise RuntimeError(f"split {self._splits[self._ahead[0]]!r} was not read to its end")
             if self._ahead[0] != index:
                 return
             batch = self._ahead[1]
@@ -123,7 +130,9 @@ def _tagged_tables(paths: list[Path]) -> Iterator[pa.Table]:
     for index, path in enumerate(paths):
         for batch in iter_batches(path):
             check_text_columns(path, batch)
-            table = pa.Table.from_batches([batch])
+            # The two text columns in one schema: the splits' blocks are cut and joined across files, which
+            # may differ in what the local engine accepts too (large strings, other columns).
+            table = pa.Table.from_batches([batch]).select(SCHEMA.names).cast(SCHEMA)
             yield table.append_column(SPLIT_COLUMN, pa.array(np.full(len(table), index, np.int8)))
 
 

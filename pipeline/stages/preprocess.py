@@ -132,7 +132,11 @@ def _encoder(
     from pipeline.training.ray_session import ray_session
 
     with ray_session():
-        yield ray_encoder(prepared, src_tokenizer, tgt_tokenizer)
+        encoder = ray_encoder(prepared, src_tokenizer, tgt_tokenizer)
+        try:
+            yield encoder
+        finally:
+            encoder.close()  # before Ray stops: a write that failed between splits leaves no execution behind
 
 
 def train_tokenizers(prepared: PreparedData, config: PreprocessConfig) -> tuple[Tokenizer, Tokenizer]:
