@@ -1,6 +1,6 @@
 """Bad input to `translate` and `translate --input`: one `error:` line and exit 2 before Ray starts or a
-model loads, nothing overwritten or half-written; a stop signal during a Ray Data job ends it as a stop
-ends a stage."""
+model loads, nothing overwritten or half-written. (A stop signal during a batch translation, which needs
+Ray, is in tests/test_ray_data.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +24,6 @@ from pipeline.network.model import build_model
 from pipeline.network.model_files import CONFIG_FILE, DECODING_FILE, WEIGHTS_FILE, save_model_dir
 from pipeline.network.tokenization import train_tokenizer
 from pipeline.network.translator import InputBounds, Translator
-from tests.helpers import REPO_ROOT
 from tests.seq2seq_toys import TINY, word_pairs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,46 +305,3 @@ def test_a_weights_file_that_is_a_folder_is_named_as_one(
     (model / WEIGHTS_FILE).mkdir()
     message = refused(capsys, "--model", str(model), "alpha")
     assert message == f"{model / WEIGHTS_FILE} is a folder, not a regular file: put the model's file there"
-
-
-# ------------------------------------------------------------------------------------ under Ray (slow)
-
-
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in path.read_text(errors="replace"):
-        assert process.poll() is None, path.read_text(errors="replace")
-        assert time.monotonic() < deadline, path.read_text(errors="replace")
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_instance")
-def test_sigterm_during_a_batch_translation_stops_it_cleanly(tmp_path: Path, model_dir: Path) -> None:
-    """The job joins this module's Ray (one Ray start for the module); SIGTERM while the model actors
-    translate ends it as SIGTERM ends a stage, not with Ray's native stack dump and exit 134."""
-    import ray
-
-    (tmp_path / "in.txt").write_text("alpha bravo charlie delta echo\n" * 5000)
-    (tmp_path / "out.txt").write_text("the previous translations\n")
-    stderr = tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "pipeline", "-q", "translate", "--model", str(model_dir)]
-    command += ["--input", "in.txt", "--output", "out.txt", "--actors", "1", "--max-sentences", "20"]
-    with stderr.open("w") as sink:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=sink)
-    try:
-        _wait_for(stderr, "translating in.txt with 1 CPU actor(s)", process, 120)
-        time.sleep(1)  # the job is under way: the output's temporary is open, the actor starting
-        assert process.poll() is None, stderr.read_text()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    lines = stderr.read_text().splitlines()
-    assert lines[-1] == "stopped by SIGTERM: outputs of the interrupted step were not replaced", lines
-    assert not any("Traceback" in line or "SIGTERM received" in line for line in lines), lines
-    assert (tmp_path / "out.txt").read_text() == "the previous translations\n"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt", "out.txt", "stderr.txt"]

@@ -8,8 +8,10 @@ take part, as they do at scale.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,18 +85,17 @@ def test_engines_write_the_same_pairs_splits_ids_and_reports(engine_projects: tu
     assert stats["carved"] == {"validation": True, "test": False}
 
 
-def own_ray_environment() -> dict[str, str]:
-    """This environment minus what would send a subprocess to the module's Ray: it starts its own."""
-    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONPATH": str(REPO_ROOT)}
-
-
 def prepare_stderr(project: Path, engine: str) -> tuple[int, str]:
+    """`prepare` in a process of its own; with the Ray engine it joins this module's Ray (RAY_ADDRESS), as a
+    stage in a Ray job does."""
+    import ray
+
     write_params(project, {"data": {"source": str(project / "corpus"), "engine": engine, "src_lang": "de"}})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "-q", "prepare"],
         cwd=project,
-        env=own_ray_environment(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -252,10 +253,24 @@ def test_batch_translation_keeps_order_and_equals_stdin(
     assert batch.splitlines()[7] == ""
 
 
-def test_batch_translation_names_the_bad_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+def _translator_actors() -> int:
+    """The model actors this module's Ray has started so far, alive or not."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, detail=True)
+    return sum("TranslatorActor" in (actor.class_name or "") for actor in actors)
+
+
+def test_batch_translation_names_the_bad_line_before_any_model_actor_starts(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The bad byte is on the last line: the job stops with it before a model actor starts, not after
+    translating the lines before it."""
     from pipeline.__main__ import main
 
-    (tmp_path / "in.txt").write_bytes(b"one\ntwo\nth\xffree\n")
+    (tmp_path / "in.txt").write_bytes(b"one\ntwo\n" * 100 + b"th\xffree\n")
+    started_before = _translator_actors()
     code = main(
         [
             "-q",
@@ -269,8 +284,48 @@ def test_batch_translation_names_the_bad_line(model_dir: Path, tmp_path: Path, c
         ]
     )
     assert code == 2
-    assert f"error: {tmp_path / 'in.txt'}:3: invalid UTF-8" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'in.txt'}:201: invalid UTF-8" in capsys.readouterr().err
     assert not (tmp_path / "out.txt").exists()
+    assert _translator_actors() == started_before
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, path.read_text(errors="replace")
+        assert time.monotonic() < deadline, path.read_text(errors="replace")
+        time.sleep(0.2)
+
+
+def test_sigterm_during_a_batch_translation_stops_it_cleanly(tmp_path: Path, model_dir: Path) -> None:
+    """The job joins this module's Ray; SIGTERM while the model actor translates (a random model decodes
+    each line to its length limit) ends it as SIGTERM ends a stage, not with Ray's native stack dump and
+    exit 134."""
+    import ray
+
+    (tmp_path / "in.txt").write_text("alpha bravo charlie delta echo\n" * 5000)
+    (tmp_path / "out.txt").write_text("the previous translations\n")
+    stderr = tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "pipeline", "-q", "translate", "--model", str(model_dir)]
+    command += ["--input", "in.txt", "--output", "out.txt", "--actors", "1", "--max-sentences", "20"]
+    with stderr.open("w") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        _wait_for(stderr, "translating in.txt with 1 CPU actor(s)", process, 120)
+        time.sleep(1)  # the job is under way: the output's temporary is open, the actor starting
+        assert process.poll() is None, stderr.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM, stderr.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines = stderr.read_text().splitlines()
+    assert lines[-1] == "stopped by SIGTERM: outputs of the interrupted step were not replaced", lines
+    assert not any("Traceback" in line or "SIGTERM received" in line for line in lines), lines
+    assert (tmp_path / "out.txt").read_text() == "the previous translations\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt", "out.txt", "stderr.txt"]
 
 
 def test_a_model_pool_that_cannot_start_stops_with_one_line(

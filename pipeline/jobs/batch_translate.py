@@ -101,6 +101,15 @@ def _check_apart(source: Path, output: Path) -> None:
         )
 
 
+def check_text(files: list[Path]) -> None:
+    """Every line of every input file is strict UTF-8, or one error naming the file and line, before the
+    pool starts: in the read task, a bad byte near the end of a long input would stop the job after the
+    translation of everything before it. One pass of reading, small beside translating the same lines."""
+    for path in files:
+        for _ in read_lines(path):
+            pass
+
+
 def _read_chunks(files: list[Path], chunk: int) -> Callable[[], Iterator[pa.Table]]:
     """The read task: every file's lines end to end (strict UTF-8; a bad byte names file and line), in
     tables of `chunk` lines, numbered from 1 across files as `translate` numbers stdin lines."""
@@ -193,6 +202,7 @@ def _translate_local(
     device: str,
 ) -> int:
     files = input_files(source)
+    check_text(files)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpus = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpus:
