@@ -175,3 +175,11 @@ def pipeline_command(*arguments: str) -> list[str]:
     """`python -m pipeline ARGUMENTS` as a process that Ctrl-C (SIGINT) reaches as it reaches one started
     from a terminal, whatever this process inherited."""
     return [sys.executable, "-c", _DEFAULT_SIGINT_EXEC, sys.executable, "-m", "pipeline", *arguments]
+
+
+def joining_ray_env() -> dict[str, str]:
+    """The environment of a `python -m pipeline` subprocess that joins this process's Ray (RAY_ADDRESS), as
+    a stage in a Ray job joins the job's cluster, and imports the project from this checkout."""
+    import ray
+
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}

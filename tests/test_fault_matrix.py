@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 
 from tests.dvc_project import make_dvc_project, project_env, run
-from tests.helpers import REPO_ROOT, TINY_PARAMS, deep_merge, prepare_project, working_directory
+from tests.helpers import (
+    TINY_PARAMS,
+    deep_merge,
+    joining_ray_env,
+    prepare_project,
+    working_directory,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -311,7 +317,7 @@ def test_a_worker_group_that_cannot_get_its_cpus_fails_the_stage_in_bounded_time
     prepare_project(tmp_path, {"runtime": {"worker_start_timeout_s": 5}, "train": {"epochs": 1}})
     holder = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # "another run" holds them all
     ray.get(holder.ready(), timeout=60)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO_ROOT)}
+    env = joining_ray_env()
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.monotonic()
     try:

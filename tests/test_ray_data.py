@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import (
-    REPO_ROOT,
     different_files,
+    joining_ray_env,
     random_model_dir,
     run_data_stages,
     stdin_translation,
@@ -88,10 +88,8 @@ def test_engines_write_the_same_pairs_splits_ids_and_reports(engine_projects: tu
 def prepare_stderr(project: Path, engine: str) -> tuple[int, str]:
     """`prepare` in a process of its own; with the Ray engine it joins this module's Ray (RAY_ADDRESS), as a
     stage in a Ray job does."""
-    import ray
-
     write_params(project, {"data": {"source": str(project / "corpus"), "engine": engine, "src_lang": "de"}})
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = joining_ray_env()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "-q", "prepare"],
         cwd=project,
@@ -301,12 +299,10 @@ def test_sigterm_during_a_batch_translation_stops_it_cleanly(tmp_path: Path, mod
     """The job joins this module's Ray; SIGTERM while the model actor translates (a random model decodes
     each line to its length limit) ends it as SIGTERM ends a stage, not with Ray's native stack dump and
     exit 134."""
-    import ray
-
     (tmp_path / "in.txt").write_text("alpha bravo charlie delta echo\n" * 5000)
     (tmp_path / "out.txt").write_text("the previous translations\n")
     stderr = tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = joining_ray_env()
     command = [sys.executable, "-m", "pipeline", "-q", "translate", "--model", str(model_dir)]
     command += ["--input", "in.txt", "--output", "out.txt", "--actors", "1", "--max-sentences", "20"]
     with stderr.open("w") as sink:
